@@ -257,7 +257,7 @@ def save_hf_folder(
         hf_cfg["dtype"] = dtype
     eos = list(eos_token_ids or [])
     if not eos and cfg.eos_token_id is not None:
-        eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id]
+        eos = list(cfg.eos_token_id) if isinstance(cfg.eos_token_id, (list, tuple)) else [cfg.eos_token_id]
     if eos:
         hf_cfg["eos_token_id"] = eos[0] if len(eos) == 1 else eos
     (folder / CONFIG_NAME).write_text(json.dumps(hf_cfg, indent=2))

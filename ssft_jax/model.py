@@ -55,6 +55,8 @@ class ModelConfig:
     pad_token_id: int | None = None
 
     def __post_init__(self):
+        if isinstance(self.eos_token_id, list):  # keep the config hashable: it is a static jit argument
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"model_type {self.model_type!r} is not supported; expected one of {SUPPORTED_MODEL_TYPES}")
         if self.num_attention_heads % self.num_key_value_heads:
@@ -139,7 +141,7 @@ class ModelConfig:
             tie_word_embeddings=self.tie_word_embeddings,
             hidden_act="silu",
             bos_token_id=self.bos_token_id,
-            eos_token_id=self.eos_token_id,
+            eos_token_id=list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id,
             pad_token_id=self.pad_token_id,
             dtype=self.param_dtype,
         )
