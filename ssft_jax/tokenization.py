@@ -1,0 +1,405 @@
+"""Tokenization for SSFT: chat rendering, prompt/completion masks and global forking tags.
+
+Layout of one training example (ChatML, text-mode tags)::
+
+    prompt_ids      <|im_start|>system\\n...<|im_end|>\\n<|im_start|>user\\n{q}<|im_end|>\\n<|im_start|>assistant\\n
+    tag_ids         <|im_start|><think3>\\n                      (empty when tag_index is None)
+    completion_ids  {trace}<|im_end|>                              (loss_mask = 1 exactly here)
+    trailer_ids     \\n                                             (template text after the end token;
+                                                                     not in input_ids, kept for checks)
+
+Rules:
+  * Masks come from rendering the prompt with ``add_generation_prompt=True`` and checking it is a
+    token prefix of the rendered conversation; ``return_assistant_tokens_mask`` is never used (it is
+    all-zero on Qwen/Llama templates).
+  * Text supplied by users or traces is always encoded as text: a literal ``<|im_end|>`` or
+    ``<think3>`` inside it never becomes a control token. Templates are rendered with placeholders in
+    place of message contents; only the template's own text is scanned for special tokens, the
+    contents go through ``encode_text`` (``split_special_tokens=True``). Special added tokens always
+    cut the input in the ``tokenizers`` library, so encoding the text between two control tokens on
+    its own gives the same ids as encoding the whole string.
+  * Segments are encoded separately (prompt | tag | trace | end token). Where a segment boundary is a
+    control token (the usual case) this equals tokenizing the whole string; a trace that starts with
+    whitespace can tokenize differently at the tag/trace boundary than the same string would. Training
+    and generation both use the segmented ids, so they agree with each other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import re
+from typing import Any, Sequence
+
+THINK_TOKEN_FORMAT = "<think{i}>"
+CHATML_TEXT_FORMAT = "<|im_start|><think{i}>\n"
+PLAIN_TEXT_FORMAT = "<think{i}>\n"
+# Tokens that end an assistant turn in common chat templates (ChatML, Llama 3, Phi, Gemma).
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
+
+# Private-use code points: no template or tokenizer treats them specially, and no real text has them.
+_PLACEHOLDER = "\ue000ssft{k}\ue001"
+_PLACEHOLDER_RE = re.compile("\ue000ssft(\\d+)\ue001")
+
+
+class PromptPrefixError(ValueError):
+    """The rendered prompt is not a token prefix of the rendered conversation."""
+
+
+class TemplateError(ValueError):
+    """The chat template does something this module cannot account for."""
+
+
+# --------------------------------------------------------------------------------------------
+# Loading and plain encoding
+# --------------------------------------------------------------------------------------------
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """Load a fast HF tokenizer from a local folder (never touches the network)."""
+    from transformers import AutoTokenizer
+
+    path = pathlib.Path(path).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"tokenizer folder {path} does not exist")
+    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    if not hasattr(tok, "backend_tokenizer"):
+        raise TypeError(f"{path}: need a fast (tokenizers-backed) tokenizer, got {type(tok).__name__}")
+    return tok
+
+
+def encode_text(tokenizer, text: str) -> list[int]:
+    """Ids of ``text`` as plain text: no BOS/EOS, and special-token strings are split, not matched."""
+    if not text:
+        return []
+    return list(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+
+
+def encode_control(tokenizer, text: str) -> list[int]:
+    """Ids of trusted text (template or tag text): special-token strings become control tokens."""
+    if not text:
+        return []
+    return list(tokenizer(text, add_special_tokens=False, split_special_tokens=False)["input_ids"])
+
+
+def _special_token_strings(tokenizer) -> list[str]:
+    decoder = tokenizer.backend_tokenizer.get_added_tokens_decoder()
+    return sorted({t.content for t in decoder.values() if t.special and t.content}, key=len, reverse=True)
+
+
+def eos_token_ids(tokenizer) -> list[int]:
+    """Ids that end an assistant turn: known end-of-turn tokens present in the vocab, then eos."""
+    vocab = tokenizer.get_vocab()
+    ids: list[int] = []
+    for tok in END_OF_TURN_TOKENS:
+        if tok in vocab and vocab[tok] not in ids:
+            ids.append(vocab[tok])
+    eos = tokenizer.eos_token_id
+    if eos is not None and eos not in ids:
+        ids.append(int(eos))
+    if not ids:
+        raise ValueError("tokenizer has neither an end-of-turn token nor an eos token")
+    return ids
+
+
+# --------------------------------------------------------------------------------------------
+# Forking tags
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ForkingTags:
+    """The N global forking tags ``<think1>..<thinkN>`` (tag index i is ``<think{i+1}>``).
+
+    mode="text": the tag is plain text ``text_format.format(i=i+1)`` (the paper's released models use
+      ``<|im_start|><think3>\\n`` on ChatML); tags differ only in their digit tokens.
+    mode="special": ``<think{i}>`` are added special tokens (``add_to_tokenizer``); each tag is one token.
+    """
+
+    n: int
+    mode: str = "text"
+    text_format: str = CHATML_TEXT_FORMAT
+    special_format: str = THINK_TOKEN_FORMAT
+
+    def __post_init__(self):
+        if self.n < 1:
+            raise ValueError(f"need at least one forking tag, got n={self.n}")
+        if self.mode not in ("text", "special"):
+            raise ValueError(f"mode must be 'text' or 'special', got {self.mode!r}")
+        for fmt in (self.text_format, self.special_format):
+            if "{i}" not in fmt:
+                raise ValueError(f"tag format {fmt!r} must contain '{{i}}'")
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer, n: int, mode: str = "text") -> "ForkingTags":
+        """Tags with the text format suited to ``tokenizer``: ChatML-style if it has ``<|im_start|>``."""
+        fmt = CHATML_TEXT_FORMAT if "<|im_start|>" in tokenizer.get_vocab() else PLAIN_TEXT_FORMAT
+        return cls(n=n, mode=mode, text_format=fmt)
+
+    def _check(self, index: int) -> None:
+        if not 0 <= index < self.n:
+            raise IndexError(f"tag index {index} out of range for {self.n} tags")
+
+    def token_strings(self) -> list[str]:
+        """``['<think1>', ..., '<thinkN>']`` (the added tokens in special mode)."""
+        return [self.special_format.format(i=i + 1) for i in range(self.n)]
+
+    def tag_string(self, index: int) -> str:
+        """The text inserted at the start of the assistant turn for tag ``index`` (0-based)."""
+        self._check(index)
+        fmt = self.text_format if self.mode == "text" else self.special_format
+        return fmt.format(i=index + 1)
+
+    def add_to_tokenizer(self, tokenizer) -> tuple[list[int], int]:
+        """Special mode: add ``<think1..N>`` as special tokens (idempotent).
+
+        Returns (ids of the N tag tokens, ``len(tokenizer)`` afterwards). The model side must grow its
+        embedding to at least that size and initialise the new rows (e.g. from the mean embedding);
+        a model whose embedding is already padded past ``len(tokenizer)`` may need no growth.
+        """
+        if self.mode != "special":
+            raise ValueError("add_to_tokenizer is only for mode='special'")
+        from tokenizers import AddedToken
+
+        vocab = tokenizer.get_vocab()
+        new = [AddedToken(s, special=True, normalized=False) for s in self.token_strings() if s not in vocab]
+        if new:
+            tokenizer.add_tokens(new, special_tokens=True)
+        ids = [tokenizer.convert_tokens_to_ids(s) for s in self.token_strings()]
+        return ids, len(tokenizer)
+
+    def tag_ids(self, tokenizer, index: int) -> list[int]:
+        """Token ids of tag ``index``. Lengths may differ across tags in text mode (<think9> vs <think10>)."""
+        text = self.tag_string(index)
+        if self.mode == "special":
+            tid = tokenizer.get_vocab().get(text)
+            if tid is None:
+                raise KeyError(f"{text!r} is not in the tokenizer; call ForkingTags.add_to_tokenizer first")
+            return [tid]
+        return encode_control(tokenizer, text)
+
+    def all_tag_ids(self, tokenizer) -> list[list[int]]:
+        return [self.tag_ids(tokenizer, i) for i in range(self.n)]
+
+    def max_tag_len(self, tokenizer) -> int:
+        return max(len(t) for t in self.all_tag_ids(tokenizer))
+
+
+# --------------------------------------------------------------------------------------------
+# Safe chat rendering
+# --------------------------------------------------------------------------------------------
+
+
+def _as_messages(prompt_messages: Sequence[dict] | str) -> list[dict]:
+    if isinstance(prompt_messages, str):
+        return [{"role": "user", "content": prompt_messages}]
+    msgs = [dict(m) for m in prompt_messages]
+    for m in msgs:
+        if "role" not in m or not isinstance(m.get("content"), str):
+            raise TemplateError(f"each message needs a role and a string content, got {m!r}")
+    return msgs
+
+
+def _render_segments(
+    tokenizer,
+    messages: list[dict],
+    *,
+    add_generation_prompt: bool,
+    trusted_prefix: dict[int, str] | None = None,
+    chat_template_kwargs: dict[str, Any] | None = None,
+) -> tuple[str, list[tuple[str, str]]]:
+    """Render ``messages`` with each content replaced by a placeholder.
+
+    Returns (skeleton string, pieces) where pieces is a list of ("template", text) and
+    ("content", text) in order; ``trusted_prefix[k]`` is put before message k's placeholder and
+    counts as template text (used for tag text, whose control tokens must stay control tokens).
+    """
+    trusted_prefix = trusted_prefix or {}
+    rendered_msgs = []
+    for k, m in enumerate(messages):
+        if _PLACEHOLDER_RE.search(m["content"]):
+            raise TemplateError("message content contains the reserved placeholder characters U+E000/U+E001")
+        rendered_msgs.append({**m, "content": trusted_prefix.get(k, "") + _PLACEHOLDER.format(k=k)})
+    skeleton = tokenizer.apply_chat_template(
+        rendered_msgs, tokenize=False, add_generation_prompt=add_generation_prompt, **(chat_template_kwargs or {})
+    )
+    found = [int(m.group(1)) for m in _PLACEHOLDER_RE.finditer(skeleton)]
+    if sorted(found) != list(range(len(messages))):
+        raise TemplateError(
+            "the chat template does not emit every message content exactly once "
+            f"(placeholders found: {found}, messages: {len(messages)}); cannot render it safely"
+        )
+    pieces: list[tuple[str, str]] = []
+    pos = 0
+    for m in _PLACEHOLDER_RE.finditer(skeleton):
+        pieces.append(("template", skeleton[pos : m.start()]))
+        pieces.append(("content", messages[int(m.group(1))]["content"]))
+        pos = m.end()
+    pieces.append(("template", skeleton[pos:]))
+    return skeleton, pieces
+
+
+def _encode_pieces(tokenizer, pieces: list[tuple[str, str]]) -> list[int]:
+    """Encode rendered pieces: control tokens only from template text, contents always as text."""
+    specials = _special_token_strings(tokenizer)
+    vocab = tokenizer.get_vocab()
+    special_re = re.compile("|".join(re.escape(s) for s in specials)) if specials else None
+    ids: list[int] = []
+    buf: list[str] = []
+
+    def flush():
+        if buf:
+            ids.extend(encode_text(tokenizer, "".join(buf)))
+            buf.clear()
+
+    for kind, text in pieces:
+        if kind == "content" or special_re is None:
+            buf.append(text)
+            continue
+        pos = 0
+        for m in special_re.finditer(text):
+            buf.append(text[pos : m.start()])
+            flush()
+            ids.append(vocab[m.group(0)])
+            pos = m.end()
+        buf.append(text[pos:])
+    flush()
+    return ids
+
+
+def render_messages_ids(
+    tokenizer,
+    messages: Sequence[dict] | str,
+    *,
+    add_generation_prompt: bool = False,
+    chat_template_kwargs: dict[str, Any] | None = None,
+) -> list[int]:
+    """Token ids of a chat-rendered conversation, with message contents encoded as plain text."""
+    _, pieces = _render_segments(
+        tokenizer, _as_messages(messages), add_generation_prompt=add_generation_prompt,
+        chat_template_kwargs=chat_template_kwargs,
+    )
+    return _encode_pieces(tokenizer, pieces)
+
+
+# --------------------------------------------------------------------------------------------
+# Examples
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class RenderedExample:
+    """One tokenized example: prompt | tag | completion (see module docstring)."""
+
+    prompt_ids: tuple[int, ...]
+    tag_ids: tuple[int, ...]
+    completion_ids: tuple[int, ...]
+    trailer_ids: tuple[int, ...] = ()
+
+    @property
+    def input_ids(self) -> list[int]:
+        """prompt + tag + completion (what the model trains on; a generation prompt when no completion)."""
+        return [*self.prompt_ids, *self.tag_ids, *self.completion_ids]
+
+    @property
+    def loss_mask(self) -> list[int]:
+        """1 exactly on the completion tokens (trace + end-of-turn token), 0 on prompt and tag."""
+        return [0] * (len(self.prompt_ids) + len(self.tag_ids)) + [1] * len(self.completion_ids)
+
+    @property
+    def generation_prompt_ids(self) -> list[int]:
+        """prompt + tag: where sampling of a trace starts."""
+        return [*self.prompt_ids, *self.tag_ids]
+
+    @property
+    def full_ids(self) -> list[int]:
+        """input_ids + the template's text after the end token (equals the full template rendering)."""
+        return [*self.input_ids, *self.trailer_ids]
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids) + len(self.tag_ids) + len(self.completion_ids)
+
+
+def render_example(
+    tokenizer,
+    prompt_messages: Sequence[dict] | str,
+    completion: str | None,
+    tags: ForkingTags,
+    tag_index: int | None,
+    add_eos: bool = True,
+    *,
+    example_id: Any = None,
+    chat_template_kwargs: dict[str, Any] | None = None,
+) -> RenderedExample:
+    """Tokenize one (prompt, tag, completion) example.
+
+    Args:
+      prompt_messages: chat messages without the final assistant turn, or a user string.
+      completion: the reasoning trace / answer text (plain text), or None for a generation prompt.
+      tags, tag_index: which forking tag starts the assistant turn; None for no tag.
+      add_eos: end the completion with the template's end-of-turn token (``<|im_end|>``), which the
+        loss covers. Whatever the template puts after it (ChatML: ``\\n``) goes to ``trailer_ids``.
+      example_id: named in errors.
+    Raises:
+      PromptPrefixError if the generation prompt is not a token prefix of the rendered conversation;
+      TemplateError if the template does not end the assistant turn with an end-of-turn token.
+    """
+    messages = _as_messages(prompt_messages)
+    if messages and messages[-1]["role"] == "assistant":
+        raise TemplateError(f"example {example_id!r}: prompt_messages must not end with an assistant turn")
+    tag_text = tags.tag_string(tag_index) if tag_index is not None else ""
+    tag_ids = tags.tag_ids(tokenizer, tag_index) if tag_index is not None else []
+
+    _, prompt_pieces = _render_segments(
+        tokenizer, messages, add_generation_prompt=True, chat_template_kwargs=chat_template_kwargs
+    )
+    prompt_ids = _encode_pieces(tokenizer, prompt_pieces)
+
+    full_messages = messages + [{"role": "assistant", "content": completion or ""}]
+    _, full_pieces = _render_segments(
+        tokenizer, full_messages, add_generation_prompt=False,
+        trusted_prefix={len(messages): tag_text}, chat_template_kwargs=chat_template_kwargs,
+    )
+    full_ids = _encode_pieces(tokenizer, full_pieces)
+    if full_ids[: len(prompt_ids)] != prompt_ids:
+        at = next((i for i, (a, b) in enumerate(zip(prompt_ids, full_ids)) if a != b), min(len(prompt_ids), len(full_ids)))
+        raise PromptPrefixError(
+            f"example {example_id!r}: the rendered prompt (add_generation_prompt=True, {len(prompt_ids)} tokens) "
+            f"is not a token prefix of the rendered conversation ({len(full_ids)} tokens); first difference at "
+            f"token {at}: prompt {tokenizer.decode(prompt_ids[at:at + 8])!r} vs conversation "
+            f"{tokenizer.decode(full_ids[at:at + 8])!r}"
+        )
+
+    completion_ids = encode_text(tokenizer, completion) if completion else []
+    trailer: list[int] = []
+    if completion is not None and add_eos:
+        # The template text after the assistant content, e.g. "<|im_end|>\n" for ChatML.
+        tail_ids = _encode_pieces(tokenizer, [("template", full_pieces[-1][1])])
+        ends = eos_token_ids(tokenizer)
+        if not tail_ids or tail_ids[0] not in ends:
+            raise TemplateError(
+                f"example {example_id!r}: the chat template does not close the assistant turn with an "
+                f"end-of-turn token {ends} (text after the content: {full_pieces[-1][1]!r})"
+            )
+        completion_ids = completion_ids + tail_ids[:1]
+        trailer = tail_ids[1:]
+    return RenderedExample(tuple(prompt_ids), tuple(tag_ids), tuple(completion_ids), tuple(trailer))
+
+
+def full_render_ids(
+    tokenizer,
+    prompt_messages: Sequence[dict] | str,
+    completion: str,
+    tags: ForkingTags,
+    tag_index: int | None,
+    *,
+    chat_template_kwargs: dict[str, Any] | None = None,
+) -> list[int]:
+    """Reference ids: the whole conversation rendered by the template as one string, assistant
+    content = tag text + completion, tokenized in one go (control tokens matched everywhere; use it
+    only for text without control strings). ``render_example(...).full_ids`` should equal this."""
+    tag_text = tags.tag_string(tag_index) if tag_index is not None else ""
+    msgs = _as_messages(prompt_messages) + [{"role": "assistant", "content": tag_text + completion}]
+    text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=False, **(chat_template_kwargs or {}))
+    return encode_control(tokenizer, text)
