@@ -18,13 +18,13 @@ FAMILIES = {
 }
 
 
-def make_hf_model(family: str, folder: pathlib.Path, seed: int = 0):
+def make_hf_model(family: str, folder: pathlib.Path, seed: int = 0, **overrides):
     """Build, randomise (biases and norms too, so they are exercised) and save a tiny model; returns it."""
     import torch
     import transformers
 
     cfg_name, model_name, extra = FAMILIES[family]
-    config = getattr(transformers, cfg_name)(**TINY, **extra)
+    config = getattr(transformers, cfg_name)(**{**TINY, **extra, **overrides})
     torch.manual_seed(seed)
     model = getattr(transformers, model_name)(config).eval().float()
     with torch.no_grad():
@@ -33,3 +33,52 @@ def make_hf_model(family: str, folder: pathlib.Path, seed: int = 0):
                 p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in name else 0.0))
     model.save_pretrained(folder)
     return model
+
+
+# Qwen2.5's template without the tool-calling branches.
+QWEN2_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if (message.role == 'user') or (message.role == 'system' and not loop.first) or (message.role == 'assistant') %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+CORPUS = [
+    "Let me think step by step. The answer is 42.",
+    "What is the capital of France? Paris is the capital of France.",
+    "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
+    "system user assistant think <think> reasoning 0123456789 + - * / = ( ) < > | \n\n",
+    "Solve 2+2. First, add the numbers: 2+2=4. So the answer is 4.",
+]
+
+
+def build_tiny_tokenizer(path, *, chatml=True, eos="<|im_end|>"):
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] if chatml else ["<|endoftext|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    kwargs = dict(tokenizer_object=tok, pad_token="<|endoftext|>", eos_token=eos if chatml else "<|endoftext|>")
+    if chatml:
+        kwargs["chat_template"] = QWEN2_TEMPLATE
+    PreTrainedTokenizerFast(**kwargs).save_pretrained(path)
+    from ssft_jax import tokenization
+    return tokenization.load_tokenizer(path)
