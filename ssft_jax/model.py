@@ -272,18 +272,26 @@ def apply_rope(x, positions, inv_freq):
     return out.astype(x.dtype)
 
 
-def attention_mask(q_segment_ids, kv_segment_ids, q_slots, kv_slots):
+def attention_mask(q_segment_ids, kv_segment_ids, q_slots, kv_slots, q_prefix_ids=None):
     """[B, 1, 1, Tq, Tk] bool: same non-zero segment and key slot <= query slot (causal within the row).
 
     Segment 0 marks padding: it attends to nothing and nothing attends to it. Slots are indices in the row (or
     in the KV cache), so packed sequences stay causal without needing positions to be monotone across segments.
+    `q_prefix_ids` (optional) names, per query token, one more segment it may read: a shared prefix. SSFT's cost
+    pass uses it to put a question's prompt once in a row, followed by its N*M (tag, trace) continuations, each
+    attending to the prompt and to itself only, instead of repeating the prompt N*M times.
     """
-    same = (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]) & (q_segment_ids[:, :, None] != 0)
+    q = q_segment_ids[:, :, None]
+    visible = (q == kv_segment_ids[:, None, :]) & (q != 0)
+    if q_prefix_ids is not None:
+        p = q_prefix_ids[:, :, None]
+        visible = visible | ((p == kv_segment_ids[:, None, :]) & (p != 0) & (q != 0))
     causal = kv_slots[:, None, :] <= q_slots[:, :, None]
-    return (same & causal)[:, None, None, :, :]
+    return (visible & causal)[:, None, None, :, :]
 
 
-def _attention(cfg: ModelConfig, lp: Params, h, positions, q_seg, kv_seg_full, q_slots, kv_slots, cache_kv, dtype):
+def _attention(cfg: ModelConfig, lp: Params, h, positions, q_seg, kv_seg_full, q_slots, kv_slots, cache_kv, dtype,
+               q_prefix=None):
     B, T, _ = h.shape
     K, G = cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads
     q = jnp.einsum("btd,dhk->bthk", h, lp["q_proj"].astype(dtype))
@@ -307,7 +315,7 @@ def _attention(cfg: ModelConfig, lp: Params, h, positions, q_seg, kv_seg_full, q
 
     q = q.reshape(B, T, K, G, cfg.head_dim)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(cfg.head_dim)
-    mask = attention_mask(q_seg, kv_seg_full, q_slots, kv_slots)
+    mask = attention_mask(q_seg, kv_seg_full, q_slots, kv_slots, q_prefix)
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
     # Rows with no visible key (padding) would average all values: zero them so padding outputs are exactly 0.
@@ -353,6 +361,7 @@ def forward(
     positions: jax.Array | None = None,
     cache: dict[str, jax.Array] | None = None,
     *,
+    prefix_segment_ids: jax.Array | None = None,
     return_hidden: bool = False,
 ):
     """Logits [B, T, V] (fp32) or final hidden states [B, T, D]; with a cache, also the updated cache.
@@ -360,6 +369,9 @@ def forward(
     tokens, segment_ids, positions: [B, T] int. segment_ids defaults to all ones (one sequence per row; 0 would
     mean padding); positions default to 0..T-1 (plus the cache fill index when decoding). Packed rows pass each
     sequence's own positions restarting at 0 and a distinct segment id per sequence.
+
+    prefix_segment_ids: [B, T], optional: per token, a second segment it may attend to (a shared prompt placed
+    earlier in the row; 0 = none). See `attention_mask`.
 
     With `cache`, the T new tokens of row b are written at slots index[b]..index[b]+T-1 and attend to everything
     before them in the cache with the same segment id; the returned cache has index advanced by T.
@@ -387,7 +399,7 @@ def forward(
         lp, ck, cv = xs
         cache_kv = (ck, cv, start) if ck is not None else None
         a, new_kv = _attention(cfg, lp, rms_norm(h, lp["attn_norm"], cfg.rms_norm_eps), positions,
-                               segment_ids, kv_seg, q_slots, kv_slots, cache_kv, dtype)
+                               segment_ids, kv_seg, q_slots, kv_slots, cache_kv, dtype, prefix_segment_ids)
         h = h + a
         h = h + _mlp(lp, rms_norm(h, lp["mlp_norm"], cfg.rms_norm_eps), dtype)
         return h, new_kv

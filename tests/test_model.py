@@ -208,3 +208,20 @@ def test_params_carry_logical_axes():
         for k in path:
             a = a[k.key]
         assert len(a) == len(s.shape), path
+
+
+def test_shared_prefix_equals_repeating_the_prompt(family):
+    """One row [prompt | cont1 | cont2]: each continuation reads the prompt and itself, like two separate rows."""
+    _, _, _, cfg, params = family
+    rs = np.random.RandomState(4)
+    prompt, c1, c2 = (rs.randint(0, cfg.vocab_size, n) for n in (9, 5, 6))
+    row = np.concatenate([prompt, c1, c2])[None]
+    seg = np.concatenate([np.full(9, 1), np.full(5, 2), np.full(6, 3)])[None]
+    prefix = np.concatenate([np.zeros(9, int), np.full(5, 1), np.full(6, 1)])[None]
+    pos = np.concatenate([np.arange(9), 9 + np.arange(5), 9 + np.arange(6)])[None]
+    shared = np.asarray(M.forward(cfg, params, jnp.asarray(row), jnp.asarray(seg), jnp.asarray(pos),
+                                  prefix_segment_ids=jnp.asarray(prefix)))
+    for cont, start in ((c1, 9), (c2, 14)):
+        ref = np.asarray(M.forward(cfg, params, jnp.asarray(np.concatenate([prompt, cont])[None])))
+        np.testing.assert_allclose(shared[0, start:start + len(cont)], ref[0, 9:], atol=TOL)
+    np.testing.assert_allclose(shared[0, :9], np.asarray(M.forward(cfg, params, jnp.asarray(prompt[None])))[0], atol=TOL)
