@@ -403,3 +403,42 @@ def full_render_ids(
     msgs = _as_messages(prompt_messages) + [{"role": "assistant", "content": tag_text + completion}]
     text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=False, **(chat_template_kwargs or {}))
     return encode_control(tokenizer, text)
+
+
+# --------------------------------------------------------------------------------------------
+# A character-level chat tokenizer for models trained from scratch (the CPU demo)
+# --------------------------------------------------------------------------------------------
+
+CHATML_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def build_char_tokenizer(folder: str | os.PathLike, extra_chars: str = ""):
+    """A ChatML tokenizer with one token per printable ASCII character (plus ``extra_chars``), saved to ``folder``.
+
+    Built with the `tokenizers` library (a WordLevel vocabulary over single characters), so it behaves like any HF
+    fast tokenizer: chat template, special tokens, save/load, export next to the weights. A from-scratch model needs
+    no subword vocabulary, and character tokens keep the demo's vocabulary (and softmax) tiny.
+    """
+    import string
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"]
+    chars = sorted(set(string.printable) | set(extra_chars))
+    vocab = {tok: i for i, tok in enumerate(specials + chars)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   unk_token="<unk>", additional_special_tokens=["<|im_start|>"],
+                                   chat_template=CHATML_TEMPLATE)
+    folder = pathlib.Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(str(folder))
+    return load_tokenizer(folder)

@@ -1,0 +1,32 @@
+"""Tiny from-scratch run on the synthetic multi-strategy task: the CPU demo and the trainer's tests.
+
+    python -m ssft_jax.train --config configs/demo.py --workdir /tmp/demo [--config.ssft.method=sft_mixed]
+"""
+from ssft_jax.config import base_config
+
+
+def get_config(arg: str = ""):
+    c = base_config()
+    c.tokenizer = "char"
+    c.model.hf_dir = ""
+    c.model.init.update(model_type="qwen2", hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=32, tie_word_embeddings=True,
+                        max_position_embeddings=1024)
+    c.ssft.update(num_tags=6, max_traces=4, cost_prefix_len=24, tag_mode="special")
+    c.data.update(name="synthetic", max_prompt_len=48, max_trace_len=96)
+    c.data.synthetic.update(num_questions=512, heldout=64, difficulty="easy")
+    c.batch_size = 8
+    c.num_epochs = 4
+    c.optim.update(learning_rate=3e-3, warmup_frac=0.05, weight_decay=1e-4, b2=0.98)
+    c.log_every = 10
+    c.checkpoint.every_steps = 100
+    if arg == "tiny":  # what the tests run: a few steps of a 2-layer model
+        c.model.init.update(hidden_size=32, intermediate_size=64, num_hidden_layers=2, head_dim=8)
+        c.data.synthetic.update(num_questions=32, heldout=8, difficulty="tiny")
+        c.data.update(max_prompt_len=40, max_trace_len=64)
+        c.ssft.cost_prefix_len = 16
+        c.batch_size = 4
+        c.num_steps = 6
+        c.log_every = 1
+        c.checkpoint.every_steps = 3
+    return c

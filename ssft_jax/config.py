@@ -1,0 +1,121 @@
+"""Run configuration: the defaults every `configs/*.py` starts from, and the checks that refuse impossible runs
+before any compute (each error names the offending field).
+
+Configs are plain ml_collections ConfigDicts built by `get_config()` functions (big_vision style); the CLI
+overrides any field with `--config.a.b=value`.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+METHODS = ("ssft", "random", "sft_mixed", "fixed")
+
+
+class ConfigError(ValueError):
+    """The configuration cannot work; the message names the field."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    # Model: an HF folder to fine-tune, or an architecture to train from scratch (hf_dir empty).
+    c.model = ml_collections.ConfigDict(dict(
+        hf_dir="",            # HF folder (config.json + safetensors + tokenizer); "smollm2" = the converted GGUF
+        init=ml_collections.ConfigDict(dict(  # used only when hf_dir is empty
+            model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True,
+            rope_theta=10000.0, max_position_embeddings=4096)),
+        dtype="float32",      # compute dtype; parameters stay float32 (master weights)
+        param_dtype="float32",
+        remat="none",         # none | full | dots | dots_no_batch
+        logprob_chunk=1024,   # tokens per chunk of the output head (chunked log-sum-exp)
+    ))
+    c.tokenizer = ""          # tokenizer folder; empty: the model's hf_dir
+
+    # SSFT proper.
+    c.ssft = ml_collections.ConfigDict(dict(
+        method="ssft",        # ssft | random | sft_mixed | fixed
+        num_tags=6,           # N
+        max_traces=4,         # M
+        cost_prefix_len=1000,  # L: tokens of each trace scored for the cost matrix
+        matcher="auto",       # matching.match method
+        tag_mode="text",      # text | special
+        skip_invalid_questions=True,  # a question whose cost matrix is not finite is dropped from the step
+        second_best_gap=True,  # diagnostics: exact gap to the second-best assignment (M extra tiny solves)
+    ))
+
+    c.data = ml_collections.ConfigDict(dict(
+        name="synthetic",     # synthetic | gsm8k | jsonl
+        path="",              # jsonl/parquet file(s), comma separated, for name=jsonl
+        max_prompt_len=128,   # P
+        max_trace_len=256,    # T (incl. end-of-turn token)
+        on_bad_record="error",  # error | skip
+        overlong="reject",    # truncate | reject
+        num_questions=0,      # 0 = all
+        synthetic=ml_collections.ConfigDict(dict(num_questions=512, heldout=64, difficulty="easy")),
+        heldout=200,          # gsm8k: questions held out of training (the last ones of the test file)
+    ))
+
+    c.batch_size = 8          # questions per step (global, across hosts)
+    c.micro_batches = 1       # gradient accumulation: batch_size / micro_batches questions per forward
+    c.num_epochs = 5
+    c.num_steps = 0           # 0 = derived from num_epochs
+
+    c.optim = ml_collections.ConfigDict(dict(
+        learning_rate=1e-5, warmup_frac=0.05, end_lr_frac=0.0, b1=0.9, b2=0.95, eps=1e-8,
+        weight_decay=1e-4, grad_clip=1.0,
+    ))
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+
+    c.log_every = 10
+    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=200, max_to_keep=3, async_save=True))
+    c.max_consecutive_skips = 20  # stop the run when this many steps in a row had non-finite loss/grads
+    c.export_hf = True
+    return c
+
+
+def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+    """Raise ConfigError for settings that cannot work, before any compute."""
+    s = c.ssft
+    if s.method not in METHODS:
+        raise ConfigError(f"ssft.method={s.method!r}: expected one of {METHODS}")
+    if s.max_traces < 1 or s.num_tags < 1:
+        raise ConfigError(f"ssft.max_traces={s.max_traces} and ssft.num_tags={s.num_tags} must be >= 1")
+    if s.max_traces > s.num_tags and s.method != "sft_mixed":
+        raise ConfigError(
+            f"ssft.max_traces (M={s.max_traces}) > ssft.num_tags (N={s.num_tags}): each trace needs its own tag")
+    if s.tag_mode not in ("text", "special"):
+        raise ConfigError(f"ssft.tag_mode={s.tag_mode!r}: expected 'text' or 'special'")
+    if s.cost_prefix_len < 1:
+        raise ConfigError(f"ssft.cost_prefix_len={s.cost_prefix_len} must be >= 1")
+    if s.cost_prefix_len > c.data.max_trace_len:
+        raise ConfigError(
+            f"ssft.cost_prefix_len (L={s.cost_prefix_len}) is longer than the trace budget "
+            f"data.max_trace_len={c.data.max_trace_len}")
+    if c.data.on_bad_record not in ("error", "skip"):
+        raise ConfigError(f"data.on_bad_record={c.data.on_bad_record!r}: expected 'error' or 'skip'")
+    if c.data.overlong not in ("truncate", "reject"):
+        raise ConfigError(f"data.overlong={c.data.overlong!r}: expected 'truncate' or 'reject'")
+    if c.batch_size < 1 or c.micro_batches < 1 or c.batch_size % c.micro_batches:
+        raise ConfigError(f"batch_size={c.batch_size} is not divisible by micro_batches={c.micro_batches}")
+    if c.model.remat not in ("none", "full", "dots", "dots_no_batch"):
+        raise ConfigError(f"model.remat={c.model.remat!r}")
+    if num_devices is not None:
+        sizes = [c.mesh.data, c.mesh.fsdp, c.mesh.tensor]
+        fixed = 1
+        for v in sizes:
+            if v != -1:
+                fixed *= v
+        if sizes.count(-1) > 1 or any(v == 0 or v < -1 for v in sizes):
+            raise ConfigError(f"mesh={dict(c.mesh)}: sizes must be positive, at most one -1")
+        dp = (num_devices // fixed) if -1 in sizes[:2] else c.mesh.data * c.mesh.fsdp
+        if (-1 in sizes and num_devices % fixed) or (-1 not in sizes and fixed != num_devices):
+            raise ConfigError(f"mesh={dict(c.mesh)} does not divide the {num_devices} devices")
+        if -1 == c.mesh.tensor:
+            dp = c.mesh.data * c.mesh.fsdp
+        per_micro = c.batch_size // c.micro_batches
+        if per_micro % dp:
+            raise ConfigError(
+                f"batch_size/micro_batches = {per_micro} questions is not divisible by the data-parallel size "
+                f"{dp} (mesh data*fsdp)")

@@ -1,0 +1,271 @@
+"""The SSFT trainer: config -> mesh -> model + tokenizer -> data -> state -> loop -> checkpoints -> HF export.
+
+    python -m ssft_jax.train --config configs/demo.py[:arg] --workdir DIR [--config.ssft.method=random ...]
+
+A run resumes from the latest complete checkpoint in `<workdir>/checkpoints` (weights, optimizer, step, RNG and
+the data iterator's position), so re-running the same command after a crash or preemption continues the same run.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import pathlib
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from ssft_jax import checkpoint as ckpt_lib
+from ssft_jax import config as config_lib
+from ssft_jax import data as data_lib
+from ssft_jax import hf_io, mesh as mesh_lib, metrics_log, model as model_lib, tokenization, train_step as ts
+
+
+class TrainingDivergedError(RuntimeError):
+    """Too many consecutive steps had non-finite loss or gradients."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model and tokenizer
+# ---------------------------------------------------------------------------------------------------------------
+
+def resolve_hf_dir(hf_dir: str) -> str:
+    if hf_dir == "smollm2":
+        from ssft_jax.gguf_convert import ensure_smollm2_hf
+        return str(ensure_smollm2_hf())
+    return hf_dir
+
+
+def build_tokenizer(config, workdir: pathlib.Path):
+    path = config.tokenizer or resolve_hf_dir(config.model.hf_dir)
+    if path == "char":
+        # Rebuilt deterministically on every start (and on resume), saved beside the run for export/eval.
+        return tokenization.build_char_tokenizer(workdir / "tokenizer")
+    if not path:
+        raise config_lib.ConfigError("set config.tokenizer (a folder or 'char') or config.model.hf_dir")
+    return tokenization.load_tokenizer(path)
+
+
+def build_model(config, tokenizer, mesh) -> tuple[model_lib.ModelConfig, model_lib.Params]:
+    """Parameters placed with their shardings: loaded from an HF folder, or initialised from scratch on device."""
+    mc = config.model
+    overrides = dict(dtype=mc.dtype, param_dtype=mc.param_dtype, remat=mc.remat)
+    hf_dir = resolve_hf_dir(mc.hf_dir)
+    if hf_dir:
+        cfg = hf_io.load_hf_config(hf_dir, **overrides)
+        cfg, params = hf_io.load_hf_params(hf_dir, cfg, mesh=mesh)
+    else:
+        eos = tokenization.eos_token_ids(tokenizer)
+        cfg = model_lib.ModelConfig(**dict(mc.init), vocab_size=len(tokenizer), eos_token_id=eos[0],
+                                    pad_token_id=tokenizer.pad_token_id, **overrides)
+        shapes, axes = model_lib.abstract_params(cfg)
+        shardings = mesh_lib.tree_shardings(axes, shapes, mesh)
+        params = jax.jit(lambda: model_lib.init_params(cfg, config.seed), out_shardings=shardings)()
+    return cfg, params
+
+
+def setup_tags(config, tokenizer, cfg, params, mesh):
+    """Forking tags; in special mode the tokens are added and the embedding grows (new rows = mean)."""
+    tags = tokenization.ForkingTags.for_tokenizer(tokenizer, config.ssft.num_tags, config.ssft.tag_mode)
+    if tags.mode == "special":
+        _, new_vocab = tags.add_to_tokenizer(tokenizer)
+        if new_vocab > cfg.vocab_size:
+            cfg, params = model_lib.resize_vocab(cfg, params, new_vocab)
+            shapes, axes = model_lib.abstract_params(cfg)
+            params = jax.device_put(params, mesh_lib.tree_shardings(axes, shapes, mesh))
+    return tags, cfg, params
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------------------------
+
+def build_records(config) -> tuple[list[dict], list[dict]]:
+    """(train records, held-out records) for the configured dataset."""
+    d = config.data
+    M = config.ssft.max_traces
+    if d.name == "synthetic":
+        from ssft_jax.datasets import synthetic
+        s = d.synthetic
+        return synthetic.build_splits(s.num_questions, s.heldout, seed=config.seed, num_strategies=M,
+                                      difficulty=s.difficulty)
+    if d.name == "gsm8k":
+        from ssft_jax.datasets import gsm8k
+        # Multi-trace data exists for GSM8K's test questions only: the last `heldout` of them are held out.
+        records = gsm8k.load_gsm8k_multitrace("test", data_dir=d.path or None, max_traces=M)
+        held = d.get("heldout", 200)
+        return records[:-held] if held else records, records[-held:] if held else []
+    if d.name == "jsonl":
+        if not d.path:
+            raise config_lib.ConfigError("data.path must name the JSONL/parquet file(s) for data.name='jsonl'")
+        return [p for p in d.path.split(",") if p], []
+    raise config_lib.ConfigError(f"data.name={d.name!r}: expected synthetic, gsm8k or jsonl")
+
+
+def layout_for(config, tokenizer, tags) -> data_lib.LayoutConfig:
+    dp_hosts = jax.process_count()
+    if config.batch_size % dp_hosts:
+        raise config_lib.ConfigError(f"batch_size={config.batch_size} is not divisible by {dp_hosts} processes")
+    return data_lib.LayoutConfig.for_tokenizer(
+        tokenizer, tags, num_traces=config.ssft.max_traces, cost_len=config.ssft.cost_prefix_len,
+        max_prompt_len=config.data.max_prompt_len, max_trace_len=config.data.max_trace_len,
+        batch_size=config.batch_size // dp_hosts)
+
+
+def to_global(batch: dict, mesh) -> dict:
+    """Per-process numpy batch -> global jax arrays split over the data-parallel axes."""
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(mesh_lib.batch_sharding(mesh, np.ndim(x)), np.asarray(x)),
+        batch)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------------------------
+
+def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progress: bool = True) -> dict[str, Any]:
+    """Train (or resume) and return a summary: losses, diagnostics, paths."""
+    workdir = pathlib.Path(workdir)
+    config_lib.validate(config, jax.device_count())
+    mesh_lib.maybe_initialize_distributed()
+    mesh = mesh_lib.make_mesh(**dict(config.mesh))
+    workdir.mkdir(parents=True, exist_ok=True)
+    checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", max_to_keep=config.checkpoint.max_to_keep,
+                                         async_save=config.checkpoint.async_save)
+
+    tokenizer = build_tokenizer(config, workdir)
+    cfg, params = build_model(config, tokenizer, mesh)
+    tags, cfg, params = setup_tags(config, tokenizer, cfg, params, mesh)
+
+    train_records, _ = build_records(config)
+    layout = layout_for(config, tokenizer, tags)
+    questions, report = data_lib.tokenize_records(
+        train_records, tokenizer, tags, layout, on_bad_record=config.data.on_bad_record, overlong=config.data.overlong)
+    if config.data.num_questions:
+        questions = questions[: config.data.num_questions]
+    if len(questions) < config.batch_size:
+        raise config_lib.ConfigError(
+            f"only {len(questions)} usable questions for batch_size={config.batch_size} ({report.summary()})")
+    table, lengths = data_lib.tag_table(tokenizer, tags, layout.tag_len)
+    num_steps = config.num_steps or math.ceil(config.num_epochs * len(questions) / config.batch_size)
+    logging.info("%d questions, %d steps, %s", len(questions), num_steps, report.summary())
+
+    optimizer = ts.make_optimizer(config.optim, num_steps)
+    state = ts.init_state(params, optimizer, config.seed, mesh)
+    iterator = data_lib.make_iterator(questions, layout, table, lengths, seed=config.seed, epochs=None)
+    start = 0
+    if checkpointer.latest_step() is not None:
+        start, state, data_state, _ = checkpointer.restore(None, ckpt_lib.abstract_like(state))
+        iterator.set_state(data_state)
+        logging.info("resumed from step %d", start)
+
+    position = iterator.get_state()
+    first = next(iterator)  # its shapes fix the jit; then rewind, so no batch is skipped
+    iterator.set_state(position)
+    step_fn = ts.make_train_step(cfg, config.ssft, optimizer, micro_batches=config.micro_batches,
+                                 logprob_chunk=config.model.logprob_chunk)
+    train_step = ts.jit_train_step(step_fn, state, to_global(first, mesh), mesh)
+    table_d, lengths_d = jnp.asarray(table), jnp.asarray(lengths)
+
+    logger = metrics_log.MetricsLogger(workdir)
+    histogram = metrics_log.AssignmentHistogram()
+    guard = ckpt_lib.PreemptionGuard()
+    config_json = ckpt_lib.config_to_json(config)
+    losses: dict[int, float] = {}
+    tag_totals = np.zeros(config.ssft.num_tags, np.int64)
+    pending = None  # metrics of the previous step, read one step late so dispatch stays asynchronous
+    consecutive_skips = 0
+
+    def consume(step_done: int, m) -> None:
+        nonlocal consecutive_skips, tag_totals
+        m = jax.device_get(m)
+        histogram.update(m.pop("assignments"))
+        tag_totals += m["tag_counts"]
+        losses[step_done] = float(m["loss"])
+        consecutive_skips = consecutive_skips + 1 if m["step_skipped"] else 0
+        if consecutive_skips > config.max_consecutive_skips:
+            raise TrainingDivergedError(
+                f"{consecutive_skips} consecutive steps (up to step {step_done}) had non-finite loss or gradients; "
+                f"stopping. Last good checkpoint: step {checkpointer.latest_step()}")
+        if step_done % config.log_every == 0 or step_done == num_steps:
+            logger.write(step_done, m)
+            if bar is not None:
+                bar.set_postfix(loss=f"{m['loss']:.3f}", matched=f"{m['matched_nll']:.3f}")
+
+    bar = None
+    if progress and jax.process_index() == 0:
+        from tqdm import tqdm
+        bar = tqdm(total=num_steps, initial=start, desc=f"{config.ssft.method}", dynamic_ncols=True)
+    t0, stopped_early = time.perf_counter(), False
+    step = start
+    try:
+        while step < num_steps:
+            if guard.should_stop(step):
+                stopped_early = True
+                break
+            batch = to_global(next(iterator), mesh)
+            state, metrics = train_step(state, batch, table_d, lengths_d)
+            step += 1
+            if pending is not None:
+                consume(*pending)
+            pending = (step, metrics)
+            if step % config.checkpoint.every_steps == 0 and step < num_steps:
+                checkpointer.save(step, state, data_state=iterator.get_state(), config=config_json)
+            if bar is not None:
+                bar.update(1)
+        if pending is not None:
+            consume(*pending)
+        checkpointer.save(step, state, data_state=iterator.get_state(), config=config_json, force=True)
+        checkpointer.wait()
+    finally:
+        if bar is not None:
+            bar.close()
+        guard.restore_handlers()
+        logger.close()
+    elapsed = time.perf_counter() - t0
+
+    export_dir = None
+    if config.export_hf and not stopped_early:
+        export_dir = hf_io.save_hf_folder(workdir / "hf_export", cfg, state["params"], tokenizer=tokenizer,
+                                          eos_token_ids=tokenization.eos_token_ids(tokenizer))
+    summary = {
+        "method": config.ssft.method,
+        "start_step": start,
+        "final_step": step,
+        "stopped_early": stopped_early,
+        "losses": losses,
+        "tag_counts": tag_totals.tolist(),
+        "assignment_patterns": histogram.top(20),
+        "seconds": elapsed,
+        "compiles": train_step._cache_size(),
+        "questions": len(questions),
+        "validation": report.summary(),
+        "export_dir": str(export_dir) if export_dir else None,
+    }
+    if jax.process_index() == 0:
+        (workdir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    checkpointer.close()
+    return {**summary, "state": state, "model_config": cfg, "tokenizer": tokenizer, "tags": tags}
+
+
+def main(argv):
+    del argv
+    from absl import flags
+    config = flags.FLAGS.config
+    summary = run(config, flags.FLAGS.workdir)
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("state", "model_config", "tokenizer", "tags", "losses")},
+                     indent=2, default=str))
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "a configs/*.py file, optionally with :arg", lock_config=True)
+    flags.DEFINE_string("workdir", None, "where checkpoints, logs and the HF export go")
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)

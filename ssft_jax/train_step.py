@@ -1,0 +1,160 @@
+"""The one pure train step and the one `jax.jit` site.
+
+state = {params, opt_state, step, rng, consecutive_skips}: a plain pytree (NNX state split once, at model load).
+Per micro-batch: cost matrix (no grad) -> assignment -> tags written into the train rows -> value_and_grad of the
+summed token NLL. Gradients and token counts are summed over micro-batches (`lax.scan`), then divided once, so the
+update equals one big batch's token-mean loss. A step whose loss or gradients are not finite leaves the weights and
+optimizer state untouched and is counted.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from ssft_jax import data as data_lib
+from ssft_jax import losses
+from ssft_jax import mesh as mesh_lib
+from ssft_jax.model import ModelConfig, Params
+
+State = dict[str, Any]
+
+
+def make_optimizer(optim, num_steps: int) -> optax.GradientTransformation:
+    """AdamW with linear warmup + cosine decay, global-norm clipping, no weight decay on norms and biases."""
+    warmup = max(1, int(round(optim.warmup_frac * num_steps))) if optim.warmup_frac > 0 else 0
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0 if warmup else optim.learning_rate, peak_value=optim.learning_rate, warmup_steps=warmup,
+        decay_steps=max(num_steps, warmup + 1), end_value=optim.learning_rate * optim.end_lr_frac)
+
+    def decay_mask(params):
+        def keep(path, _):
+            name = str(path[-1].key) if hasattr(path[-1], "key") else str(path[-1])
+            return not ("norm" in name or "bias" in name)
+        return jax.tree_util.tree_map_with_path(keep, params)
+
+    return optax.chain(
+        optax.clip_by_global_norm(optim.grad_clip) if optim.grad_clip > 0 else optax.identity(),
+        optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay,
+                    mask=decay_mask),
+    )
+
+
+def init_state(params: Params, optimizer: optax.GradientTransformation, seed: int, mesh: jax.sharding.Mesh) -> State:
+    """Optimizer state is created by a jitted init, so its moments inherit the parameters' shardings; everything
+    not already on the mesh (counters, RNG) is replicated on it, so the step's input and output shardings match and
+    it compiles once."""
+    opt_state = jax.jit(optimizer.init)(params)
+    state = {
+        "params": params,
+        "opt_state": opt_state,
+        "step": jnp.zeros((), jnp.int32),
+        "rng": jax.random.key_data(jax.random.key(seed)),
+        "consecutive_skips": jnp.zeros((), jnp.int32),
+    }
+    replicated = NamedSharding(mesh, P())
+
+    def place(x):
+        on_mesh = isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh
+        return x if on_mesh else jax.device_put(x, replicated)
+    return jax.tree.map(place, state)
+
+
+def _split_micro(tree, k: int):
+    return jax.tree.map(lambda x: x.reshape(k, x.shape[0] // k, *x.shape[1:]), tree)
+
+
+def make_train_step(model_cfg: ModelConfig, ssft, optimizer: optax.GradientTransformation, *, micro_batches: int,
+                    logprob_chunk: int = 1024) -> Callable[[State, dict, jax.Array, jax.Array], tuple[State, dict]]:
+    """The pure step `(state, batch, tag_table, tag_lengths) -> (state, metrics)`; jit it with `jit_train_step`."""
+    N, M = ssft.num_tags, ssft.max_traces
+    method = ssft.method
+    need_costs = method == "ssft" or ssft.get("baseline_costs", False)
+
+    def micro_step(params, mb, rng, tag_table, tag_lengths):
+        tag_valid, trace_valid = mb["cost"]["tag_valid"], mb["train"]["trace_valid"]
+        if need_costs:
+            cost = losses.cost_matrix(model_cfg, params, mb["cost"], N, M, logprob_chunk)
+        else:  # baselines need no cost pass: that is the step-time difference the paper's cost analysis is about
+            cost = jnp.zeros(tag_valid.shape + (M,), jnp.float32)
+        tag_of_trace, ok, status = losses.assign(method, cost, tag_valid, trace_valid, rng, ssft.matcher)
+        rows = data_lib.fill_tags(mb["train"], tag_of_trace, tag_table, tag_lengths)
+        rows = jax.tree.map(lambda x: x.reshape(-1, x.shape[-1]), rows)  # [B, M, S] -> [B*M, S]
+
+        def loss_sum(p):
+            s, n = losses.set_loss_sums(model_cfg, p, rows, logprob_chunk)
+            return s, n
+
+        (nll_sum, count), grads = jax.value_and_grad(loss_sum, has_aux=True)(params)
+        gap = (losses.second_best_gap(cost, tag_of_trace, tag_valid, trace_valid, ssft.matcher)
+               if method == "ssft" and ssft.second_best_gap else None)
+        diag = losses.diagnostics(cost, tag_of_trace, ok, status, tag_valid, trace_valid, num_tags=N, gap=gap)
+        return grads, nll_sum, count, diag
+
+    def step_fn(state: State, batch: dict, tag_table: jax.Array, tag_lengths: jax.Array):
+        params = state["params"]
+        rng = jax.random.wrap_key_data(state["rng"])
+        rng, step_rng = jax.random.split(rng)
+        micro = _split_micro(batch, micro_batches)
+        rngs = jax.random.split(step_rng, micro_batches)
+
+        def body(acc, xs):
+            mb, r = xs
+            g, s, n, diag = micro_step(params, mb, r, tag_table, tag_lengths)
+            acc = (jax.tree.map(jnp.add, acc[0], g), acc[1] + s, acc[2] + n)
+            return acc, diag
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        (grads, nll_sum, count), diags = jax.lax.scan(body, (zeros, jnp.float32(0), jnp.float32(0)), (micro, rngs))
+        denom = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        loss = nll_sum / denom
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+        updates, new_opt = optimizer.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        # Never let a non-finite step touch the weights or the Adam moments.
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        new_state = {
+            "params": keep(new_params, params),
+            "opt_state": keep(new_opt, state["opt_state"]),
+            "step": state["step"] + 1,
+            "rng": jax.random.key_data(rng),
+            "consecutive_skips": jnp.where(finite, 0, state["consecutive_skips"] + 1),
+        }
+        metrics = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "loss_tokens": count,
+            "step_skipped": (~finite).astype(jnp.int32),
+            "tag_counts": diags["tag_counts"].sum(0),
+            "matched_nll": diags["matched_nll"].mean(),
+            "unmatched_nll": diags["unmatched_nll"].mean(),
+            "questions_dropped": diags["questions_dropped"].sum(),
+            "solver_not_certified": diags["solver_not_certified"].sum(),
+            "assignments": diags["assignments"].reshape(-1, diags["assignments"].shape[-1]),
+        }
+        if "second_best_gap" in diags:
+            metrics["second_best_gap"] = diags["second_best_gap"].mean()
+            metrics["second_best_gap_min"] = diags["second_best_gap_min"].min()
+        return new_state, metrics
+
+    return step_fn
+
+
+def jit_train_step(step_fn, state: State, batch_example: dict, mesh: jax.sharding.Mesh):
+    """The one jit site: explicit in/out shardings from the live state and the batch layout; the old state is
+    donated so parameters and optimizer moments are updated in place."""
+    state_shardings = jax.tree.map(lambda x: x.sharding, state)
+    batch_shardings = jax.tree.map(lambda x: mesh_lib.batch_sharding(mesh, x.ndim), batch_example)
+    replicated = NamedSharding(mesh, P())
+    return jax.jit(
+        step_fn,
+        in_shardings=(state_shardings, batch_shardings, replicated, replicated),
+        out_shardings=(state_shardings, replicated),
+        donate_argnums=(0,),
+    )
