@@ -66,7 +66,8 @@ def base_config() -> ml_collections.ConfigDict:
         learning_rate=1e-5, warmup_frac=0.05, end_lr_frac=0.0, b1=0.9, b2=0.95, eps=1e-8,
         weight_decay=1e-4, grad_clip=1.0,
     ))
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    # num_devices: 0 = every device; k = only the first k (comparisons, debugging).
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, num_devices=0))
 
     c.log_every = 10
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=200, max_to_keep=3, async_save=True))
@@ -102,16 +103,20 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
     if c.model.remat not in ("none", "full", "dots", "dots_no_batch"):
         raise ConfigError(f"model.remat={c.model.remat!r}")
     if num_devices is not None:
+        if c.mesh.get("num_devices", 0):
+            if c.mesh.num_devices > num_devices:
+                raise ConfigError(f"mesh.num_devices={c.mesh.num_devices} but only {num_devices} devices exist")
+            num_devices = c.mesh.num_devices
         sizes = [c.mesh.data, c.mesh.fsdp, c.mesh.tensor]
         fixed = 1
         for v in sizes:
             if v != -1:
                 fixed *= v
         if sizes.count(-1) > 1 or any(v == 0 or v < -1 for v in sizes):
-            raise ConfigError(f"mesh={dict(c.mesh)}: sizes must be positive, at most one -1")
+            raise ConfigError(f"mesh={c.mesh.to_dict()}: sizes must be positive, at most one -1")
         dp = (num_devices // fixed) if -1 in sizes[:2] else c.mesh.data * c.mesh.fsdp
         if (-1 in sizes and num_devices % fixed) or (-1 not in sizes and fixed != num_devices):
-            raise ConfigError(f"mesh={dict(c.mesh)} does not divide the {num_devices} devices")
+            raise ConfigError(f"mesh={c.mesh.to_dict()} does not match the {num_devices} devices")
         if -1 == c.mesh.tensor:
             dp = c.mesh.data * c.mesh.fsdp
         per_micro = c.batch_size // c.micro_batches

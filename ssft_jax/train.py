@@ -127,12 +127,18 @@ def to_global(batch: dict, mesh) -> dict:
 # The run
 # ---------------------------------------------------------------------------------------------------------------
 
-def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progress: bool = True) -> dict[str, Any]:
-    """Train (or resume) and return a summary: losses, diagnostics, paths."""
+def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progress: bool = True,
+        stop_after: int | None = None) -> dict[str, Any]:
+    """Train (or resume) and return a summary: losses, diagnostics, paths.
+
+    stop_after: end this invocation after that many steps (checkpointed; e.g. a time-boxed Colab session); running
+    again resumes.
+    """
     workdir = pathlib.Path(workdir)
     config_lib.validate(config, jax.device_count())
     mesh_lib.maybe_initialize_distributed()
-    mesh = mesh_lib.make_mesh(**dict(config.mesh))
+    m = config.mesh
+    mesh = mesh_lib.make_mesh(m.data, m.fsdp, m.tensor, devices=jax.devices()[: m.num_devices or None])
     workdir.mkdir(parents=True, exist_ok=True)
     checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", max_to_keep=config.checkpoint.max_to_keep,
                                          async_save=config.checkpoint.async_save)
@@ -204,7 +210,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
     step = start
     try:
         while step < num_steps:
-            if guard.should_stop(step):
+            if guard.should_stop(step) or (stop_after is not None and step - start >= stop_after):
                 stopped_early = True
                 break
             batch = to_global(next(iterator), mesh)
