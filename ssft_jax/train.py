@@ -113,7 +113,8 @@ def layout_for(config, tokenizer, tags) -> data_lib.LayoutConfig:
     return data_lib.LayoutConfig.for_tokenizer(
         tokenizer, tags, num_traces=config.ssft.max_traces, cost_len=config.ssft.cost_prefix_len,
         max_prompt_len=config.data.max_prompt_len, max_trace_len=config.data.max_trace_len,
-        batch_size=config.batch_size // dp_hosts)
+        batch_size=config.batch_size // dp_hosts,
+        allow_more_traces_than_tags=config.ssft.method == "sft_mixed")
 
 
 def to_global(batch: dict, mesh) -> dict:
