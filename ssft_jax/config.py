@@ -76,6 +76,33 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def parse_arg(arg: str, **defaults: str) -> dict[str, str]:
+    """`get_config` argument "k1=v1,k2=v2" -> dict (big_vision style); keys must be among `defaults`."""
+    out = dict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or key not in defaults:
+            raise ConfigError(f"config argument {item!r}: expected key=value with key in {sorted(defaults)}")
+        out[key] = value
+    return out
+
+
+def paper_recipe(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The paper's settings (N=6, M=4, L=1000; the s1 recipe: AdamW lr 1e-5, betas 0.9/0.95, wd 1e-4, cosine with 5%
+    warmup, 5 epochs, global batch 16, bf16, sequence length 32768)."""
+    c.ssft.update(method="ssft", num_tags=6, max_traces=4, cost_prefix_len=1000, tag_mode="text")
+    # 32768 tokens per training row: prompt budget + tag + trace budget. The cost row P + N*M*(Lt+L) also fits.
+    c.data.update(max_prompt_len=1024, max_trace_len=31712, overlong="truncate")
+    c.optim.update(learning_rate=1e-5, warmup_frac=0.05, end_lr_frac=0.0, b1=0.9, b2=0.95, weight_decay=1e-4,
+                   grad_clip=1.0)
+    c.num_epochs = 5
+    c.batch_size = 16
+    c.model.update(dtype="bfloat16", param_dtype="float32", remat="full", logprob_chunk=2048)
+    c.log_every = 1
+    c.checkpoint.update(every_steps=50, max_to_keep=2)
+    return c
+
+
 def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
     """Raise ConfigError for settings that cannot work, before any compute."""
     s = c.ssft

@@ -46,7 +46,9 @@ def build_tokenizer(config, workdir: pathlib.Path):
         # Rebuilt deterministically on every start (and on resume), saved beside the run for export/eval.
         return tokenization.build_char_tokenizer(workdir / "tokenizer")
     if not path:
-        raise config_lib.ConfigError("set config.tokenizer (a folder or 'char') or config.model.hf_dir")
+        raise config_lib.ConfigError(
+            "model.hf_dir is empty and so is tokenizer: point model.hf_dir at a local HF folder (or set tokenizer to a "
+            "folder or 'char' to train from scratch)")
     return tokenization.load_tokenizer(path)
 
 
