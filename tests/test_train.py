@@ -147,3 +147,34 @@ def test_batch_not_divisible_by_data_parallel_size(tmp_path):
     c.mesh.update(data=8, fsdp=1, tensor=1, num_devices=8)
     with pytest.raises(config_lib.ConfigError, match="not divisible by the data-parallel size 8"):
         train.run(c, tmp_path, progress=False)
+
+
+def test_gradient_accumulation_equals_one_big_batch(tmp_path):
+    results = {}
+    for k in (1, 2, 4):
+        c = demo_config()
+        c.ssft.method = "fixed"  # deterministic assignment: the only difference is how the batch is split
+        c.micro_batches = k
+        c.num_steps = 2
+        c.export_hf = False
+        results[k] = train.run(c, tmp_path / str(k), progress=False)
+    for k in (2, 4):
+        for step in (1, 2):
+            np.testing.assert_allclose(results[k]["losses"][step], results[1]["losses"][step], rtol=1e-5)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5),
+                     results[k]["state"]["params"], results[1]["state"]["params"])
+
+
+def test_resume_onto_a_different_mesh(tmp_path):
+    c = demo_config()
+    c.ssft.method = "fixed"
+    c.num_steps = 4
+    c.export_hf = False
+    full = train.run(c, tmp_path / "full", progress=False)
+    train.run(c, tmp_path / "moved", progress=False, stop_after=2)
+    c.mesh.update(data=2, fsdp=2, tensor=2, num_devices=8)
+    rest = train.run(c, tmp_path / "moved", progress=False)
+    assert rest["start_step"] == 2
+    assert len(rest["state"]["params"]["layers"]["q_proj"].sharding.device_set) == 8
+    for step in (3, 4):
+        np.testing.assert_allclose(rest["losses"][step], full["losses"][step], rtol=1e-5)
