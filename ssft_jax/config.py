@@ -30,6 +30,7 @@ def base_config() -> ml_collections.ConfigDict:
         param_dtype="float32",
         remat="none",         # none | full | dots | dots_no_batch
         logprob_chunk=1024,   # tokens per chunk of the output head (chunked log-sum-exp)
+        attention_chunk=0,    # query block size of memory-efficient attention for long rows (0 = dense)
     ))
     c.tokenizer = ""          # tokenizer folder; empty: the model's hf_dir
 
@@ -97,7 +98,7 @@ def paper_recipe(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                    grad_clip=1.0)
     c.num_epochs = 5
     c.batch_size = 16
-    c.model.update(dtype="bfloat16", param_dtype="float32", remat="full", logprob_chunk=2048)
+    c.model.update(dtype="bfloat16", param_dtype="float32", remat="full", logprob_chunk=2048, attention_chunk=512)
     c.log_every = 1
     c.checkpoint.update(every_steps=50, max_to_keep=2)
     return c

@@ -50,6 +50,8 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: str = "none"
+    # Query block size for memory-efficient attention on long rows (0 = dense). Used when it divides the length.
+    attention_chunk: int = 0
     bos_token_id: int | None = None
     eos_token_id: Any = None
     pad_token_id: int | None = None
@@ -314,14 +316,29 @@ def _attention(cfg: ModelConfig, lp: Params, h, positions, q_seg, kv_seg_full, q
         k, v = ck.astype(dtype), cv.astype(dtype)
 
     q = q.reshape(B, T, K, G, cfg.head_dim)
+    chunk = cfg.attention_chunk
+    if chunk and T > chunk and T % chunk == 0:
+        # Query blocks one at a time (rematerialised in the backward pass): scores are [chunk, S] per head instead of
+        # [T, S], which is what makes 32k-token rows fit. Exact: every block still sees all keys.
+        blocks = lambda x: jnp.moveaxis(x.reshape(B, T // chunk, chunk, *x.shape[2:]), 1, 0)
+        qs = (blocks(q), blocks(q_seg), blocks(q_slots), blocks(q_prefix) if q_prefix is not None else None)
+        block_fn = jax.checkpoint(lambda xs: _attend(cfg, *xs[:3], kv_seg_full, kv_slots, xs[3], k, v, dtype))
+        out = jnp.moveaxis(jax.lax.map(block_fn, qs), 0, 1).reshape(B, T, cfg.num_attention_heads, cfg.head_dim)
+    else:
+        out = _attend(cfg, q, q_seg, q_slots, kv_seg_full, kv_slots, q_prefix, k, v, dtype)
+    return jnp.einsum("bthk,hkd->btd", out, lp["o_proj"].astype(dtype)), new_cache_kv
+
+
+def _attend(cfg, q, q_seg, q_slots, kv_seg, kv_slots, q_prefix, k, v, dtype):
+    """Softmax attention of q [B, T, K, G, Dh] over k, v [B, S, K, Dh] under the segment/causal mask."""
+    B, T = q.shape[:2]
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(cfg.head_dim)
-    mask = attention_mask(q_seg, kv_seg_full, q_slots, kv_slots, q_prefix)
+    mask = attention_mask(q_seg, kv_seg, q_slots, kv_slots, q_prefix)
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
     # Rows with no visible key (padding) would average all values: zero them so padding outputs are exactly 0.
     probs = jnp.where(mask, probs, 0.0).astype(dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(B, T, cfg.num_attention_heads, cfg.head_dim)
-    return jnp.einsum("bthk,hkd->btd", out, lp["o_proj"].astype(dtype)), new_cache_kv
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(B, T, cfg.num_attention_heads, cfg.head_dim)
 
 
 def _mlp(lp: Params, h, dtype):

@@ -55,7 +55,7 @@ def build_tokenizer(config, workdir: pathlib.Path):
 def build_model(config, tokenizer, mesh) -> tuple[model_lib.ModelConfig, model_lib.Params]:
     """Parameters placed with their shardings: loaded from an HF folder, or initialised from scratch on device."""
     mc = config.model
-    overrides = dict(dtype=mc.dtype, param_dtype=mc.param_dtype, remat=mc.remat)
+    overrides = dict(dtype=mc.dtype, param_dtype=mc.param_dtype, remat=mc.remat, attention_chunk=mc.attention_chunk)
     hf_dir = resolve_hf_dir(mc.hf_dir)
     if hf_dir:
         cfg = hf_io.load_hf_config(hf_dir, **overrides)

@@ -225,3 +225,17 @@ def test_shared_prefix_equals_repeating_the_prompt(family):
         ref = np.asarray(M.forward(cfg, params, jnp.asarray(np.concatenate([prompt, cont])[None])))
         np.testing.assert_allclose(shared[0, start:start + len(cont)], ref[0, 9:], atol=TOL)
     np.testing.assert_allclose(shared[0, :9], np.asarray(M.forward(cfg, params, jnp.asarray(prompt[None])))[0], atol=TOL)
+
+
+def test_chunked_attention_equals_dense(family):
+    _, _, _, cfg, params = family
+    rs = np.random.RandomState(5)
+    tokens = jnp.asarray(rs.randint(0, cfg.vocab_size, (2, 32)))
+    seg = jnp.asarray(np.repeat([[1] * 12 + [2] * 16 + [0] * 4], 2, 0))
+    prefix = jnp.asarray(np.repeat([[0] * 12 + [1] * 16 + [0] * 4], 2, 0))
+    dense = M.forward(cfg, params, tokens, seg, prefix_segment_ids=prefix)
+    chunked_cfg = cfg.replace(attention_chunk=8)
+    chunked = jax.jit(lambda p: M.forward(chunked_cfg, p, tokens, seg, prefix_segment_ids=prefix))(params)
+    np.testing.assert_allclose(chunked, dense, atol=TOL)
+    g = lambda c: jax.grad(lambda p: M.forward(c, p, tokens, seg, prefix_segment_ids=prefix)[..., :5].sum())(params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4), g(chunked_cfg), g(cfg))
