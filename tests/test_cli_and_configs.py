@@ -90,6 +90,9 @@ def test_sigterm_checkpoints_and_the_run_resumes(tmp_path):
 def test_smollm2_gsm8k_real_step(tmp_path):
     """One real SSFT step of SmolLM2-135M on GSM8K multi-trace questions (the real path, at CI size)."""
     from ssft_jax import train
+    from ssft_jax.datasets import gsm8k
+    if not (gsm8k.resolve_data_dir() / "test.jsonl").exists():
+        pytest.skip(f"GSM8K data folder {gsm8k.resolve_data_dir()} is absent")
     c = load("smollm2_gsm8k", "tiny")
     c.mesh.update(data=1, num_devices=1)
     c.export_hf = False
