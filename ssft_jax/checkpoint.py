@@ -9,13 +9,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pathlib
 import signal
 import threading
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 
 class CheckpointError(RuntimeError):
@@ -25,12 +25,16 @@ class CheckpointError(RuntimeError):
 class Checkpointer:
     """One manager for a run's `<workdir>/checkpoints`. Items: 'state' (pytree), 'data' and 'config' (JSON)."""
 
-    def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 3, save_interval_steps: int = 1,
+    def __init__(self, directory: str | os.PathLike | epath.Path, *, max_to_keep: int = 3, save_interval_steps: int = 1,
                  async_save: bool = True):
-        self.directory = pathlib.Path(directory).absolute()
+        # epath: local paths and gs:// alike (multi-host runs need a directory every host sees).
+        self.directory = epath.Path(directory)
+        if not str(directory).startswith(("gs://", "s3://")):
+            self.directory = epath.Path(os.path.abspath(directory))
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            probe = self.directory / ".write_probe"
+            # One probe file per process: on a shared filesystem they would otherwise delete each other's.
+            probe = self.directory / f".write_probe.{jax.process_index()}.{os.getpid()}"
             probe.write_text("ok")
             probe.unlink()
         except OSError as e:

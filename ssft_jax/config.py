@@ -23,7 +23,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(dict(
         hf_dir="",            # HF folder (config.json + safetensors + tokenizer); "smollm2" = the converted GGUF
         init=ml_collections.ConfigDict(dict(  # used only when hf_dir is empty
-            model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            model_type="qwen2", attention_bias=True, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True,
             rope_theta=10000.0, max_position_embeddings=4096)),
         dtype="float32",      # compute dtype; parameters stay float32 (master weights)

@@ -9,16 +9,26 @@ from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
+
+
+def is_remote(path) -> bool:
+    return str(path).startswith(("gs://", "s3://"))
 
 
 class MetricsLogger:
-    def __init__(self, workdir: str | pathlib.Path, *, tensorboard: bool = True):
+    """Appends to `<workdir>/metrics.jsonl`. Object stores cannot append, so on gs:// the file is rewritten whole at
+    each write (it is small); TensorBoard event files are written only for local workdirs."""
+
+    def __init__(self, workdir, *, tensorboard: bool = True):
         self.enabled = jax.process_index() == 0
-        self.path = pathlib.Path(workdir) / "metrics.jsonl"
+        self.path = epath.Path(workdir) / "metrics.jsonl"
+        self._remote = is_remote(workdir)
+        self._lines: list[str] = self.path.read_text().splitlines() if self._remote and self.path.exists() else []
         self._tb = None
         if self.enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            if tensorboard:
+            if tensorboard and not self._remote:
                 from tensorboardX import SummaryWriter
                 self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"))
 
@@ -29,8 +39,13 @@ class MetricsLogger:
         for k, v in metrics.items():
             v = np.asarray(v)
             record[k] = v.item() if v.ndim == 0 else v.tolist()
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        line = json.dumps(record)
+        if self._remote:
+            self._lines.append(line)
+            self.path.write_text("\n".join(self._lines) + "\n")
+        else:
+            with self.path.open("a") as f:
+                f.write(line + "\n")
         if self._tb is not None:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k != "step":
@@ -45,8 +60,8 @@ class MetricsLogger:
             self._tb.close()
 
 
-def read_metrics(workdir: str | pathlib.Path) -> list[dict]:
-    path = pathlib.Path(workdir) / "metrics.jsonl"
+def read_metrics(workdir) -> list[dict]:
+    path = epath.Path(workdir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 

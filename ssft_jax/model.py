@@ -30,7 +30,7 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 class ModelConfig:
     """Architecture hyper-parameters, named as in HF `config.json` where a name exists."""
 
-    model_type: str = "qwen2"
+    model_type: str = "llama"
     vocab_size: int = 256
     hidden_size: int = 64
     intermediate_size: int = 128
@@ -66,6 +66,11 @@ class ModelConfig:
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                 f"num_key_value_heads={self.num_key_value_heads}"
             )
+        if self.model_type == "qwen2" and not self.attention_bias:
+            # transformers' Qwen2 always has q/k/v biases: a bias-free "qwen2" could not be exported faithfully.
+            raise ValueError("model_type 'qwen2' has q/k/v biases (attention_bias=True); use 'llama' for a bias-free model")
+        if self.model_type == "qwen3" and not self.qk_norm:
+            raise ValueError("model_type 'qwen3' has q/k RMSNorm (qk_norm=True)")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat={self.remat!r}; expected one of {REMAT_POLICIES}")
         rope_type = dict(self.rope_scaling).get("rope_type", "default")
@@ -147,8 +152,7 @@ class ModelConfig:
             pad_token_id=self.pad_token_id,
             dtype=self.param_dtype,
         )
-        if self.model_type != "qwen2":
-            out["attention_bias"] = self.attention_bias
+        out["attention_bias"] = self.attention_bias
         if self.model_type == "qwen2":
             out["use_sliding_window"] = False
         return out

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 
 from ssft_jax import checkpoint as ckpt_lib
 from ssft_jax import config as config_lib
@@ -43,8 +44,13 @@ def resolve_hf_dir(hf_dir: str) -> str:
 def build_tokenizer(config, workdir: pathlib.Path):
     path = config.tokenizer or resolve_hf_dir(config.model.hf_dir)
     if path == "char":
-        # Rebuilt deterministically on every start (and on resume), saved beside the run for export/eval.
-        return tokenization.build_char_tokenizer(workdir / "tokenizer")
+        # Rebuilt deterministically on every start (and on resume) in a private folder per process (no race on a
+        # shared workdir); the export carries it beside the weights.
+        import tempfile
+        tok = tokenization.build_char_tokenizer(tempfile.mkdtemp(prefix="ssft_char_tokenizer_"))
+        if jax.process_index() == 0 and not metrics_log.is_remote(workdir):
+            tok.save_pretrained(str(workdir / "tokenizer"))  # for evaluation straight from the workdir
+        return tok
     if not path:
         raise config_lib.ConfigError(
             "model.hf_dir is empty and so is tokenizer: point model.hf_dir at a local HF folder (or set tokenizer to a "
@@ -137,12 +143,14 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
     stop_after: end this invocation after that many steps (checkpointed; e.g. a time-boxed Colab session); running
     again resumes.
     """
-    workdir = pathlib.Path(workdir)
-    config_lib.validate(config, jax.device_count())
+    # Before anything touches the JAX backend (even device_count): jax.distributed.initialize must come first.
     mesh_lib.maybe_initialize_distributed()
+    workdir = epath.Path(workdir)
+    config_lib.validate(config, jax.device_count())
     m = config.mesh
     mesh = mesh_lib.make_mesh(m.data, m.fsdp, m.tensor, devices=jax.devices()[: m.num_devices or None])
-    workdir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
     checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", max_to_keep=config.checkpoint.max_to_keep,
                                          async_save=config.checkpoint.async_save)
 
@@ -239,8 +247,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
 
     export_dir = None
     if config.export_hf and not stopped_early:
-        export_dir = hf_io.save_hf_folder(workdir / "hf_export", cfg, state["params"], tokenizer=tokenizer,
-                                          eos_token_ids=tokenization.eos_token_ids(tokenizer))
+        export_dir = export_hf(workdir / "hf_export", cfg, state["params"], tokenizer)
     summary = {
         "method": config.ssft.method,
         "start_step": start,
@@ -259,6 +266,21 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
         (workdir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     checkpointer.close()
     return {**summary, "state": state, "model_config": cfg, "tokenizer": tokenizer, "tags": tags}
+
+
+def export_hf(dest, cfg, params, tokenizer):
+    """HF folder at `dest` (local, or gs:// via a local staging folder: safetensors writes local files only)."""
+    eos = tokenization.eos_token_ids(tokenizer)
+    if not metrics_log.is_remote(dest):
+        return hf_io.save_hf_folder(dest, cfg, params, tokenizer=tokenizer, eos_token_ids=eos)
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        local = hf_io.save_hf_folder(pathlib.Path(tmp) / "hf_export", cfg, params, tokenizer=tokenizer, eos_token_ids=eos)
+        if jax.process_index() == 0:
+            dest.mkdir(parents=True, exist_ok=True)
+            for f in local.iterdir():
+                (dest / f.name).write_bytes(f.read_bytes())
+    return dest
 
 
 def main(argv):

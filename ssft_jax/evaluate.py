@@ -1,0 +1,606 @@
+"""Evaluation of forking-tag models: sampling per tag, answer checking, and the paper's metrics.
+
+    python -m ssft_jax.evaluate --workdir W | --hf_dir D [--dataset synthetic|gsm8k|jsonl --path P]
+        [--num_questions K --samples_per_tag S --temperature T --top_p P --top_k K --max_new_tokens L]
+        [--tags_mode auto|forking|shared --pass1_tag 0 --pass_k 1,6 --cons_k 6,12] --out OUT
+
+writes OUT/generations.jsonl (one line per generation), OUT/metrics.json and OUT/*.png (per-tag accuracy, per-tag
+length, tag -> strategy heat map for the synthetic task).
+
+Sampling: for each question, S samples under each of the N tags (B questions x N tags x S samples in one batch,
+the prompt prefilled once per question; `sampling.generate_forked`). Each of the N "parallel slots" of a question
+is one tag. With `shared_tag=True` (tags_mode 'shared', the default for an `sft_mixed` run, whose traces all
+trained under one tag) the N parallel generations are N*S samples under tag 0: slot j holds samples j*S..j*S+S-1,
+and every metric below is computed the same way over slots instead of tags.
+
+Metrics (arXiv 2510.05132 and its released evaluation code; all accuracies in [0, 1]):
+  pass@1[tag t]     mean correctness of the generations under tag t (default t=0, `<think1>`), averaged over questions.
+  pass@1[coverage]  the same for the tag matched most often during training (summary.json `tag_counts`; ties -> the
+                    lower index), when those statistics are given.
+  cons@N (native)   groups of one sample from each of the N slots (group g = sample g of every slot); majority vote
+                    inside the group over the extracted answers (generations without an answer do not vote; a tie
+                    goes to the answer first given by the lowest slot index); averaged over the S groups and the
+                    questions.
+  cons@k            majority vote over k samples taken across the tags in round-robin order (sample 0 of slots
+                    0..N-1, then sample 1 of slots 0..N-1, ...); the n = N*S samples are cut into floor(n/k)
+                    consecutive groups and the score is averaged over them (cons@N is exactly the native cons@N).
+  pass@k            the unbiased estimator 1 - C(n-c, k) / C(n, k) over all n = N*S samples of a question, c correct.
+  per-tag           accuracy, answer rate, finished (stopped) rate, generated length (tokens) mean/median/p90/max.
+  synthetic task    the strategy of every generation (`synthetic.verify`), the N x (num_strategies + 1) tag ->
+                    strategy count matrix (last column 'none' = unrecognised), its mutual information (nats, and as a
+                    fraction of log M), and the number of distinct strategies over the N tags' first samples (at
+                    temperature 0: greedy decoding).
+k larger than the samples available raises ValueError before any sampling.
+
+Checkers (registry `CHECKERS`, keyed by dataset name): 'synthetic' (the task's own verifier, also names the
+strategy), 'gsm8k' (`#### n` / `The answer is n` numeric comparison), 'math' (math-verify, gold parsed first with its
+delimiters; plain golds are wrapped in `$...$`; timeouts disabled so it runs off the main thread), 'jsonl' = 'math'.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import json
+import logging
+import math
+import pathlib
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+# ---------------------------------------------------------------------------------------------------------------
+# Answer checking
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckResult:
+    correct: bool
+    answer: str | None  # the extracted answer, normalised: the key majority votes compare
+    strategy: str | None = None  # synthetic task only
+
+
+@dataclasses.dataclass(frozen=True)
+class Checker:
+    """`check(record, text) -> CheckResult`; `strategies`: the strategy names it can report (None: none)."""
+
+    name: str
+    check: Callable[[Mapping[str, Any], str], CheckResult]
+    strategies: tuple[str, ...] | None = None
+
+    def __call__(self, record: Mapping[str, Any], text: str) -> CheckResult:
+        return self.check(record, text)
+
+
+def _check_synthetic(record, text):
+    from ssft_jax.datasets import synthetic
+    v = synthetic.verify(record, text)
+    return CheckResult(v.correct, v.answer, v.strategy)
+
+
+def _check_gsm8k(record, text):
+    from ssft_jax.datasets import gsm8k
+    ans = gsm8k.extract_gsm8k_answer(text)
+    if ans is not None:
+        try:
+            ans = format(gsm8k._to_decimal(ans).normalize(), "f")  # "18.0" and "18" vote together, 1000 stays
+        except AttributeError:
+            pass
+    return CheckResult(gsm8k.answer_is_correct(str(record["answer"]), text), ans)
+
+
+_MATH_DELIMS = ("$", "\\(", "\\[", "\\boxed")
+
+
+def _check_math(record, text):
+    import math_verify
+    logging.getLogger("math_verify").setLevel(logging.ERROR)  # "timeout disabled" is said once per call otherwise
+    gold = str(record["answer"])
+    if not any(d in gold for d in _MATH_DELIMS):
+        gold = f"${gold}$"
+    g = math_verify.parse(gold, parsing_timeout=None)
+    p = math_verify.parse(text, parsing_timeout=None)
+    ok = bool(g) and bool(p) and bool(math_verify.verify(g, p, timeout_seconds=None))  # gold first
+    return CheckResult(ok, str(p[0]) if p else None)
+
+
+def _synthetic_checker() -> Checker:
+    from ssft_jax.datasets import synthetic
+    return Checker("synthetic", _check_synthetic, tuple(synthetic.STRATEGIES))
+
+
+CHECKERS: dict[str, Callable[[], Checker]] = {
+    "synthetic": _synthetic_checker,
+    "gsm8k": lambda: Checker("gsm8k", _check_gsm8k),
+    "math": lambda: Checker("math", _check_math),
+    "jsonl": lambda: Checker("math", _check_math),
+}
+
+
+def get_checker(name: str | Checker) -> Checker:
+    if isinstance(name, Checker):
+        return name
+    if name not in CHECKERS:
+        raise KeyError(f"no checker for {name!r}; known: {sorted(CHECKERS)}")
+    return CHECKERS[name]()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Metrics (pure functions over nested lists / arrays)
+# ---------------------------------------------------------------------------------------------------------------
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k for one question: 1 - C(n-c, k) / C(n, k) (n samples, c correct)."""
+    if not 0 <= c <= n:
+        raise ValueError(f"pass_at_k: need 0 <= c <= n, got n={n}, c={c}")
+    if not 1 <= k <= n:
+        raise ValueError(f"pass@{k} needs at least k={k} samples per question, have n={n}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def majority_vote(answers: Sequence[str | None], correct: Sequence[bool]) -> tuple[str | None, bool]:
+    """(voted answer, its correctness). None answers do not vote; among the most frequent answers the one first
+    given earliest in `answers` (the lowest tag index) wins; no answer at all -> (None, False)."""
+    counts: collections.Counter = collections.Counter(a for a in answers if a is not None)
+    if not counts:
+        return None, False
+    best = max(counts.values())
+    for a, ok in zip(answers, correct):
+        if a is not None and counts[a] == best:
+            return a, bool(ok)
+    raise AssertionError("unreachable")
+
+
+def round_robin(per_slot: Sequence[Sequence[Any]]) -> list[Any]:
+    """[N][S] -> the n = N*S items in the order sample 0 of slots 0..N-1, sample 1 of slots 0..N-1, ..."""
+    N, S = len(per_slot), len(per_slot[0])
+    return [per_slot[t][s] for s in range(S) for t in range(N)]
+
+
+def cons_at_k(answers: Sequence[Sequence[str | None]], correct: Sequence[Sequence[bool]], k: int) -> float:
+    """Mean over questions of the mean over the floor(n/k) consecutive k-groups of the majority-vote correctness.
+
+    answers, correct: [Q][n], each question's samples already in voting order (see `round_robin`).
+    """
+    if not answers:
+        raise ValueError("cons_at_k: no questions")
+    scores = []
+    for ans, ok in zip(answers, correct):
+        n = len(ans)
+        if not 1 <= k <= n:
+            raise ValueError(f"cons@{k} needs at least k={k} samples per question, have n={n}")
+        groups = [majority_vote(ans[g * k:(g + 1) * k], ok[g * k:(g + 1) * k])[1] for g in range(n // k)]
+        scores.append(float(np.mean(groups)))
+    return float(np.mean(scores))
+
+
+def native_cons_at_n(answers: Sequence[Sequence[Sequence[str | None]]],
+                     correct: Sequence[Sequence[Sequence[bool]]]) -> float:
+    """answers, correct: [Q][N][S]. Group g = sample g of each of the N tags; vote (ties -> lower tag index);
+    mean over the S groups, then over questions."""
+    N = len(answers[0])
+    return cons_at_k([round_robin(a) for a in answers], [round_robin(c) for c in correct], N)
+
+
+def coverage_tag(tag_counts: Sequence[int]) -> int:
+    """The most-matched tag during training (ties -> the lower index)."""
+    if len(tag_counts) == 0:
+        raise ValueError("coverage_tag: empty tag_counts")
+    return int(np.argmax(np.asarray(tag_counts)))
+
+
+def mutual_information(tag_strategy_counts, num_strategies: int | None = None) -> tuple[float, float]:
+    """(I(tag; strategy) in nats, I / log M) of the empirical joint distribution given by a count matrix
+    [tags, strategies]. M = num_strategies (default: the number of columns); the fraction is 1.0 when tags determine
+    strategies and M strategies are used uniformly, 0.0 when tag and strategy are independent. All-zero counts ->
+    (0, 0). Exclude an 'unrecognised' column before calling if it should not count as a strategy."""
+    c = np.asarray(tag_strategy_counts, np.float64)
+    if c.ndim != 2 or (c < 0).any():
+        raise ValueError(f"mutual_information: need a non-negative 2-D count matrix, got shape {c.shape}")
+    total = c.sum()
+    M = c.shape[1] if num_strategies is None else num_strategies
+    if total == 0:
+        return 0.0, 0.0
+    p = c / total
+    pt, ps = p.sum(1, keepdims=True), p.sum(0, keepdims=True)
+    nz = p > 0
+    mi = float(np.sum(p[nz] * np.log(p[nz] / (pt @ ps)[nz])))
+    mi = max(mi, 0.0)
+    return mi, (mi / math.log(M) if M > 1 else 0.0)
+
+
+def tag_strategy_matrix(slots: Sequence[int], strategies: Sequence[str | None], num_tags: int,
+                        strategy_names: Sequence[str]) -> np.ndarray:
+    """[num_tags, len(strategy_names) + 1] counts; the last column counts unrecognised (None) strategies."""
+    m = np.zeros((num_tags, len(strategy_names) + 1), np.int64)
+    index = {s: i for i, s in enumerate(strategy_names)}
+    for t, s in zip(slots, strategies):
+        m[t, index.get(s, len(strategy_names)) if s is not None else len(strategy_names)] += 1
+    return m
+
+
+def _length_stats(x: Sequence[int]) -> dict[str, float]:
+    a = np.asarray(x, np.float64)
+    if a.size == 0:
+        return {"mean": float("nan"), "median": float("nan"), "p90": float("nan"), "max": float("nan")}
+    return {"mean": float(a.mean()), "median": float(np.median(a)), "p90": float(np.percentile(a, 90)),
+            "max": float(a.max())}
+
+
+def compute_metrics(generations: Sequence[Mapping[str, Any]], num_tags: int, samples_per_tag: int, *,
+                    pass1_tag: int = 0, tag_counts: Sequence[int] | None = None,
+                    pass_ks: Sequence[int] | None = None, cons_ks: Sequence[int] | None = None,
+                    strategy_names: Sequence[str] | None = None, greedy: bool = False) -> dict[str, Any]:
+    """All metrics from per-generation records with keys question_index, slot, tag, sample, correct, answer,
+    num_tokens, finished (and strategy when `strategy_names`). Every question must have N x S generations."""
+    N, S = num_tags, samples_per_tag
+    n = N * S
+    pass_ks = sorted(set(pass_ks or [k for k in (1, N, n) if k <= n]))
+    cons_ks = sorted(set(cons_ks or [k for k in (N, n) if k <= n]))
+    for k in (*pass_ks, *cons_ks):
+        if not 1 <= k <= n:
+            raise ValueError(f"k={k} is not in 1..{n}: only N*S = {N}*{S} = {n} samples per question")
+    by_q: dict[int, list[list[Any]]] = {}
+    for g in generations:
+        grid = by_q.setdefault(g["question_index"], [[None] * S for _ in range(N)])
+        grid[g["slot"]][g["sample"]] = g
+    if not by_q:
+        raise ValueError("compute_metrics: no generations")
+    qs = sorted(by_q)
+    for q in qs:
+        if any(x is None for row in by_q[q] for x in row):
+            raise ValueError(f"question {q}: missing generations (need {N} slots x {S} samples)")
+    ans = [[[x["answer"] for x in row] for row in by_q[q]] for q in qs]
+    ok = [[[bool(x["correct"]) for x in row] for row in by_q[q]] for q in qs]
+    okn = np.asarray(ok, np.float64)  # [Q, N, S]
+
+    def pass1_for(tag: int) -> float | None:
+        v = [bool(g["correct"]) for g in generations if g["tag"] == tag]
+        if not v:
+            return None
+        per_q = collections.defaultdict(list)
+        for g in generations:
+            if g["tag"] == tag:
+                per_q[g["question_index"]].append(bool(g["correct"]))
+        return float(np.mean([np.mean(v) for v in per_q.values()]))
+
+    m: dict[str, Any] = {
+        "num_questions": len(qs), "num_tags": N, "samples_per_tag": S, "samples_per_question": n,
+        "num_generations": len(generations),
+        "accuracy": float(okn.mean()),
+        "pass@1": {"tag": pass1_tag, "value": pass1_for(pass1_tag)},
+        "cons@N_native": native_cons_at_n(ans, ok),
+        "pass@k": {str(k): float(np.mean([pass_at_k(n, int(c), k) for c in okn.sum((1, 2))])) for k in pass_ks},
+        "cons@k": {str(k): cons_at_k([round_robin(a) for a in ans], [round_robin(c) for c in ok], k) for k in cons_ks},
+    }
+    if tag_counts is not None and len(tag_counts):
+        t = coverage_tag(tag_counts)
+        m["pass@1_coverage"] = {"tag": t, "value": pass1_for(t), "tag_counts": [int(x) for x in tag_counts]}
+    per_tag = []
+    for t in range(N):
+        gs = [by_q[q][t][s] for q in qs for s in range(S)]
+        per_tag.append({
+            "slot": t, "tags": sorted({g["tag"] for g in gs}),
+            "accuracy": float(np.mean([g["correct"] for g in gs])),
+            "answer_rate": float(np.mean([g["answer"] is not None for g in gs])),
+            "finished_rate": float(np.mean([g["finished"] for g in gs])),
+            "length": _length_stats([g["num_tokens"] for g in gs]),
+        })
+    m["per_tag"] = per_tag
+    m["length"] = _length_stats([g["num_tokens"] for g in generations])
+    if strategy_names is not None:
+        mat = tag_strategy_matrix([g["slot"] for g in generations], [g.get("strategy") for g in generations], N,
+                                  strategy_names)
+        mi, frac = mutual_information(mat[:, :-1], len(strategy_names))
+        mi_all, frac_all = mutual_information(mat, len(strategy_names))
+        first = [[by_q[q][t][0] for t in range(N)] for q in qs]
+        m["strategy"] = {
+            "names": list(strategy_names) + ["none"],
+            "tag_strategy_counts": mat.tolist(),
+            "mutual_information_nats": mi, "mutual_information_frac_logM": frac,
+            "mutual_information_with_none_nats": mi_all, "mutual_information_with_none_frac_logM": frac_all,
+            "recognised_rate": float(1.0 - mat[:, -1].sum() / max(mat.sum(), 1)),
+            "distinct_strategies_first_sample": float(np.mean(
+                [len({g["strategy"] for g in row if g["strategy"] is not None}) for row in first])),
+            "distinct_correct_strategies_first_sample": float(np.mean(
+                [len({g["strategy"] for g in row if g["strategy"] is not None and g["correct"]}) for row in first])),
+            "first_sample_is_greedy": bool(greedy),
+        }
+    return m
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sampling + checking
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class EvalResult:
+    generations: list[dict]  # one per (question, slot, sample): see compute_metrics for the keys (+ id, text)
+    metrics: dict
+    settings: dict
+
+    def write(self, out_dir: str | pathlib.Path, *, plots: bool = True) -> dict[str, pathlib.Path]:
+        return write_outputs(self, out_dir, plots=plots)
+
+
+def _prompt_of(record: Mapping[str, Any]):
+    return record.get("messages") or record["question"]
+
+
+def evaluate_model(cfg, params, tokenizer, tags, questions: Sequence[Mapping[str, Any]], checker: str | Checker, *,
+                   num_samples_per_tag: int = 1, temperature: float = 0.7, top_p: float = 0.95, top_k: int = 0,
+                   max_new_tokens: int = 256, seed: int = 0, shared_tag: bool = False, pass1_tag: int = 0,
+                   tag_counts: Sequence[int] | None = None, pass_ks: Sequence[int] | None = None,
+                   cons_ks: Sequence[int] | None = None, batch_questions: int = 8,
+                   eos_token_ids: Sequence[int] | None = None, vocab_limit: int | None = None,
+                   share_prefix: bool = True, progress: bool = False) -> EvalResult:
+    """Sample N tags x S samples per question (or N*S under tag 0 with shared_tag), check, compute the metrics.
+
+    questions: records with 'question' (or 'messages') and 'answer' (optional 'id'). checker: a `CHECKERS` name or a
+    Checker. Questions go through in batches of `batch_questions` (the last batch is padded by repeating a question,
+    so a run compiles once). Generation seeds: seed + batch index.
+    """
+    from ssft_jax import sampling, tokenization
+
+    checker = get_checker(checker)
+    N, S = tags.n, num_samples_per_tag
+    if S < 1 or not questions:
+        raise ValueError(f"need samples_per_tag >= 1 and at least one question (got {S}, {len(questions)})")
+    if not 0 <= pass1_tag < N:
+        raise ValueError(f"pass1_tag={pass1_tag} is not a tag index in 0..{N - 1}")
+    n = N * S
+    for k in (*(pass_ks or ()), *(cons_ks or ())):
+        if not 1 <= k <= n:
+            raise ValueError(f"k={k} is not in 1..{n}: only N*S = {N}*{S} = {n} samples per question")
+    eos = list(eos_token_ids) if eos_token_ids is not None else tokenization.eos_token_ids(tokenizer)
+    if vocab_limit is None and len(tokenizer) < cfg.vocab_size:
+        vocab_limit = len(tokenizer)
+    suffixes = [tags.tag_ids(tokenizer, 0)] if shared_tag else tags.all_tag_ids(tokenizer)
+    samples = n if shared_tag else S
+    prompts = [list(tokenization.render_example(tokenizer, _prompt_of(r), None, tags, None,
+                                                example_id=r.get("id")).prompt_ids) for r in questions]
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(questions), desc="evaluate", unit="q", dynamic_ncols=True)
+    gens: list[dict] = []
+    t0 = time.perf_counter()
+    new_tokens = 0
+    B = max(1, min(batch_questions, len(questions)))
+    for bi, start in enumerate(range(0, len(questions), B)):
+        chunk = list(range(start, min(start + B, len(questions))))
+        batch_prompts = [prompts[i] for i in chunk] + [prompts[chunk[-1]]] * (B - len(chunk))
+        outs = sampling.generate_forked(cfg, params, batch_prompts, suffixes, num_samples=samples,
+                                        max_new_tokens=max_new_tokens, eos_token_ids=eos, temperature=temperature,
+                                        top_k=top_k, top_p=top_p, seed=seed + bi, vocab_limit=vocab_limit,
+                                        share_prefix=share_prefix)
+        for j, qi in enumerate(chunk):
+            rec = questions[qi]
+            for t, per_tag in enumerate(outs[j]):
+                for s, g in enumerate(per_tag):
+                    body = g.tokens[:-1] if g.finished else g.tokens
+                    text = tokenizer.decode(body, skip_special_tokens=True)
+                    res = checker(rec, text)
+                    slot, sample, tag = (s // S, s % S, 0) if shared_tag else (t, s, t)
+                    new_tokens += len(g.tokens)
+                    gens.append({"question_index": qi, "id": rec.get("id", str(qi)), "slot": slot, "tag": tag,
+                                 "sample": sample, "text": text, "num_tokens": len(g.tokens),
+                                 "finished": g.finished, "correct": res.correct, "answer": res.answer,
+                                 "strategy": res.strategy, "gold": str(rec.get("answer"))})
+        if bar is not None:
+            bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
+    seconds = time.perf_counter() - t0
+    metrics = compute_metrics(gens, N, S, pass1_tag=pass1_tag, tag_counts=tag_counts, pass_ks=pass_ks,
+                              cons_ks=cons_ks, strategy_names=checker.strategies, greedy=temperature == 0.0)
+    metrics["seconds"] = seconds
+    metrics["generated_tokens"] = new_tokens
+    settings = dict(checker=checker.name, num_tags=N, samples_per_tag=S, shared_tag=shared_tag,
+                    tags_mode="shared" if shared_tag else "forking", temperature=temperature, top_p=top_p,
+                    top_k=top_k, max_new_tokens=max_new_tokens, seed=seed, batch_questions=B,
+                    tag_strings=[tags.tag_string(i) for i in range(N)], share_prefix=share_prefix)
+    return EvalResult(gens, metrics, settings)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Outputs
+# ---------------------------------------------------------------------------------------------------------------
+
+def plot_metrics(metrics: Mapping[str, Any], generations: Sequence[Mapping[str, Any]], out_dir: pathlib.Path,
+                 ) -> list[pathlib.Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = pathlib.Path(out_dir)
+    N = metrics["num_tags"]
+    shared = N > 1 and all(p["tags"] == [0] for p in metrics["per_tag"])  # N parallel samples under <think1>
+    labels = [f"slot {t + 1} (<think1>)" if shared else f"<think{t + 1}>" for t in range(N)]
+    paths = []
+
+    fig, ax = plt.subplots(figsize=(max(4, 0.8 * N + 2), 3.2))
+    acc = [p["accuracy"] for p in metrics["per_tag"]]
+    ax.bar(range(N), acc, color="tab:blue")
+    ax.set_xticks(range(N), labels, rotation=30)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"per-tag accuracy (pass@1[tag {metrics['pass@1']['tag']}] = "
+                 f"{metrics['pass@1']['value'] if metrics['pass@1']['value'] is not None else float('nan'):.3f})")
+    fig.tight_layout()
+    paths.append(out_dir / "per_tag_accuracy.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(max(4, 0.8 * N + 2), 3.2))
+    lengths = [[g["num_tokens"] for g in generations if g["slot"] == t] for t in range(N)]
+    ax.boxplot(lengths)
+    ax.set_xticks(range(1, N + 1), labels, rotation=30)
+    ax.set_ylabel("generated tokens")
+    ax.set_title("per-tag generation length")
+    fig.tight_layout()
+    paths.append(out_dir / "per_tag_length.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    st = metrics.get("strategy")
+    if st is not None:
+        mat = np.asarray(st["tag_strategy_counts"])
+        fig, ax = plt.subplots(figsize=(1.3 * mat.shape[1] + 2, 0.5 * N + 1.8))
+        im = ax.imshow(mat, cmap="viridis", aspect="auto")
+        for i in range(mat.shape[0]):
+            for j in range(mat.shape[1]):
+                ax.text(j, i, str(mat[i, j]), ha="center", va="center",
+                        color="white" if mat[i, j] < mat.max() / 2 else "black", fontsize=8)
+        ax.set_xticks(range(mat.shape[1]), st["names"], rotation=30)
+        ax.set_yticks(range(N), labels)
+        ax.set_title(f"tag -> strategy (MI {st['mutual_information_nats']:.3f} nats, "
+                     f"{st['mutual_information_frac_logM']:.2f} of log M)")
+        fig.colorbar(im, ax=ax)
+        fig.tight_layout()
+        paths.append(out_dir / "tag_strategy.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    return paths
+
+
+def write_outputs(result: EvalResult, out_dir: str | pathlib.Path, *, plots: bool = True) -> dict[str, pathlib.Path]:
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"generations": out / "generations.jsonl", "metrics": out / "metrics.json"}
+    with open(paths["generations"], "w", encoding="utf-8") as f:
+        for g in result.generations:
+            f.write(json.dumps(g, ensure_ascii=False) + "\n")
+    paths["metrics"].write_text(json.dumps({"settings": result.settings, "metrics": result.metrics}, indent=2,
+                                           default=str))
+    if plots:
+        for p in plot_metrics(result.metrics, result.generations, out):
+            paths[p.stem] = p
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------------------------
+
+def load_questions(dataset: str, *, path: str | None = None, train_config: Mapping[str, Any] | None = None,
+                   split: str = "heldout", synthetic_difficulty: str = "easy", seed: int = 0) -> list[dict]:
+    """Evaluation records. With a training run's config for the same dataset: its held-out split (or 'train').
+    synthetic without one: `build_splits(512, 64, seed, difficulty)`; gsm8k without one: the last 200 test questions
+    (the trainer's default held-out part); jsonl: every record of `path` ({question|messages, answer})."""
+    if split not in ("heldout", "train"):
+        raise ValueError(f"split={split!r}: expected heldout or train")
+    if train_config is not None and train_config.get("data", {}).get("name") == dataset and dataset != "jsonl":
+        import ml_collections
+        from ssft_jax import train
+        tr, held = train.build_records(ml_collections.ConfigDict(dict(train_config)))
+        return list(held if split == "heldout" else tr)
+    if dataset == "synthetic":
+        from ssft_jax.datasets import synthetic
+        tr, held = synthetic.build_splits(512, 64, seed=seed, difficulty=synthetic_difficulty)
+        return held if split == "heldout" else tr
+    if dataset == "gsm8k":
+        from ssft_jax.datasets import gsm8k
+        recs = gsm8k.load_gsm8k_multitrace("test", data_dir=path or None)
+        return recs[-200:] if split == "heldout" else recs[:-200]
+    if dataset == "jsonl":
+        if not path:
+            raise ValueError("--dataset jsonl needs --path")
+        out = []
+        with open(path, encoding="utf-8") as f:
+            for i, line in enumerate(f):
+                if line.strip():
+                    r = json.loads(line)
+                    if ("question" not in r and "messages" not in r) or "answer" not in r:
+                        raise ValueError(f"{path}:{i + 1}: a record needs 'question' (or 'messages') and 'answer'")
+                    r.setdefault("id", f"{pathlib.Path(path).stem}-{i}")
+                    out.append(r)
+        return out
+    raise ValueError(f"unknown dataset {dataset!r}: expected synthetic, gsm8k or jsonl")
+
+
+def _ints(s: str | None) -> list[int] | None:
+    return [int(x) for x in s.split(",") if x.strip()] if s else None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--workdir", help="a training run's workdir (Orbax checkpoint; see --prefer)")
+    src.add_argument("--hf_dir", help="an HF folder (config.json, safetensors, tokenizer)")
+    p.add_argument("--prefer", default="checkpoint", choices=["checkpoint", "hf_export"],
+                   help="workdir: restore the latest checkpoint (default) or load workdir/hf_export")
+    p.add_argument("--dataset", default=None, choices=["synthetic", "gsm8k", "jsonl"],
+                   help="default: the training run's dataset, else synthetic")
+    p.add_argument("--path", default=None, help="jsonl file, or the GSM8K data folder")
+    p.add_argument("--split", default="heldout", choices=["heldout", "train"])
+    p.add_argument("--checker", default=None, choices=sorted(CHECKERS), help="default: the dataset's")
+    p.add_argument("--num_questions", type=int, default=0, help="0 = all")
+    p.add_argument("--samples_per_tag", type=int, default=1)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top_p", type=float, default=0.95)
+    p.add_argument("--top_k", type=int, default=0)
+    p.add_argument("--max_new_tokens", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch_questions", type=int, default=8)
+    p.add_argument("--tags_mode", default="auto", choices=["auto", "forking", "shared"],
+                   help="shared: N parallel generations = N*S samples under tag 0 (sft_mixed); auto: shared iff the "
+                        "run's method is sft_mixed")
+    p.add_argument("--num_tags", type=int, default=None, help="N (default: the run's, or inferred from the tokenizer)")
+    p.add_argument("--tag_mode", default=None, choices=["text", "special"], help="hf_dir: how tags are written")
+    p.add_argument("--pass1_tag", type=int, default=0, help="0-based tag index for pass@1 (0 = <think1>)")
+    p.add_argument("--pass_k", default=None, help="comma-separated k for pass@k (default 1,N,N*S)")
+    p.add_argument("--cons_k", default=None, help="comma-separated k for cons@k (default N,N*S)")
+    p.add_argument("--synthetic_difficulty", default="easy")
+    p.add_argument("--no_plots", action="store_true")
+    p.add_argument("--out", required=True)
+    a = p.parse_args(argv)
+
+    from ssft_jax import sampling
+    t0 = time.perf_counter()
+    lm = sampling.load_for_generation(workdir=a.workdir, hf_dir=a.hf_dir, prefer=a.prefer, num_tags=a.num_tags,
+                                      tag_mode=a.tag_mode)
+    print(f"loaded {lm.source} ({lm.cfg.model_type}, {lm.cfg.num_hidden_layers} layers, vocab {lm.cfg.vocab_size}, "
+          f"{lm.tags.n} {lm.tags.mode} tags, method {lm.method}) in {time.perf_counter() - t0:.1f}s")
+    train_data = (lm.train_config or {}).get("data", {})
+    dataset = a.dataset or train_data.get("name") or "synthetic"
+    if dataset == "jsonl" and a.path is None:
+        raise SystemExit("--dataset jsonl needs --path")
+    questions = load_questions(dataset, path=a.path, train_config=lm.train_config, split=a.split,
+                               synthetic_difficulty=a.synthetic_difficulty, seed=a.seed)
+    if a.num_questions:
+        questions = questions[: a.num_questions]
+    shared = a.tags_mode == "shared" or (a.tags_mode == "auto" and lm.method == "sft_mixed")
+    result = evaluate_model(lm.cfg, lm.params, lm.tokenizer, lm.tags, questions, a.checker or dataset,
+                            num_samples_per_tag=a.samples_per_tag, temperature=a.temperature, top_p=a.top_p,
+                            top_k=a.top_k, max_new_tokens=a.max_new_tokens, seed=a.seed, shared_tag=shared,
+                            pass1_tag=a.pass1_tag, tag_counts=lm.tag_counts, pass_ks=_ints(a.pass_k),
+                            cons_ks=_ints(a.cons_k), batch_questions=a.batch_questions,
+                            eos_token_ids=lm.eos_token_ids, vocab_limit=lm.vocab_limit, progress=True)
+    result.settings.update(source=lm.source, method=lm.method, dataset=dataset, split=a.split,
+                           num_questions=len(questions))
+    paths = result.write(a.out, plots=not a.no_plots)
+    m = result.metrics
+    line = (f"pass@1[tag {m['pass@1']['tag']}]={m['pass@1']['value']}  cons@N={m['cons@N_native']:.3f}  "
+            + "  ".join(f"pass@{k}={v:.3f}" for k, v in m["pass@k"].items()) + "  "
+            + "  ".join(f"cons@{k}={v:.3f}" for k, v in m["cons@k"].items()))
+    if "pass@1_coverage" in m:
+        line += f"  pass@1[coverage tag {m['pass@1_coverage']['tag']}]={m['pass@1_coverage']['value']}"
+    print(line)
+    if "strategy" in m:
+        st = m["strategy"]
+        print(f"tag->strategy MI {st['mutual_information_nats']:.3f} nats ({st['mutual_information_frac_logM']:.2f} "
+              f"of log M); distinct strategies over tags (first sample) {st['distinct_strategies_first_sample']:.2f}")
+    print(f"{m['generated_tokens']} tokens in {m['seconds']:.1f}s; wrote " + ", ".join(str(v) for v in paths.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

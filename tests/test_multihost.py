@@ -1,0 +1,106 @@
+"""Multi-host training on one machine: 2 CPU processes joined by `jax.distributed.initialize` (gloo collectives).
+
+Each process runs `tests/multihost_worker.py` (2 fake CPU devices each, mesh data=-1 over all 4, method 'fixed').
+Checked against single-process runs with the same 4 devices and global batch:
+  * every process feeds the trainer only its own shard of each global batch (disjoint, together the whole batch);
+  * the losses (and the final weights) agree with the single-process run;
+  * the checkpoint the 2-process run writes restores in one process, which continues exactly like the
+    uninterrupted single-process run.
+"""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import portpicker
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "multihost_worker.py"
+NUM_STEPS, STOP_AFTER = 4, 2
+
+
+def _env():
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_COORDINATOR_ADDRESS")}
+    env.update(PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+    return env
+
+
+def _start(workdir, out, *, devices, tokenizer, process_id=0, num_processes=1, coordinator="", stop_after=None):
+    cmd = [sys.executable, str(WORKER), "--workdir", str(workdir), "--out", str(out), "--devices", str(devices),
+           "--num_steps", str(NUM_STEPS), "--set", f"tokenizer={tokenizer}"]
+    if num_processes > 1:
+        cmd += ["--coordinator", coordinator, "--num_processes", str(num_processes), "--process_id", str(process_id)]
+    if stop_after is not None:
+        cmd += ["--stop_after", str(stop_after)]
+    return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(procs, timeout=300):
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=timeout)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-4000:]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_and_resume_there(tmp_path):
+    # One tokenizer folder for all runs: with tokenizer='char' every process would rewrite the same files in the
+    # shared workdir while another reads them.
+    from ssft_jax import tokenization
+    tokenizer = tmp_path / "tokenizer"
+    tokenization.build_char_tokenizer(tokenizer)
+
+    coordinator = f"localhost:{portpicker.pick_unused_port()}"
+    multi = [_start(tmp_path / "multi", tmp_path / f"multi{i}.json", devices=2, tokenizer=tokenizer, process_id=i,
+                    num_processes=2, coordinator=coordinator, stop_after=STOP_AFTER) for i in range(2)]
+    single = _start(tmp_path / "single", tmp_path / "single.json", devices=4, tokenizer=tokenizer)
+    _finish([*multi, single])
+    m0, m1, one = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("multi0", "multi1", "single"))
+
+    for i, m in enumerate((m0, m1)):
+        assert (m["process_index"], m["process_count"], m["local_devices"], m["global_devices"]) == (i, 2, 2, 4)
+        assert m["distributed_initialized"] and m["q_proj_devices"] == 4
+        assert m["final_step"] == STOP_AFTER and m["stopped_early"]
+    assert (one["process_count"], one["global_devices"]) == (1, 4)
+
+    # Data: each process read half of every global batch, the halves are disjoint and make up the same global
+    # batch as the single-process run, with the same per-process local batch size.
+    assert len(m0["local_batches"]) == len(m1["local_batches"]) == STOP_AFTER + 1  # jit shape probe + steps
+    for b0, b1, full in zip(m0["local_batches"], m1["local_batches"], one["local_batches"]):
+        assert len(b0) == len(b1) == 2 and len(full) == 4
+        assert not set(b0) & set(b1)
+        assert sorted(b0 + b1) == sorted(full)
+
+    # Losses: both processes report the global loss, equal to the single-process loss of the same global batch.
+    for step in range(1, STOP_AFTER + 1):
+        assert m0["losses"][str(step)] == m1["losses"][str(step)]
+        np.testing.assert_allclose(m0["losses"][str(step)], one["losses"][str(step)], rtol=1e-5)
+    assert m0["param_sum"] == m1["param_sum"]
+
+    # The 2-process checkpoint restores in one process (4 devices) and continues like the uninterrupted run.
+    steps = sorted(int(d.name) for d in (tmp_path / "multi" / "checkpoints").iterdir() if d.name.isdigit())
+    assert steps[-1] == STOP_AFTER
+    _finish([_start(tmp_path / "multi", tmp_path / "resumed.json", devices=4, tokenizer=tokenizer)])
+    resumed = json.loads((tmp_path / "resumed.json").read_text())
+    assert (resumed["process_count"], resumed["start_step"], resumed["final_step"]) == (1, STOP_AFTER, NUM_STEPS)
+    for step in range(STOP_AFTER + 1, NUM_STEPS + 1):
+        np.testing.assert_allclose(resumed["losses"][str(step)], one["losses"][str(step)], rtol=1e-5)
+    np.testing.assert_allclose(resumed["param_sum"], one["param_sum"], rtol=1e-5)
+    # It read the global batches the uninterrupted run read after step STOP_AFTER (the data position restored).
+    assert resumed["local_batches"][1:] == one["local_batches"][STOP_AFTER + 1:]
+
+    print("\nstep  1-process(4 dev)  2-process(2x2 dev)  resumed-in-1-process")
+    for step in range(1, NUM_STEPS + 1):
+        k = str(step)
+        print(f"{step:4d}  {one['losses'][k]:.9f}  {m0['losses'].get(k, float('nan')):.9f}"
+              f"  {resumed['losses'].get(k, float('nan')):.9f}")
