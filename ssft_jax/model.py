@@ -50,7 +50,7 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: str = "none"
-    # Query block size for memory-efficient attention on long rows (0 = dense). Used when it divides the length.
+    # Query block size for memory-efficient attention on long rows (0 = dense); rows are padded to a multiple of it.
     attention_chunk: int = 0
     bos_token_id: int | None = None
     eos_token_id: Any = None
@@ -321,13 +321,19 @@ def _attention(cfg: ModelConfig, lp: Params, h, positions, q_seg, kv_seg_full, q
 
     q = q.reshape(B, T, K, G, cfg.head_dim)
     chunk = cfg.attention_chunk
-    if chunk and T > chunk and T % chunk == 0:
+    if chunk and T > chunk:
         # Query blocks one at a time (rematerialised in the backward pass): scores are [chunk, S] per head instead of
-        # [T, S], which is what makes 32k-token rows fit. Exact: every block still sees all keys.
-        blocks = lambda x: jnp.moveaxis(x.reshape(B, T // chunk, chunk, *x.shape[2:]), 1, 0)
+        # [T, S], which is what makes 32k-token rows fit. Exact: every block still sees all keys. A row that is not a
+        # multiple of the block (the trainer's P + Lt + T rarely is) gets padding queries of segment 0, which attend
+        # to nothing (output exactly 0) and are cut off again.
+        pad = -T % chunk
+        Tp = T + pad
+        padded = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)) if pad else x
+        blocks = lambda x: jnp.moveaxis(padded(x).reshape(B, Tp // chunk, chunk, *x.shape[2:]), 1, 0)
         qs = (blocks(q), blocks(q_seg), blocks(q_slots), blocks(q_prefix) if q_prefix is not None else None)
         block_fn = jax.checkpoint(lambda xs: _attend(cfg, *xs[:3], kv_seg_full, kv_slots, xs[3], k, v, dtype))
-        out = jnp.moveaxis(jax.lax.map(block_fn, qs), 0, 1).reshape(B, T, cfg.num_attention_heads, cfg.head_dim)
+        out = jnp.moveaxis(jax.lax.map(block_fn, qs), 0, 1).reshape(B, Tp, cfg.num_attention_heads, cfg.head_dim)
+        out = out[:, :T]
     else:
         out = _attend(cfg, q, q_seg, q_slots, kv_seg_full, kv_slots, q_prefix, k, v, dtype)
     return jnp.einsum("bthk,hkd->btd", out, lp["o_proj"].astype(dtype)), new_cache_kv
