@@ -1,11 +1,21 @@
 """Orbax checkpoints of the whole run: train state (params, optimizer state, step, RNG), data-iterator state and
 the config, saved asynchronously, keep-N, restored straight into the target shardings (any mesh shape).
 
-Orbax writes each step into a temporary directory and renames it when complete, so a step that `all_steps()`
-lists is whole; a crash mid-write leaves only a tmp directory, which is never restored.
+Guarantees (tested in tests/test_checkpoint.py and tests/test_reliability.py):
+  * Orbax writes each step into `<step>.orbax-checkpoint-tmp` and renames it when complete, so a step that
+    `all_steps()` lists is whole; a crash or `kill -9` mid-write leaves only the tmp directory, which is never
+    restored (the trainer removes such leftovers when it starts).
+  * Every save also stores a fingerprint of each array (a position-weighted wrap-around sum of its bits, computed on
+    device, independent of the sharding). A restore recomputes it on the restored arrays and refuses the step if any
+    differ, so a damaged file can never turn into a silent partial restore (e.g. zero-filled chunks).
+  * A write that fails in the background (disk full, permissions) surfaces at the next `save`, `check` or `wait` as
+    a `CheckpointError` naming the step that was not saved.
+  * `restore_latest(on_corrupt=...)`: an unreadable latest step is either an error naming it ("error") or moved
+    aside to `<step>.corrupt` and the previous complete step is restored instead ("fallback").
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -14,19 +24,46 @@ import threading
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+
+ITEMS = ("state", "data", "config", "integrity")
+ON_CORRUPT = ("error", "fallback")
+# Test-only: seconds each JSON item write sleeps in the background, so a chaos test's kill lands mid-write.
+WRITE_DELAY_ENV = "SSFT_TEST_CHECKPOINT_WRITE_DELAY_S"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written or read (the message names the step and directory)."""
 
+    def __init__(self, message: str, *, step: int | None = None):
+        super().__init__(message)
+        self.step = step
+
+
+def _delayed_json_handler(delay: float) -> ocp.JsonCheckpointHandler:
+    """A JsonCheckpointHandler whose background write first sleeps (chaos tests only, via WRITE_DELAY_ENV). The
+    instance is patched, not subclassed: orbax matches save/restore args to handlers by class."""
+    handler = ocp.JsonCheckpointHandler()
+    write = handler._save_fn
+
+    async def delayed(x, directory):
+        await asyncio.sleep(delay)
+        return await write(x, directory)
+
+    handler._save_fn = delayed
+    return handler
+
 
 class Checkpointer:
-    """One manager for a run's `<workdir>/checkpoints`. Items: 'state' (pytree), 'data' and 'config' (JSON)."""
+    """One manager for a run's `<workdir>/checkpoints`. Items: 'state' (pytree), 'data', 'config' and 'integrity'
+    (JSON). `cleanup_tmp`: delete half-written `*.orbax-checkpoint-tmp` steps left by a crash (the trainer only: a
+    reader next to a live run must not delete its in-progress write)."""
 
     def __init__(self, directory: str | os.PathLike | epath.Path, *, max_to_keep: int = 3, save_interval_steps: int = 1,
-                 async_save: bool = True):
+                 async_save: bool = True, cleanup_tmp: bool = False):
         # epath: local paths and gs:// alike (multi-host runs need a directory every host sees).
         self.directory = epath.Path(directory)
         if not str(directory).startswith(("gs://", "s3://")):
@@ -44,28 +81,64 @@ class Checkpointer:
             save_interval_steps=save_interval_steps,
             enable_async_checkpointing=async_save,
             create=True,
+            cleanup_tmp_directories=cleanup_tmp,
         )
-        self._manager = ocp.CheckpointManager(self.directory, item_names=("state", "data", "config"), options=options)
+        delay = float(os.environ.get(WRITE_DELAY_ENV) or 0)
+        if delay > 0:
+            handlers = {"state": ocp.StandardCheckpointHandler(),
+                        **{name: _delayed_json_handler(delay) for name in ITEMS[1:]}}
+            self._manager = ocp.CheckpointManager(self.directory, item_handlers=handlers, options=options)
+        else:
+            self._manager = ocp.CheckpointManager(self.directory, item_names=ITEMS, options=options)
+        self._pending: int | None = None  # step of the async write in flight
 
     # -- saving -------------------------------------------------------------------------------------------------
     def save(self, step: int, state: Any, data_state: Any = None, config: dict | None = None, *, force: bool = False) -> bool:
-        """Start saving `step` (async: returns once device buffers are copied). True if a save was started."""
-        args = {"state": ocp.args.StandardSave(state)}
-        if data_state is not None:
-            args["data"] = ocp.args.JsonSave(data_state)
-        if config is not None:
-            args["config"] = ocp.args.JsonSave(config)
+        """Start saving `step` (async: returns once device buffers are copied). True if a save was started; False
+        if `step` is already saved (e.g. a finished run started again). A failure of the previous async write is
+        raised here first, naming that step."""
+        self.wait()
+        if step in self.all_steps():
+            return False
         try:
-            return self._manager.save(step, args=ocp.args.Composite(**args), force=force)
+            args = {"state": ocp.args.StandardSave(state), "integrity": ocp.args.JsonSave(state_fingerprint(state))}
+            if data_state is not None:
+                args["data"] = ocp.args.JsonSave(data_state)
+            if config is not None:
+                args["config"] = ocp.args.JsonSave(config)
+            started = self._manager.save(step, args=ocp.args.Composite(**args), force=force)
         except Exception as e:  # orbax raises assorted OS/value errors: name the step and place
-            raise CheckpointError(f"saving step {step} to {self.directory} failed: {e}") from e
+            raise CheckpointError(f"saving checkpoint step {step} to {self.directory} failed: {e}", step=step) from e
+        if started:
+            self._pending = step
+        return started
+
+    def check(self) -> None:
+        """Non-blocking: if the async write in flight has ended with an error, raise it (naming its step)."""
+        if self._pending is not None and not self._manager.is_saving_in_progress():
+            self.wait()
 
     def wait(self) -> None:
         """Block until pending async saves are on disk; errors from the background write surface here."""
         try:
             self._manager.wait_until_finished()
         except Exception as e:
-            raise CheckpointError(f"finishing a checkpoint write in {self.directory} failed: {e}") from e
+            self._drain_writes()
+            step, self._pending = self._pending, None
+            raise CheckpointError(
+                f"writing checkpoint step {step} to {self.directory} failed: {e} (step {step} was NOT saved; the "
+                f"last complete checkpoint is step {self.latest_step()})", step=step) from e
+        self._pending = None
+
+    def _drain_writes(self, timeout: float = 300.0) -> None:
+        """After a failed async write, wait (best effort) for the writes of its other items: orbax stops waiting at
+        the first failure and leaves them running, so a retry in the same process could race with them."""
+        async_manager = getattr(getattr(self._manager, "_checkpointer", None), "_async_manager", None)  # private
+        for f in getattr(async_manager, "_commit_futures", None) or ():
+            try:
+                f.result(timeout=timeout)
+            except Exception:  # noqa: BLE001  (the first failure is the one reported)
+                pass
 
     # -- restoring ----------------------------------------------------------------------------------------------
     def latest_step(self) -> int | None:
@@ -74,25 +147,126 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
 
-    def restore(self, step: int | None, abstract_state: Any) -> tuple[int, Any, Any, dict | None]:
+    def restore(self, step: int | None, abstract_state: Any, *, require: tuple[str, ...] = ("state",)
+                ) -> tuple[int, Any, Any, dict | None]:
         """(step, state, data_state, config) of `step` (default: latest), with arrays placed as `abstract_state`
-        says: a pytree of `jax.ShapeDtypeStruct` carrying the target shardings (a different mesh is fine)."""
+        says: a pytree of `jax.ShapeDtypeStruct` carrying the target shardings (a different mesh is fine).
+
+        Raises CheckpointError naming the step if an item in `require` is missing, a file cannot be read, or the
+        restored arrays differ from the saved fingerprint."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"no complete checkpoint in {self.directory}")
-        args = {"state": ocp.args.StandardRestore(abstract_state)}
         step_dir = self.directory / str(step)
-        for name in ("data", "config"):
+        missing = [name for name in require if not (step_dir / name).exists()]
+        if missing:
+            raise CheckpointError(f"checkpoint step {step} in {self.directory} is incomplete: item(s) {missing} "
+                                  "missing", step=step)
+        args = {"state": ocp.args.StandardRestore(abstract_state)}
+        for name in ITEMS[1:]:
             if (step_dir / name).exists():
                 args[name] = ocp.args.JsonRestore()
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(**args))
         except Exception as e:
-            raise CheckpointError(f"restoring step {step} from {self.directory} failed: {e}") from e
+            raise CheckpointError(f"checkpoint step {step} in {self.directory} cannot be read: {e}", step=step) from e
+        saved = restored.get("integrity")
+        if saved is not None:
+            got = state_fingerprint(restored["state"])
+            if set(saved) != set(got) and len(saved) == len(got):  # same leaves under other names: compare in order
+                saved, got = dict(enumerate(saved.values())), dict(enumerate(got.values()))
+            bad = sorted(str(k) for k in set(saved) & set(got) if saved[k] != got[k])
+            if bad:
+                raise CheckpointError(
+                    f"checkpoint step {step} in {self.directory} is corrupt: {len(bad)} restored array(s) differ from "
+                    f"what was saved: {bad[:5]}{' ...' if len(bad) > 5 else ''}", step=step)
         return step, restored["state"], restored.get("data"), restored.get("config")
+
+    def restore_latest(self, abstract_state: Any, *, on_corrupt: str = "error",
+                       require: tuple[str, ...] = ("state",)) -> tuple[int, Any, Any, dict | None] | None:
+        """`restore` of the latest complete step, or None if there is none.
+
+        on_corrupt="error": an unreadable latest step raises CheckpointError naming it. "fallback": it is moved
+        aside to `<step>.corrupt` (kept for inspection, never listed again) with a warning, and the previous step is
+        tried, and so on; if every step is unreadable, CheckpointError."""
+        if on_corrupt not in ON_CORRUPT:
+            raise ValueError(f"on_corrupt must be one of {ON_CORRUPT}, got {on_corrupt!r}")
+        moved = []
+        while (step := self.latest_step()) is not None:
+            try:
+                return self.restore(step, abstract_state, require=require)
+            except CheckpointError as e:
+                if on_corrupt == "error":
+                    raise CheckpointError(
+                        f"{e}\n(set checkpoint.on_corrupt='fallback' to move it aside and resume from the previous "
+                        "complete step instead)", step=step) from e
+                aside = self._move_aside(step)
+                moved.append(step)
+                logging.warning("checkpoint step %d is unusable (%s); moved it to %s, falling back to the previous "
+                                "step", step, e, aside)
+        if moved:
+            raise CheckpointError(f"no usable checkpoint in {self.directory}: every step ({moved}) was corrupt and "
+                                  "was moved aside", step=moved[0])
+        return None
+
+    def _move_aside(self, step: int) -> epath.Path:
+        src = self.directory / str(step)
+        dst = self.directory / f"{step}.corrupt"
+        k = 1
+        while dst.exists():
+            dst, k = self.directory / f"{step}.corrupt{k}", k + 1
+        if jax.process_index() == 0:
+            src.rename(dst)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices(f"ssft_checkpoint_move_aside_{step}")
+        self._manager.reload()
+        return dst
 
     def close(self) -> None:
         self._manager.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Integrity fingerprints
+# ---------------------------------------------------------------------------------------------------------------
+
+def _leaf_fingerprint(x: jax.Array) -> jax.Array:
+    """uint32: sum over elements of mix(bits) * (2 * flat_index + 1), wrapping. Modular sums do not depend on the
+    reduction order, so the value is the same on any mesh; a zeroed, dropped or moved chunk changes it."""
+    if x.dtype == jnp.bool_:
+        bits = x.astype(jnp.uint32)
+    else:
+        width = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+        bits = jax.lax.bitcast_convert_type(x, width).astype(jnp.uint32)  # 8-byte dtypes gain a trailing dim of 2
+    flat = jnp.zeros(bits.shape, jnp.uint32)
+    stride = 1
+    for d in reversed(range(bits.ndim)):
+        flat = flat + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, d) * jnp.uint32(stride % 2**32)
+        stride *= bits.shape[d]
+    mixed = (bits ^ (bits >> 15)) * jnp.uint32(0x2C1B3C6D)
+    mixed = mixed ^ (mixed >> 12)
+    return jnp.sum(mixed * (flat * jnp.uint32(2) + jnp.uint32(1)), dtype=jnp.uint32)
+
+
+@jax.jit
+def _fingerprints(leaves):
+    return [_leaf_fingerprint(x) for x in leaves]
+
+
+def state_fingerprint(tree: Any) -> dict[str, int]:
+    """{leaf path: uint32 fingerprint} of a pytree of arrays (computed on device, one small jitted reduction)."""
+    paths_leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    groups: dict[frozenset, list[int]] = {}  # one jitted call per device set (a state may mix placements)
+    leaves = [jnp.asarray(x) for _, x in paths_leaves]
+    for k, x in enumerate(leaves):
+        groups.setdefault(frozenset(d.id for d in x.sharding.device_set), []).append(k)
+    values: list[Any] = [None] * len(leaves)
+    for idx in groups.values():
+        for k, v in zip(idx, _fingerprints([leaves[k] for k in idx])):
+            values[k] = v
+    values = jax.device_get(values)
+    return {jax.tree_util.keystr(p): int(np.asarray(v)) for (p, _), v in zip(paths_leaves, values)}
 
 
 def abstract_like(tree: Any) -> Any:

@@ -71,10 +71,50 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, num_devices=0))
 
     c.log_every = 10
-    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=200, max_to_keep=3, async_save=True))
-    c.max_consecutive_skips = 20  # stop the run when this many steps in a row had non-finite loss/grads
+    # on_corrupt: what a start does when the latest checkpoint cannot be restored (a file missing, truncated or not
+    # matching its saved fingerprint): "error" stops with a CheckpointError naming the step; "fallback" moves it
+    # aside to <step>.corrupt and resumes from the previous complete step. (A crash mid-write never produces
+    # one: half-written steps stay in tmp directories, which are never restored.)
+    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=200, max_to_keep=3, async_save=True, on_corrupt="error"))
+    c.max_consecutive_skips = 20  # stop the run when more than this many steps in a row had non-finite loss/grads
     c.export_hf = True
+    # Test-only fault injection, read when the step is traced (empty: nothing is added to the step).
+    # inject_nonfinite: comma-separated "where:steps[:value]"; where = cost (C[0, 0, 0] of the first question of the
+    # batch), loss or grad (one gradient element); steps = K, K-J or K+ (1-based, as logged); value = nan (default),
+    # inf or -inf. E.g. "cost:2,loss:3,grad:4:inf,loss:10+".
+    c.debug = ml_collections.ConfigDict(dict(inject_nonfinite=""))
     return c
+
+
+INJECT_WHERE = ("cost", "loss", "grad")
+INJECT_VALUES = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
+
+
+def parse_inject_nonfinite(spec: str) -> list[tuple[str, int, int | None, float]]:
+    """`debug.inject_nonfinite` -> [(where, first step, last step or None for no end, value)]."""
+    rules = []
+    for item in filter(None, (p.strip() for p in (spec or "").split(","))):
+        parts = item.split(":")
+        try:
+            if len(parts) not in (2, 3) or parts[0] not in INJECT_WHERE:
+                raise ValueError
+            value = INJECT_VALUES[parts[2] if len(parts) == 3 else "nan"]
+            steps = parts[1]
+            if steps.endswith("+"):
+                first, last = int(steps[:-1]), None
+            elif "-" in steps:
+                a, b = steps.split("-")
+                first, last = int(a), int(b)
+            else:
+                first = last = int(steps)
+            if first < 1 or (last is not None and last < first):
+                raise ValueError
+        except (ValueError, KeyError):
+            raise ConfigError(
+                f"debug.inject_nonfinite: {item!r} is not where:steps[:value] with where in {INJECT_WHERE}, steps K, "
+                f"K-J or K+ (K >= 1) and value in {tuple(INJECT_VALUES)}") from None
+        rules.append((parts[0], first, last, value))
+    return rules
 
 
 def parse_arg(arg: str, **defaults: str) -> dict[str, str]:
@@ -130,6 +170,13 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
         raise ConfigError(f"batch_size={c.batch_size} is not divisible by micro_batches={c.micro_batches}")
     if c.model.remat not in ("none", "full", "dots", "dots_no_batch"):
         raise ConfigError(f"model.remat={c.model.remat!r}")
+    on_corrupt = c.checkpoint.get("on_corrupt", "error")
+    if on_corrupt not in ("error", "fallback"):
+        raise ConfigError(f"checkpoint.on_corrupt={on_corrupt!r}: expected 'error' or 'fallback'")
+    if c.checkpoint.every_steps < 1:
+        raise ConfigError(f"checkpoint.every_steps={c.checkpoint.every_steps} must be >= 1")
+    if "debug" in c:
+        parse_inject_nonfinite(c.debug.get("inject_nonfinite", ""))
     if num_devices is not None:
         if c.mesh.get("num_devices", 0):
             if c.mesh.num_devices > num_devices:

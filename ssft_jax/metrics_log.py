@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import pathlib
 from typing import Any
 
@@ -18,9 +19,15 @@ def is_remote(path) -> bool:
 
 class MetricsLogger:
     """Appends to `<workdir>/metrics.jsonl`. Object stores cannot append, so on gs:// the file is rewritten whole at
-    each write (it is small); TensorBoard event files are written only for local workdirs."""
+    each write (it is small); TensorBoard event files are written only for local workdirs.
 
-    def __init__(self, workdir, *, tensorboard: bool = True):
+    `resume_step`: the step the run (re)starts from (0 for a fresh start). Records past it were logged by an earlier
+    process that died before checkpointing them and will be logged again, so they are dropped first (as is a line
+    torn by a kill mid-write), and TensorBoard purges its events past it: the log holds exactly one record per
+    logged step however often the run was interrupted.
+    """
+
+    def __init__(self, workdir, *, tensorboard: bool = True, resume_step: int | None = None):
         self.enabled = jax.process_index() == 0
         self.path = epath.Path(workdir) / "metrics.jsonl"
         self._remote = is_remote(workdir)
@@ -28,9 +35,35 @@ class MetricsLogger:
         self._tb = None
         if self.enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            if resume_step is not None:
+                self._truncate(resume_step)
             if tensorboard and not self._remote:
                 from tensorboardX import SummaryWriter
-                self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"))
+                tb_dir = pathlib.Path(workdir) / "tensorboard"
+                purge = resume_step + 1 if resume_step is not None and tb_dir.exists() else None
+                self._tb = SummaryWriter(str(tb_dir), purge_step=purge)
+
+    def _truncate(self, resume_step: int) -> None:
+        if not self.path.exists():
+            return
+        lines = self.path.read_text().splitlines()
+        kept = []
+        for line in lines:
+            try:
+                if int(json.loads(line)["step"]) <= resume_step:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):  # torn or foreign line
+                continue
+        if len(kept) == len(lines):
+            return
+        text = "".join(line + "\n" for line in kept)
+        if self._remote:
+            self._lines = kept
+            self.path.write_text(text)
+        else:  # atomic: a kill during the rewrite leaves the old or the new file, never half of one
+            tmp = self.path.parent / (self.path.name + ".tmp")
+            tmp.write_text(text)
+            os.replace(str(tmp), str(self.path))
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
@@ -61,8 +94,17 @@ class MetricsLogger:
 
 
 def read_metrics(workdir) -> list[dict]:
+    """The records of `<workdir>/metrics.jsonl` (a last line torn by a crash mid-write is left out)."""
     path = epath.Path(workdir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    lines = [line for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    out = []
+    for k, line in enumerate(lines):
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            if k != len(lines) - 1:
+                raise
+    return out
 
 
 class AssignmentHistogram:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import pathlib
 import time
 from typing import Any
@@ -28,6 +29,19 @@ from ssft_jax import hf_io, mesh as mesh_lib, metrics_log, model as model_lib, t
 
 class TrainingDivergedError(RuntimeError):
     """Too many consecutive steps had non-finite loss or gradients."""
+
+
+def prepare_workdir(workdir: epath.Path) -> None:
+    """Create the workdir and check it is writable before any compute (a clear error, not a crash at step 200)."""
+    if jax.process_index() != 0:
+        return
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / f".write_probe.{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ckpt_lib.CheckpointError(f"workdir {workdir} is not writable: {e}") from e
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -149,10 +163,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
     config_lib.validate(config, jax.device_count())
     m = config.mesh
     mesh = mesh_lib.make_mesh(m.data, m.fsdp, m.tensor, devices=jax.devices()[: m.num_devices or None])
-    if jax.process_index() == 0:
-        workdir.mkdir(parents=True, exist_ok=True)
+    prepare_workdir(workdir)
+    # cleanup_tmp: half-written steps of a crashed earlier process are removed (they are never restored anyway).
     checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", max_to_keep=config.checkpoint.max_to_keep,
-                                         async_save=config.checkpoint.async_save)
+                                         async_save=config.checkpoint.async_save, cleanup_tmp=True)
 
     tokenizer = build_tokenizer(config, workdir)
     cfg, params = build_model(config, tokenizer, mesh)
@@ -175,8 +189,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
     state = ts.init_state(params, optimizer, config.seed, mesh)
     iterator = data_lib.make_iterator(questions, layout, table, lengths, seed=config.seed, epochs=None)
     start = 0
-    if checkpointer.latest_step() is not None:
-        start, state, data_state, _ = checkpointer.restore(None, ckpt_lib.abstract_like(state))
+    restored = checkpointer.restore_latest(ckpt_lib.abstract_like(state), require=("state", "data"),
+                                           on_corrupt=config.checkpoint.get("on_corrupt", "error"))
+    if restored is not None:
+        start, state, data_state, _ = restored
         iterator.set_state(data_state)
         logging.info("resumed from step %d", start)
 
@@ -184,11 +200,12 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
     first = next(iterator)  # its shapes fix the jit; then rewind, so no batch is skipped
     iterator.set_state(position)
     step_fn = ts.make_train_step(cfg, config.ssft, optimizer, micro_batches=config.micro_batches,
-                                 logprob_chunk=config.model.logprob_chunk)
+                                 logprob_chunk=config.model.logprob_chunk,
+                                 inject_nonfinite=config.get("debug", {}).get("inject_nonfinite", ""))
     train_step = ts.jit_train_step(step_fn, state, to_global(first, mesh), mesh)
     table_d, lengths_d = jnp.asarray(table), jnp.asarray(lengths)
 
-    logger = metrics_log.MetricsLogger(workdir)
+    logger = metrics_log.MetricsLogger(workdir, resume_step=start)  # drops records an earlier process logged past it
     histogram = metrics_log.AssignmentHistogram()
     guard = ckpt_lib.PreemptionGuard()
     config_json = ckpt_lib.config_to_json(config)
@@ -204,14 +221,17 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
         tag_totals += m["tag_counts"]
         losses[step_done] = float(m["loss"])
         consecutive_skips = consecutive_skips + 1 if m["step_skipped"] else 0
-        if consecutive_skips > config.max_consecutive_skips:
-            raise TrainingDivergedError(
-                f"{consecutive_skips} consecutive steps (up to step {step_done}) had non-finite loss or gradients; "
-                f"stopping. Last good checkpoint: step {checkpointer.latest_step()}")
-        if step_done % config.log_every == 0 or step_done == num_steps:
+        diverged = consecutive_skips > config.max_consecutive_skips
+        if step_done % config.log_every == 0 or step_done == num_steps or diverged:
             logger.write(step_done, m)
             if bar is not None:
                 bar.set_postfix(loss=f"{m['loss']:.3f}", matched=f"{m['matched_nll']:.3f}")
+        if diverged:
+            raise TrainingDivergedError(
+                f"training diverged: {consecutive_skips} consecutive steps (steps {step_done - consecutive_skips + 1}"
+                f"..{step_done}) had a non-finite loss or gradient norm, more than max_consecutive_skips="
+                f"{config.max_consecutive_skips}; none of them changed the weights. Stopping. The latest checkpoint "
+                f"is step {checkpointer.latest_step()}; lower optim.learning_rate or check the data before resuming")
 
     bar = None
     if progress and jax.process_index() == 0:
@@ -224,6 +244,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
             if guard.should_stop(step) or (stop_after is not None and step - start >= stop_after):
                 stopped_early = True
                 break
+            checkpointer.check()  # a failed background write stops the run here, naming its step
             batch = to_global(next(iterator), mesh)
             state, metrics = train_step(state, batch, table_d, lengths_d)
             step += 1
@@ -231,6 +252,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
                 consume(*pending)
             pending = (step, metrics)
             if step % config.checkpoint.every_steps == 0 and step < num_steps:
+                # Log this step before its checkpoint can exist: a restart from it then never lacks a record.
+                consume(*pending)
+                pending = None
                 checkpointer.save(step, state, data_state=iterator.get_state(), config=config_json)
             if bar is not None:
                 bar.update(1)
@@ -238,6 +262,13 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
             consume(*pending)
         checkpointer.save(step, state, data_state=iterator.get_state(), config=config_json, force=True)
         checkpointer.wait()
+    except BaseException:
+        # Let an in-flight write of an earlier step finish, so the next start has it; its own failure is secondary.
+        try:
+            checkpointer.close()
+        except Exception as e:  # noqa: BLE001
+            logging.error("while stopping: %s", e)
+        raise
     finally:
         if bar is not None:
             bar.close()
@@ -263,7 +294,12 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
         "export_dir": str(export_dir) if export_dir else None,
     }
     if jax.process_index() == 0:
-        (workdir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        text = json.dumps(summary, indent=2, default=str)
+        if metrics_log.is_remote(workdir):
+            (workdir / "summary.json").write_text(text)
+        else:  # atomic: a kill mid-write leaves the previous summary, never half of one
+            (workdir / "summary.json.tmp").write_text(text)
+            os.replace(str(workdir / "summary.json.tmp"), str(workdir / "summary.json"))
     checkpointer.close()
     return {**summary, "state": state, "model_config": cfg, "tokenizer": tokenizer, "tags": tags}
 

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from ssft_jax import config as config_lib
 from ssft_jax import data as data_lib
 from ssft_jax import losses
 from ssft_jax import mesh as mesh_lib
@@ -67,19 +68,46 @@ def _split_micro(tree, k: int):
     return jax.tree.map(lambda x: x.reshape(k, x.shape[0] // k, *x.shape[1:]), tree)
 
 
+def _injector(spec: str):
+    """Test-only fault injection (`debug.inject_nonfinite`, parsed by `config.parse_inject_nonfinite`): a function
+    `(where, step, x) -> x` that overwrites x where a rule for `where` covers `step`; None when the spec is empty,
+    so a normal step is traced without any of it."""
+    rules = config_lib.parse_inject_nonfinite(spec)
+    if not rules:
+        return None
+
+    def inject(where, step, x, at=None):
+        for kind, first, last, value in rules:
+            if kind != where:
+                continue
+            active = step >= first if last is None else (step >= first) & (step <= last)
+            if at is not None:
+                active = active & at
+            x = jnp.where(active, jnp.asarray(value, x.dtype), x)
+        return x
+    return inject
+
+
 def make_train_step(model_cfg: ModelConfig, ssft, optimizer: optax.GradientTransformation, *, micro_batches: int,
-                    logprob_chunk: int = 1024) -> Callable[[State, dict, jax.Array, jax.Array], tuple[State, dict]]:
-    """The pure step `(state, batch, tag_table, tag_lengths) -> (state, metrics)`; jit it with `jit_train_step`."""
+                    logprob_chunk: int = 1024, inject_nonfinite: str = ""
+                    ) -> Callable[[State, dict, jax.Array, jax.Array], tuple[State, dict]]:
+    """The pure step `(state, batch, tag_table, tag_lengths) -> (state, metrics)`; jit it with `jit_train_step`.
+
+    inject_nonfinite: test-only faults (see `config.parse_inject_nonfinite`); empty in real runs."""
     N, M = ssft.num_tags, ssft.max_traces
     method = ssft.method
     need_costs = method == "ssft" or ssft.get("baseline_costs", False)
+    inject = _injector(inject_nonfinite)
 
-    def micro_step(params, mb, rng, tag_table, tag_lengths):
+    def micro_step(params, mb, rng, tag_table, tag_lengths, step_no, micro_index):
         tag_valid, trace_valid = mb["cost"]["tag_valid"], mb["train"]["trace_valid"]
         if need_costs:
             cost = losses.cost_matrix(model_cfg, params, mb["cost"], N, M, logprob_chunk)
         else:  # baselines need no cost pass: that is the step-time difference the paper's cost analysis is about
             cost = jnp.zeros(tag_valid.shape + (M,), jnp.float32)
+        if inject is not None:  # C[0, 0, 0] of the step's first question (tag 0 and trace 0 are always valid)
+            first = (jnp.arange(cost.size).reshape(cost.shape) == 0) & (micro_index == 0)
+            cost = inject("cost", step_no, cost, at=first)
         tag_of_trace, ok, status = losses.assign(method, cost, tag_valid, trace_valid, rng, ssft.matcher)
         rows = data_lib.fill_tags(mb["train"], tag_of_trace, tag_table, tag_lengths)
         rows = jax.tree.map(lambda x: x.reshape(-1, x.shape[-1]), rows)  # [B, M, S] -> [B*M, S]
@@ -100,18 +128,25 @@ def make_train_step(model_cfg: ModelConfig, ssft, optimizer: optax.GradientTrans
         rng, step_rng = jax.random.split(rng)
         micro = _split_micro(batch, micro_batches)
         rngs = jax.random.split(step_rng, micro_batches)
+        step_no = state["step"] + 1  # 1-based, as logged
 
         def body(acc, xs):
-            mb, r = xs
-            g, s, n, diag = micro_step(params, mb, r, tag_table, tag_lengths)
+            mb, r, k = xs
+            g, s, n, diag = micro_step(params, mb, r, tag_table, tag_lengths, step_no, k)
             acc = (jax.tree.map(jnp.add, acc[0], g), acc[1] + s, acc[2] + n)
             return acc, diag
 
         zeros = jax.tree.map(jnp.zeros_like, params)
-        (grads, nll_sum, count), diags = jax.lax.scan(body, (zeros, jnp.float32(0), jnp.float32(0)), (micro, rngs))
+        (grads, nll_sum, count), diags = jax.lax.scan(body, (zeros, jnp.float32(0), jnp.float32(0)),
+                                                      (micro, rngs, jnp.arange(micro_batches)))
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
         loss = nll_sum / denom
+        if inject is not None:
+            loss = inject("loss", step_no, loss)
+            leaves, treedef = jax.tree.flatten(grads)
+            first = jnp.arange(leaves[0].size).reshape(leaves[0].shape) == 0
+            grads = jax.tree.unflatten(treedef, [inject("grad", step_no, leaves[0], at=first)] + leaves[1:])
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 

@@ -65,19 +65,38 @@ class RawRecord:
     detail: str = ""
 
 
+_ENCODED_SURROGATE_RE = re.compile(b"\xed[\xa0-\xbf][\x80-\xbf]")  # U+D800..U+DFFF written as (invalid) UTF-8
+
+
 def read_jsonl(path: str | os.PathLike) -> list[RawRecord]:
-    """One ``RawRecord`` per non-blank line (``where = path:line``, 1-based); undecodable lines carry a reason."""
+    """One ``RawRecord`` per non-blank line (``where = path:line``, 1-based); undecodable lines carry a reason.
+
+    Bytes are classified the same way as the equivalent JSON escapes: a raw NUL byte is ``nul_byte`` (like
+    ``\\u0000``), a surrogate code point written as UTF-8 bytes is ``lone_surrogate`` (like ``\\ud800``), any
+    other invalid UTF-8 is ``invalid_utf8``. A UTF-8 byte-order mark at the start of the file is ignored.
+    """
     path = pathlib.Path(path)
     out = []
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             where = f"{path}:{lineno}"
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
             if not raw.strip():
+                continue
+            if b"\x00" in raw:
+                out.append(RawRecord(where, reason="nul_byte", detail=f"a NUL byte at byte {raw.index(0)} of the line"))
                 continue
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                out.append(RawRecord(where, reason="invalid_utf8", detail=str(e)))
+                m = _ENCODED_SURROGATE_RE.search(raw)
+                if m:
+                    cp = 0xD000 | ((raw[m.start() + 1] & 0x3F) << 6) | (raw[m.start() + 2] & 0x3F)
+                    out.append(RawRecord(where, reason="lone_surrogate",
+                                         detail=f"surrogate U+{cp:04X} encoded as bytes at byte {m.start()} of the line"))
+                else:
+                    out.append(RawRecord(where, reason="invalid_utf8", detail=str(e)))
                 continue
             try:
                 out.append(RawRecord(where, json.loads(text)))
@@ -288,15 +307,15 @@ def tokenize_records(
     raws = records if (isinstance(records, list) and records and all(isinstance(r, RawRecord) for r in records)) \
         else read_records(records)
     report = ValidationReport(num_records=len(raws))
-    bad: list[tuple[str, str, str, str]] = []  # where, id, reason, detail
+    bad: list[tuple[int, str, str, str, str]] = []  # position, where, id, reason, detail
 
     def fail(where, rid, reason, detail):
-        bad.append((where, rid, reason, detail))
+        bad.append((pos, where, rid, reason, detail))
 
     # Pass 1: structure.
     checked = []
     seen_ids: dict[str, str] = {}
-    for raw in raws:
+    for pos, raw in enumerate(raws):
         rid = "?"
         if isinstance(raw.record, Mapping) and raw.record.get("id") is not None:
             rid = str(raw.record.get("id"))
@@ -312,16 +331,18 @@ def tokenize_records(
             fail(raw.where, rid, "duplicate_id", f"id {rid!r} already used at {seen_ids[rid]}")
             continue
         seen_ids[rid] = raw.where
-        checked.append((raw.where, rid, prompt, texts, answer))
+        checked.append((pos, raw.where, rid, prompt, texts, answer))
     if bad and on_bad_record == "error":
-        _raise(bad)
+        # Strict mode names the first bad record in input order: the records before the first structural failure
+        # still get the (tokenizer) checks of pass 2, the rest is not tokenized at all.
+        checked = [c for c in checked if c[0] < bad[0][0]]
 
     # Pass 2: render prompts, encode traces, apply budgets.
-    all_texts = [t for c in checked for t in c[3]]
+    all_texts = [t for c in checked for t in c[4]]
     all_ids = iter(_encode_many(tokenizer, all_texts))
     questions: list[TokenizedQuestion] = []
     P, T = layout.max_prompt_len, layout.max_trace_len
-    for where, rid, prompt, texts, answer in checked:
+    for pos, where, rid, prompt, texts, answer in checked:
         trace_ids = [next(all_ids) for _ in texts]
         try:
             ex = tokenization.render_example(tokenizer, prompt, texts[0], tags, None, add_eos=True, example_id=rid,
@@ -351,6 +372,8 @@ def tokenize_records(
             trace_ids=tuple(np.asarray(ids[:T], np.int32) for ids in full),
             truncated=tuple(len(ids) > T for ids in full), answer=answer,
         ))
+    bad.sort(key=lambda b: b[0])
+    bad = [b[1:] for b in bad]
     if bad and on_bad_record == "error":
         _raise(bad)
     for where, rid, reason, detail in bad:
