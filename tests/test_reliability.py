@@ -193,6 +193,15 @@ def test_kill_9_at_random_moments_loses_nothing(tmp_path):
         assert any(t["mid_write"] for t in trials), trials  # at least one kill landed inside a checkpoint write
 
 
+def test_a_finished_run_can_be_started_again(reference, tmp_path):
+    """E.g. killed after its last checkpoint, before the export: the same command just finishes."""
+    wd = tmp_path / "wd"
+    shutil.copytree(reference["workdir"], wd)
+    s = train.run(_cfg(), wd, progress=False)
+    assert s["start_step"] == s["final_step"] == 6 and s["compiles"] == 0
+    assert metrics_log.read_metrics(wd) == reference["records"] and _steps(wd) == [2, 4, 6]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The metrics log after a crash
 # ---------------------------------------------------------------------------------------------------------------

@@ -22,9 +22,12 @@ Pipeline
 Record format: ``{"id": str|int, "question": str | "messages": [{"role", "content"}, ...] (no final assistant
 turn), "traces": [{"text": str, "source": str?}, ...] (1..M, distinct), "answer": any?}``.
 
-Bad records (``REASONS``) are never dropped silently: with ``on_bad_record='error'`` a ``DataError`` names
-``where``, the record id and the reason (and lists the other bad records); with ``'skip'`` they are counted per
-reason in the ``ValidationReport`` (logged with ``logging.warning``). Traces longer than T are truncated to T tokens
+Bad records (``REASONS``) are never dropped silently: with ``on_bad_record='error'`` a ``DataError`` names the
+first bad record in input order (``where``, its id and reason; the message lists others); with ``'skip'`` they are
+counted per reason in the ``ValidationReport`` (logged with ``logging.warning``). A NUL character or a lone surrogate
+is bad whether it is a JSON escape or raw bytes in the file (``nul_byte``, ``lone_surrogate``); other undecodable
+bytes are ``invalid_utf8``. Control-token strings (``<|im_end|>``, ``<think3>``) inside text are valid text and are
+encoded as text. Traces longer than T are truncated to T tokens
 (they then lose their end-of-turn token; counted as ``truncated_traces``) or, with ``overlong='reject'``, make the
 record bad (``trace_over_budget``).
 
