@@ -43,6 +43,7 @@ from configs.demo import get_config  # noqa: E402
 from ssft_jax import data as data_lib  # noqa: E402
 from ssft_jax import losses, mesh as mesh_lib, train, train_step as ts  # noqa: E402
 from ssft_jax.logprobs import token_logprobs  # noqa: E402
+from ssft_jax.memory_plan import memory_figures  # noqa: E402
 from ssft_jax.model import forward, output_embedding  # noqa: E402
 import train_step_variants as V  # noqa: E402
 
@@ -389,19 +390,17 @@ def main(argv=None) -> int:
 
     # ---------------- 3. memory ----------------
     print("\n## 3. Compiled memory per device (`memory_analysis()`, MiB)\n")
-    print("| step | temp | argument | output | alias | generated code | peak (if reported) |")
+    print("| step | temp | argument | output | alias | generated code | peak = arg + out - alias + temp |")
     print("|---|---|---|---|---|---|---|")
     for k in ("sft_mixed", "ssft", "ssft, second_best_gap=False", "ssft, no gap, cost: prompt KV cache"):
         if k not in steps:
             continue
-        m = steps[k]["compiled"].memory_analysis()
+        m = memory_figures(steps[k]["compiled"])  # the same figures `python -m ssft_jax.memory_plan --compile` prints
         if m is None:
             print(f"| {k} | n/a | | | | | |")
             continue
-        peak = getattr(m, "peak_memory_in_bytes", None)
-        print(f"| {k} | {mb(m.temp_size_in_bytes)} | {mb(m.argument_size_in_bytes)} | {mb(m.output_size_in_bytes)} | "
-              f"{mb(m.alias_size_in_bytes)} | {mb(m.generated_code_size_in_bytes)} | "
-              f"{mb(peak) if peak else 'n/a'} |")
+        print(f"| {k} | {mb(m['temp'])} | {mb(m['argument'])} | {mb(m['output'])} | {mb(m['alias'])} | "
+              f"{mb(m['generated_code'])} | {mb(m['peak'])} |")
     del steps
 
     # ---------------- 4. vs PyTorch ----------------

@@ -1,8 +1,15 @@
 """Qwen2.5-32B-Instruct with the paper's SSFT recipe (the paper's model) on a v5p-64 slice (32 chips).
 
-Why this slice: ~16 bytes/param of fp32 weights, Adam moments and gradients = ~525 GB; FSDP 16 x tensor 2 over 32
-chips puts ~16 GB of state on each, and tensor parallelism halves the per-chip activations of the 32k-token rows
-(64 heads / 8 KV heads split over 2). 16 questions per step = one per FSDP group.
+Slice (`python -m ssft_jax.memory_plan --config configs/qwen2p5_32b.py`, per chip, estimate): FSDP 16 x tensor 2
+(40 heads / 8 KV heads / 27648 MLP split over 2) brings the weight state to 25.4 GiB (fp32 parameters 3.82, AdamW
+moments 7.64, gradients 7.64, the update 3.82, gathered layers 2.54), but at the paper's 32k-token rows this config
+does NOT fit v5p's 95 GiB: 143.8 GiB per chip, because the layer scan keeps every layer's input for one question's 4
+training rows (64 x 4 x 32742 x 5120 bf16 = 81.2 GiB) on top of one recomputed layer (12.0) and an attention
+block's backward (18.4). That residual term is per question and batch 16 allows at most 16-way data parallelism,
+so more chips do not remove it (v5p-128 with tensor 4: 116.9 GiB; v5p-256 with tensor 8: 105.1 GiB). What fits:
+rows of ~16k tokens (`--config.data.max_trace_len=15712`: 86.8 GiB, 8.2 GiB headroom, tight) on this v5p-64, or
+sharding the saved residuals over the tensor axis (sequence parallelism; not implemented). The estimate assumes the
+Adam moments and the activations are sharded as intended; `--compile` checks the real step.
 
     python -m ssft_jax.train --config configs/qwen2p5_32b.py:hf_dir=/ckpt/Qwen2.5-32B-Instruct,data=/data/s1k_multi.jsonl \
         --workdir gs://bucket/runs/q32
@@ -14,6 +21,8 @@ def get_config(arg: str = ""):
     a = parse_arg(arg, hf_dir="", data="")
     c = paper_recipe(base_config())
     c.model.hf_dir = a["hf_dir"]
+    c.model.preset = "qwen2.5-32b"  # architecture for ssft_jax.memory_plan when hf_dir is not staged here
+    c.accelerator = "v5p-64"  # the slice this config is sized for (memory_plan's default device count)
     c.data.update(name="jsonl", path=a["data"])
     c.mesh.update(data=1, fsdp=16, tensor=2)
     c.micro_batches = 1

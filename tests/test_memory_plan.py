@@ -1,0 +1,137 @@
+"""ssft_jax.memory_plan: exact parameter accounting, the per-device split over the mesh (8 fake CPU devices, from
+conftest), the --compile path against XLA's memory_analysis(), and the CLI on the 32B config."""
+import importlib.util
+import math
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from ssft_jax import memory_plan as mp
+from ssft_jax import mesh as mesh_lib
+from ssft_jax import model as model_lib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load(name, arg=""):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config(arg)
+
+
+def tiny_cfg():
+    return mp.resolve_model(load("demo", "tiny")).cfg
+
+
+def test_parameter_count_and_bytes_equal_the_abstract_params():
+    cfg = tiny_cfg()
+    shapes, _ = model_lib.abstract_params(cfg)
+    leaves = jax.tree.leaves(shapes)
+    p = mp.parameter_bytes(cfg, dict(data=1, fsdp=1, tensor=1))
+    assert p["count"] == sum(math.prod(x.shape) for x in leaves)
+    assert p["global_bytes"] == sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in leaves)
+    assert p["local_bytes"] == p["global_bytes"]  # one device holds everything
+    plan = mp.make_plan(load("demo", "tiny"), num_devices=1)
+    assert plan.params["count"] == p["count"]
+    rows = dict((name, b) for name, b, _ in plan.rows)
+    assert rows["parameters"] == p["global_bytes"] and rows["optimizer state"] == 2 * p["global_bytes"]
+
+
+def test_presets_are_the_published_qwen25_sizes():
+    counts = {k: mp.parameter_bytes(model_lib.ModelConfig.from_hf(v), dict(data=1, fsdp=1, tensor=1))["count"]
+              for k, v in mp.PRESETS.items()}
+    assert counts == {"qwen2.5-0.5b": 494_032_768, "qwen2.5-7b": 7_615_616_512, "qwen2.5-32b": 32_763_876_352}
+    assert mp.PRESETS["qwen2.5-0.5b"]["tie_word_embeddings"] and not mp.PRESETS["qwen2.5-7b"]["tie_word_embeddings"]
+
+
+@pytest.mark.parametrize("sizes", [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4), (1, 1, 8)])
+def test_per_device_split_matches_the_real_shards(sizes):
+    assert jax.device_count() >= 8
+    cfg = tiny_cfg()  # D=32, 4 heads / 2 KV heads of 8, F=64, vocab ~110: some dims divide, some do not
+    d, f, t = sizes
+    mesh = mesh_lib.make_mesh(d, f, t, devices=jax.devices()[:8])
+    shapes, axes = model_lib.abstract_params(cfg)
+    params = jax.device_put(model_lib.init_params(cfg, 0), mesh_lib.tree_shardings(axes, shapes, mesh))
+    real = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(params))
+    plan = mp.parameter_bytes(cfg, dict(data=d, fsdp=f, tensor=t))
+    assert plan["local_bytes"] == real
+    if (d, f, t) == (8, 1, 1):
+        assert plan["local_bytes"] == plan["global_bytes"]  # data parallel: weights replicated
+    # One leaf by hand: q_proj [L, D, H, Dh] is split D over fsdp and H over tensor (when they divide).
+    L, D, H, Dh = shapes["layers"]["q_proj"].shape
+    expect = L * (D // f if D % f == 0 else D) * (H // t if H % t == 0 else H) * Dh * 4
+    assert mp.local_bytes((L, D, H, Dh), "float32", axes["layers"]["q_proj"], dict(data=d, fsdp=f, tensor=t)) == expect
+    # 2 KV heads do not divide over tensor=4 or 8: replicated (as mesh.logical_to_spec does), not split.
+    kv = mp.local_bytes(shapes["layers"]["k_proj"].shape, "float32", axes["layers"]["k_proj"],
+                        dict(data=d, fsdp=f, tensor=t))
+    _, _, K, _ = shapes["layers"]["k_proj"].shape
+    assert kv == L * (D // f if D % f == 0 else D) * (K // t if K % t == 0 else K) * Dh * 4
+
+
+def test_plan_divides_the_batch_and_rows_by_the_mesh():
+    c = load("demo", "tiny")
+    c.batch_size = 8
+    c.mesh.update(data=2, fsdp=2, tensor=2)
+    plan = mp.make_plan(c)
+    d = plan.dims
+    assert plan.num_devices == 8 and d["dp"] == 4 and d["b"] == 2
+    assert d["R"] == d["P"] + d["N"] * d["M"] * (d["Lt"] + d["Le"]) and d["S"] == d["P"] + d["Lt"] + d["T"]
+    single = mp.make_plan(load("demo", "tiny"), num_devices=1)
+    # Twice the questions per device (4 vs 2) -> twice the train-row activations saved for the backward.
+    assert single.dims["b"] == 4
+    assert single.train_pass["saved for backward"] == pytest.approx(2 * plan.train_pass["saved for backward"])
+
+
+def _run_cli(*args, env_extra=None, timeout=600):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu", **(env_extra or {})}
+    p = subprocess.run([sys.executable, "-m", "ssft_jax.memory_plan", *args], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, p.stdout + p.stderr
+    return p.stdout
+
+
+def test_compile_path_reports_xla_within_a_sane_factor():
+    out = _run_cli(f"--config={ROOT / 'configs' / 'demo.py'}:tiny", "--config.batch_size=8", "--config.mesh.data=2",
+                   "--config.mesh.fsdp=2", "--config.mesh.tensor=2", "--compile",
+                   env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+    assert "XLA memory_analysis() of the compiled train step" in out, out
+    m = re.search(r"^\s+peak\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$", out, re.M)
+    assert m, out
+    xla, est, ratio = map(float, m.groups())
+    assert xla > 0 and est > 0
+    assert 1 / 3 <= ratio <= 3, out
+    temp = re.search(r"^\s+temp\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$", out, re.M)
+    assert temp and 1 / 3 <= float(temp.group(3)) <= 3, out
+    assert "VERDICT: fits on" in out
+
+
+def test_cli_32b_without_compiling_prints_a_verdict():
+    out = _run_cli(f"--config={ROOT / 'configs' / 'qwen2p5_32b.py'}", timeout=300)
+    assert "32.764B parameters" in out and "preset qwen2.5-32b" in out
+    assert "mesh: data=1 fsdp=16 tensor=2 = 32 devices" in out
+    assert re.search(r"^VERDICT \(v5p-64\): (fits on v5p \(HBM 95 GiB\) with [\d.]+ GiB headroom|does not fit on v5p)",
+                     out, re.M), out
+    for chip in mp.CHIPS:
+        assert re.search(rf"^\s+{chip}\s+(fits|does not fit) on {chip}", out, re.M)
+
+
+def test_accelerator_names_and_refusals():
+    assert mp.accelerator_chips("v5p-32") == ("v5p", 16)
+    assert mp.accelerator_chips("v4-8") == ("v4", 4)
+    assert mp.accelerator_chips("v5litepod-16") == ("v5e", 16)
+    assert mp.accelerator_chips("v6e-8") == ("v6e", 8)
+    with pytest.raises(mp.PlanError, match="v9"):
+        mp.accelerator_chips("v9-8")
+    c = load("qwen2p5_7b", "hf_dir=/nonexistent")
+    c.model.preset = ""
+    with pytest.raises(mp.PlanError, match="model.preset"):
+        mp.make_plan(c)
+    assert "fits on v5p (HBM 95 GiB) with 5.0 GiB headroom (tight" in mp.verdict(90 * mp.GiB, "v5p")
+    assert mp.verdict(17 * mp.GiB, "v5e").startswith("does not fit on v5e (HBM 16 GiB)")
