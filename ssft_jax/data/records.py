@@ -93,8 +93,8 @@ def read_jsonl(path: str | os.PathLike) -> list[RawRecord]:
                 m = _ENCODED_SURROGATE_RE.search(raw)
                 if m:
                     cp = 0xD000 | ((raw[m.start() + 1] & 0x3F) << 6) | (raw[m.start() + 2] & 0x3F)
-                    out.append(RawRecord(where, reason="lone_surrogate",
-                                         detail=f"surrogate U+{cp:04X} encoded as bytes at byte {m.start()} of the line"))
+                    detail = f"surrogate U+{cp:04X} encoded as bytes at byte {m.start()} of the line"
+                    out.append(RawRecord(where, reason="lone_surrogate", detail=detail))
                 else:
                     out.append(RawRecord(where, reason="invalid_utf8", detail=str(e)))
                 continue
