@@ -562,15 +562,9 @@ def abstract_train_inputs(config, cfg, tag_len: int, mesh):
     shardings = mesh_lib.tree_shardings(axes, shapes, mesh)
     params = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), shapes, shardings)
     optimizer = ts.make_optimizer(config.optim, config.num_steps or 1000)
-    init = jax.jit(optimizer.init).lower(params).compile()
     replicated = NamedSharding(mesh, PartitionSpec())
-
-    def on_mesh(sh):
-        return sh if isinstance(sh, NamedSharding) and sh.mesh == mesh else replicated
-
-    opt_shapes = jax.eval_shape(optimizer.init, params)
-    opt_state = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on_mesh(sh)),
-                             opt_shapes, init.output_shardings)
+    opt_state = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                             jax.eval_shape(optimizer.init, params), ts.opt_state_shardings(optimizer, params, mesh))
     scalar = lambda dt: jax.ShapeDtypeStruct((), dt, sharding=replicated)
     rng = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
     state = {"params": params, "opt_state": opt_state, "step": scalar(jnp.int32),

@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ssft_jax.mesh import constrain_rows
+
 Params = dict[str, Any]
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
@@ -424,6 +426,7 @@ def forward(
 
     def layer(h, xs):
         lp, ck, cv = xs
+        h = constrain_rows(h)  # rows stay split over data*fsdp under FSDP (see mesh.constrain_rows)
         cache_kv = (ck, cv, start) if ck is not None else None
         a, new_kv = _attention(cfg, lp, rms_norm(h, lp["attn_norm"], cfg.rms_norm_eps), positions,
                                segment_ids, kv_seg, q_slots, kv_slots, cache_kv, dtype, prefix_segment_ids)

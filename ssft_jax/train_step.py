@@ -44,11 +44,22 @@ def make_optimizer(optim, num_steps: int) -> optax.GradientTransformation:
     )
 
 
+def opt_state_shardings(optimizer: optax.GradientTransformation, params: Params, mesh: jax.sharding.Mesh):
+    """Shardings of the optimizer state: every parameter-shaped copy (Adam's mu and nu) sharded like the parameters,
+    everything else (counts) replicated. Passed as `out_shardings` to the jitted init: left to the partitioner,
+    `zeros_like` outputs depend on no sharded input and come out replicated, a full copy of both moments per device.
+    """
+    param_shardings = jax.tree.map(lambda x: x.sharding, params)
+    replicated = NamedSharding(mesh, P())
+    return optax.tree_map_params(optimizer, lambda _, sh: sh, jax.eval_shape(optimizer.init, params), param_shardings,
+                                 transform_non_params=lambda _: replicated,
+                                 is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+
+
 def init_state(params: Params, optimizer: optax.GradientTransformation, seed: int, mesh: jax.sharding.Mesh) -> State:
-    """Optimizer state is created by a jitted init, so its moments inherit the parameters' shardings; everything
-    not already on the mesh (counters, RNG) is replicated on it, so the step's input and output shardings match and
-    it compiles once."""
-    opt_state = jax.jit(optimizer.init)(params)
+    """Optimizer moments sharded like the parameters (`opt_state_shardings`); everything not already on the mesh
+    (counters, RNG) is replicated on it, so the step's input and output shardings match and it compiles once."""
+    opt_state = jax.jit(optimizer.init, out_shardings=opt_state_shardings(optimizer, params, mesh))(params)
     state = {
         "params": params,
         "opt_state": opt_state,
@@ -187,8 +198,13 @@ def jit_train_step(step_fn, state: State, batch_example: dict, mesh: jax.shardin
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
     batch_shardings = jax.tree.map(lambda x: mesh_lib.batch_sharding(mesh, x.ndim), batch_example)
     replicated = NamedSharding(mesh, P())
+
+    def step_on_mesh(*args):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # for mesh.constrain_rows inside the model
+            return step_fn(*args)
+
     return jax.jit(
-        step_fn,
+        step_on_mesh,
         in_shardings=(state_shardings, batch_shardings, replicated, replicated),
         out_shardings=(state_shardings, replicated),
         donate_argnums=(0,),
