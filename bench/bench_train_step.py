@@ -455,29 +455,39 @@ def torch_vs_jax(S, rows, args, torch):
     chunk = S["config"].model.logprob_chunk
     jrows = {k: jnp.asarray(v) for k, v in cr.items()}
 
-    def loss_fn(p, r):
-        h = forward(cfg, p, r["tokens"], r["attention"], r["positions"], return_hidden=True)
-        logp = token_logprobs(h, output_embedding(cfg, p), r["targets"], chunk_size=chunk)
-        m = r["loss"].astype(jnp.float32)
-        return -(logp * m).sum() / jnp.maximum(m.sum(), 1.0)
+    def make_jax_step(cfg):
+        def loss_fn(p, r):
+            h = forward(cfg, p, r["tokens"], r["attention"], r["positions"], return_hidden=True)
+            logp = token_logprobs(h, output_embedding(cfg, p), r["targets"], chunk_size=chunk)
+            m = r["loss"].astype(jnp.float32)
+            return -(logp * m).sum() / jnp.maximum(m.sum(), 1.0)
 
-    @jax.jit
-    def jax_step(p, o, r):
-        loss, g = jax.value_and_grad(loss_fn)(p, r)
-        u, o = opt.update(g, o, p)
-        return optax.apply_updates(p, u), o, loss
+        @jax.jit
+        def jax_step(p, o, r):
+            loss, g = jax.value_and_grad(loss_fn)(p, r)
+            u, o = opt.update(g, o, p)
+            return optax.apply_updates(p, u), o, loss
+        return jax_step
 
-    jbox = {"p": jax.tree.map(jnp.copy, S["params"])}
-    jbox["o"] = opt.init(jbox["p"])
-    t0 = time.perf_counter()
-    compiled = jax_step.lower(jbox["p"], jbox["o"], jrows).compile()
-    jcompile = time.perf_counter() - t0
+    # Two of ours: the config's remat policy (what the trainer runs) and no remat (the same work as torch, which
+    # stores every activation for the backward pass).
+    variants = {f"jax (remat={cfg.remat})": cfg}
+    if cfg.remat != "none":
+        variants["jax (remat=none)"] = cfg.replace(remat="none")
     losses_first = {}
+    runners, jcompile = {}, {}
+    for name, vcfg in variants.items():
+        box = {"p": jax.tree.map(jnp.copy, S["params"])}
+        box["o"] = opt.init(box["p"])
+        t0 = time.perf_counter()
+        compiled = make_jax_step(vcfg).lower(box["p"], box["o"], jrows).compile()
+        jcompile[name] = time.perf_counter() - t0
 
-    def jrun():
-        jbox["p"], jbox["o"], loss = compiled(jbox["p"], jbox["o"], jrows)
-        block(jbox["p"])
-        losses_first.setdefault("jax", float(loss))
+        def jrun(box=box, compiled=compiled, name=name):
+            box["p"], box["o"], loss = compiled(box["p"], box["o"], jrows)
+            block(box["p"])
+            losses_first.setdefault(name, float(loss))
+        runners[name] = jrun
 
     def trun():
         loss = torch_step()
@@ -485,22 +495,25 @@ def torch_vs_jax(S, rows, args, torch):
 
     # Blocks of 3 calls per framework per round: the two runtimes' thread pools hand over the 2 cores less often.
     per = 1 if args.quick else 3
-    times = interleaved({"jax": jrun, "torch": trun}, args.torch_steps, args.warmup if args.quick else max(args.warmup, 3),
-                        per_round=per)
-    tj, tt = med(times["jax"]), med(times["torch"])
+    times = interleaved({**runners, "torch": trun}, args.torch_steps,
+                        args.warmup if args.quick else max(args.warmup, 3), per_round=per)
+    first = next(iter(variants))
     print(f"rows: {nrows} contiguous right-padded rows x {S_len} slots (batch 0's sft_mixed rows); {real} real tokens, "
           f"{loss_tok} loss tokens; AdamW lr {lr} betas (0.9, 0.999) eps 1e-8 wd {wd}; fp32; torch threads "
-          f"{torch.get_num_threads()}, sdpa attention; JAX compile {jcompile:.1f}s (excluded)")
-    print(f"same weights: initial loss jax {losses_first['jax']:.6f} vs torch {losses_first['torch']:.6f}"
+          f"{torch.get_num_threads()}, sdpa attention; JAX compile "
+          + ", ".join(f"{k} {v:.1f}s" for k, v in jcompile.items()) + " (excluded)")
+    print(f"same weights: initial loss jax {losses_first[first]:.6f} vs torch {losses_first['torch']:.6f}"
           + ("" if cfg.attention_bias else "; transformers' Qwen2 always has q/k/v biases, our config has none: "
              "torch's start at zero (hence the equal losses) and are trained, a negligible extra")
           + "\n")
-    print(f"| framework | step ms (median of {args.torch_steps} rounds x {per}) | loss tokens/s | real tokens/s | slot tokens/s |")
-    print("|---|---|---|---|---|")
-    for k, t in (("JAX (ours, jitted)", tj), ("PyTorch transformers Qwen2 eager", tt)):
-        print(f"| {k} | {t * 1e3:.1f} | {loss_tok / t:,.0f} | {real / t:,.0f} | {nrows * S_len / t:,.0f} |")
-    print(f"\nthroughput ratio JAX / PyTorch (median of per-round time ratios torch/jax): "
-          f"{ratio(times['torch'], times['jax']):.2f}x")
+    print(f"| framework | step ms (median of {args.torch_steps} rounds x {per}) | loss tokens/s | real tokens/s | "
+          "slot tokens/s | throughput / torch (median per-round ratio) |")
+    print("|---|---|---|---|---|---|")
+    for k in (*variants, "torch"):
+        t = med(times[k])
+        label = "PyTorch transformers Qwen2 eager" if k == "torch" else f"JAX (ours, jitted), {k[5:-1]}"
+        print(f"| {label} | {t * 1e3:.1f} | {loss_tok / t:,.0f} | {real / t:,.0f} | {nrows * S_len / t:,.0f} | "
+              f"{ratio(times['torch'], times[k]):.2f}x |")
 
 
 if __name__ == "__main__":

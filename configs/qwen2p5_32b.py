@@ -11,6 +11,10 @@ rows of ~16k tokens (`--config.data.max_trace_len=15712`: 86.8 GiB, 8.2 GiB head
 sharding the saved residuals over the tensor axis (sequence parallelism; not implemented). The estimate assumes the
 Adam moments and the activations are sharded as intended; `--compile` checks the real step.
 
+So this config defaults to the rows that fit its slice: traces up to 15712 tokens (P + Lt + T = 16742-token rows;
+longer traces are truncated and counted, see data.overlong). `:max_trace_len=31712` gives the paper's 32k rows, for
+a slice with more HBM per chip or once saved residuals are sequence-sharded.
+
     python -m ssft_jax.train --config configs/qwen2p5_32b.py:hf_dir=/ckpt/Qwen2.5-32B-Instruct,data=/data/s1k_multi.jsonl \
         --workdir gs://bucket/runs/q32
 """
@@ -18,8 +22,9 @@ from ssft_jax.config import base_config, paper_recipe, parse_arg
 
 
 def get_config(arg: str = ""):
-    a = parse_arg(arg, hf_dir="", data="")
+    a = parse_arg(arg, hf_dir="", data="", max_trace_len="15712")
     c = paper_recipe(base_config())
+    c.data.max_trace_len = int(a["max_trace_len"])  # see the docstring: 32k rows do not fit a v5p-64
     c.model.hf_dir = a["hf_dir"]
     c.model.preset = "qwen2.5-32b"  # architecture for ssft_jax.memory_plan when hf_dir is not staged here
     c.accelerator = "v5p-64"  # the slice this config is sized for (memory_plan's default device count)
