@@ -6,7 +6,12 @@ overrides any field with `--config.a.b=value`.
 """
 from __future__ import annotations
 
+import importlib.util
+import pathlib
+
 import ml_collections
+
+CONFIGS_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
 METHODS = ("ssft", "random", "sft_mixed", "fixed")
 
@@ -115,6 +120,22 @@ def parse_inject_nonfinite(spec: str) -> list[tuple[str, int, int | None, float]
                 f"K-J or K+ (K >= 1) and value in {tuple(INJECT_VALUES)}") from None
         rules.append((parts[0], first, last, value))
     return rules
+
+
+def load_config(name: str, arg: str = "") -> ml_collections.ConfigDict:
+    """`get_config(arg)` of a config file: a name in the repository's `configs/` ("demo", "qwen2p5_7b") or a path.
+
+    What the CLI's `--config configs/X.py:arg` does, for code (the demo, notebooks, tests) that builds configs
+    without absl flags."""
+    path = pathlib.Path(name)
+    if path.suffix != ".py":
+        path = CONFIGS_DIR / f"{name}.py"
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    spec = importlib.util.spec_from_file_location(f"configs.{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
 
 
 def parse_arg(arg: str, **defaults: str) -> dict[str, str]:

@@ -13,9 +13,7 @@ every generation, which gives the tag -> strategy matrix and the mutual informat
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import math
 import pathlib
 import shutil
 import time
@@ -23,19 +21,12 @@ from typing import Any
 
 import numpy as np
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 METHODS = ("sft_mixed", "random", "ssft")
 TEMPERATURES = (0.0, 0.5, 1.0)
 
 
-def load_config(name: str, arg: str = ""):
-    spec = importlib.util.spec_from_file_location(f"configs.{name}", ROOT / "configs" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config(arg)
-
-
 def demo_config(quick: bool, steps: int | None):
+    from ssft_jax.config import load_config
     c = load_config("demo", "tiny" if quick else "")
     c.mesh.update(data=1, fsdp=1, tensor=1, num_devices=1)  # one CPU device: fake devices would only slow it down
     if steps:
@@ -187,12 +178,12 @@ def run_synthetic(args) -> dict[str, Any]:
 def run_real(args) -> dict[str, Any]:
     """SmolLM2-135M on GSM8K multi-trace questions for a few steps: what that budget can honestly show is the training
     signal (loss), the matching diagnostics and tag usage, not accuracy."""
-    from ssft_jax import train
+    from ssft_jax import config as config_lib, train
 
     out = pathlib.Path(args.out) / "real"
     rows = {}
     for method in args.methods:
-        c = load_config("smollm2_gsm8k")
+        c = config_lib.load_config("smollm2_gsm8k")
         c.mesh.update(data=1, num_devices=1)
         c.ssft.method = method
         c.export_hf = False

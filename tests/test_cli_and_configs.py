@@ -1,5 +1,4 @@
 """configs/*.py, the `python -m ssft_jax.train` CLI, and SIGTERM (preemption) handling."""
-import importlib.util
 import json
 import os
 import pathlib
@@ -16,10 +15,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def load(name, arg=""):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config(arg)
+    return config_lib.load_config(name, arg)
 
 
 @pytest.mark.parametrize("name,devices", [("demo", 1), ("smollm2_gsm8k", 1), ("qwen2p5_0p5b", 4),

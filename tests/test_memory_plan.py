@@ -1,6 +1,5 @@
 """ssft_jax.memory_plan: exact parameter accounting, the per-device split over the mesh (8 fake CPU devices, from
 conftest), the --compile path against XLA's memory_analysis(), and the CLI on the 32B config."""
-import importlib.util
 import math
 import os
 import pathlib
@@ -12,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 
+from ssft_jax import config as config_lib
 from ssft_jax import memory_plan as mp
 from ssft_jax import mesh as mesh_lib
 from ssft_jax import model as model_lib
@@ -20,10 +20,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def load(name, arg=""):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config(arg)
+    return config_lib.load_config(name, arg)
 
 
 def tiny_cfg():

@@ -15,7 +15,6 @@ SSFT_CHAOS_TRIALS sets the number of kill -9 trials (default 4: what CI runs), S
 """
 import collections
 import errno
-import importlib.util
 import json
 import os
 import pathlib
@@ -50,10 +49,7 @@ SEED = int(os.environ.get("SSFT_CHAOS_SEED", "0"))
 
 
 def demo_config(arg="tiny"):
-    spec = importlib.util.spec_from_file_location("demo_cfg", ROOT / "configs" / "demo.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config(arg)
+    c = config_lib.load_config("demo", arg)
     c.mesh.update(data=1, fsdp=1, tensor=1, num_devices=1)
     return c
 

@@ -1,5 +1,4 @@
 """The SSFT trainer end to end on the tiny demo config: methods, diagnostics, sharding, compile-once, resume."""
-import importlib.util
 import json
 import pathlib
 
@@ -15,10 +14,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def demo_config(arg="tiny"):
-    spec = importlib.util.spec_from_file_location("demo_cfg", ROOT / "configs" / "demo.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config(arg)
+    c = config_lib.load_config("demo", arg)
     c.mesh.update(data=1, fsdp=1, tensor=1, num_devices=1)
     return c
 
