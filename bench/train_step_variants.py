@@ -7,8 +7,8 @@ all ``R = P + N*M*W`` slots (masked to prompt + own block). The two alternatives
 
 * ``repeated``: N*M rows of ``P + W`` (the prompt copied into every row): more tokens through the MLPs
   (``N*M*(P+W)`` vs ``P + N*M*W``) but attention ``N*M*(P+W)^2`` instead of ``R^2``.
-* ``prefix_cache``: the prompt is run once into a KV cache (``model.forward(..., cache=...)``), the cache is
-  broadcast to the N*M blocks, and each block row (``W`` queries) attends to ``P + W`` keys: linear tokens
+* ``prefix_cache`` (in the library as ``ssft.cost_layout="prefix_cache"``): the prompt is run once into a KV cache
+  (``model.forward(..., cache=...)``), the cache is broadcast to the N*M blocks, and each block row (``W`` queries) attends to ``P + W`` keys: linear tokens
   ``P + N*M*W`` (as the packed row) AND attention ``N*M*W*(P+W)`` (the prompt-sharing ideal).
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ import numpy as np
 from ssft_jax import data as data_lib
 from ssft_jax import losses
 from ssft_jax.logprobs import token_logprobs
-from ssft_jax.model import forward, init_cache, output_embedding
+from ssft_jax.model import forward, output_embedding
 
 
 def _blocks(x, P, K, W):
@@ -50,22 +50,8 @@ def cost_matrix_repeated(cfg, params, cv, N, M, *, P, W, chunk_size=1024):
 
 
 def cost_matrix_prefix_cache(cfg, params, cv, N, M, *, P, W, chunk_size=1024):
-    """Same C as `losses.cost_matrix`: prompt once into a KV cache, then the N*M blocks as rows reading it."""
-    params = jax.lax.stop_gradient(params)
-    K = N * M
-    B = cv["tokens"].shape[0]
-    cache = init_cache(cfg, B, P + W)
-    _, cache = forward(cfg, params, cv["tokens"][:, :P], cv["segment_ids"][:, :P], cv["positions"][:, :P],
-                       cache=cache, return_hidden=True)
-    cache = {k: jnp.repeat(v, K, axis=1 if k in ("k", "v") else 0) for k, v in cache.items()}
-    seg = (_blocks(cv["segment_ids"], P, K, W) != 0).astype(jnp.int32)  # prompt segment is 1 too
-    hidden, _ = forward(cfg, params, _blocks(cv["tokens"], P, K, W), seg, _blocks(cv["positions"], P, K, W),
-                        cache=cache, return_hidden=True)
-    logp = token_logprobs(hidden, output_embedding(cfg, params), _blocks(cv["targets"], P, K, W),
-                          chunk_size=chunk_size)
-    nll = (-logp * _blocks(cv["loss_mask"], P, K, W).astype(jnp.float32)).reshape(B, K * W)
-    nll = jnp.concatenate([jnp.zeros((B, P), jnp.float32), nll], 1)
-    return jax.lax.stop_gradient(data_lib.cost_matrix_from_token_nll(nll, cv, N, M))
+    """Same C as `losses.cost_matrix` (packed): the library's prefix-cache layout (`ssft.cost_layout`)."""
+    return losses.cost_matrix(cfg, params, cv, N, M, chunk_size, layout="prefix_cache", prompt_len=P, block_len=W)
 
 
 COST_IMPLS = {"packed": None, "repeated": cost_matrix_repeated, "prefix_cache": cost_matrix_prefix_cache}

@@ -46,6 +46,7 @@ def base_config() -> ml_collections.ConfigDict:
         max_traces=4,         # M
         cost_prefix_len=1000,  # L: tokens of each trace scored for the cost matrix
         matcher="auto",       # matching.match method
+        cost_layout="packed",  # packed | prefix_cache: how the cost pass runs (losses.cost_matrix; same C)
         tag_mode="text",      # text | special
         skip_invalid_questions=True,  # a question whose cost matrix is not finite is dropped from the step
         second_best_gap=True,  # diagnostics: exact gap to the second-best assignment (M extra tiny solves)
@@ -175,6 +176,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
     if s.max_traces > s.num_tags and s.method != "sft_mixed":
         raise ConfigError(
             f"ssft.max_traces (M={s.max_traces}) > ssft.num_tags (N={s.num_tags}): each trace needs its own tag")
+    if s.get("cost_layout", "packed") not in ("packed", "prefix_cache"):
+        raise ConfigError(f"ssft.cost_layout={s.cost_layout!r}: expected 'packed' or 'prefix_cache'")
     if s.tag_mode not in ("text", "special"):
         raise ConfigError(f"ssft.tag_mode={s.tag_mode!r}: expected 'text' or 'special'")
     if s.cost_prefix_len < 1:

@@ -63,6 +63,8 @@ head(r, n, c)   the chunked log-softmax (`logprobs.token_logprobs`): min(logprob
 (a) cost pass   no-grad forward over b rows of R tokens:
                 b*R*2*D*a (residual + normed input) + max(b*R*attn_tok + scores(b, R, 2), b*R*mlp_tok)
                 + head(b, R, 2)
+                with ssft.cost_layout='prefix_cache', over b*N*M rows of W = Lt + Le queries reading P + W keys: the
+                KV cache 2*nl*b*N*M*(P + W)*K_t*Dh*a + the same terms with b*N*M*W tokens, scores of [q, P + W]
 (b) train pass  forward + backward over r = b*M rows of S tokens:
                 saved + stored + max(r*S*(H_t + 2*K_t)*Dh*a + scores(r, S, 3), r*S*(mlp_tok + D*(a + 4)))
                 + r*S*D*(a + 4) (the residual's cotangent) + head(r, S, 3), with, by `model.remat`:
@@ -384,11 +386,23 @@ def make_plan(config, *, num_devices: int | None = None, tag_len: int | None = N
                          f"model.attention_chunk)")
 
     # (a) the cost pass: no-grad forward, one layer live at a time.
-    cost_attn = b * R * attn_tok + scores(b, R, 2)
-    cost_mlp = b * R * mlp_tok
-    cost = {"residual + normed input": b * R * 2 * D * a,
-            f"layer peak ({'attention' if cost_attn >= cost_mlp else 'MLP'} phase)": max(cost_attn, cost_mlp),
-            "head (log-softmax chunk)": head(b, R, 2)}
+    if s.get("cost_layout", "packed") == "prefix_cache":
+        # The prompt's KV cache for every layer, repeated to the N*M block rows (b*K rows of W queries reading
+        # P + W keys); the prompt's own pass is the smaller of the two.
+        W, Kp = Lt + Le, N * M
+        q = chunk if _chunked(chunk, W) else W
+        cost_attn = b * Kp * W * attn_tok + b * Kp * Ht * q * (P + W) * (8 + a) + b * Kp * q * (P + W)
+        cost_mlp = b * Kp * W * mlp_tok
+        cost = {"KV cache, repeated to N*M rows": 2 * nl * b * Kp * (P + W) * Kt * Dh * a,
+                "residual + normed input": b * Kp * W * 2 * D * a,
+                f"layer peak ({'attention' if cost_attn >= cost_mlp else 'MLP'} phase)": max(cost_attn, cost_mlp),
+                "head (log-softmax chunk)": head(b * Kp, W, 2)}
+    else:
+        cost_attn = b * R * attn_tok + scores(b, R, 2)
+        cost_mlp = b * R * mlp_tok
+        cost = {"residual + normed input": b * R * 2 * D * a,
+                f"layer peak ({'attention' if cost_attn >= cost_mlp else 'MLP'} phase)": max(cost_attn, cost_mlp),
+                "head (log-softmax chunk)": head(b, R, 2)}
     cost["total"] = sum(cost.values())
     # (b) the train rows: forward + backward, one layer's backward live at a time.
     r = b * M
@@ -549,8 +563,9 @@ def memory_figures(compiled) -> dict[str, float] | None:
 
 
 def abstract_train_inputs(config, cfg, tag_len: int, mesh):
-    """(state, batch, tag_table, tag_lengths) as sharded `jax.ShapeDtypeStruct`s, exactly as `train.run` builds
-    them (parameters and moments with their logical shardings, counters replicated, batch rows over data*fsdp)."""
+    """(optimizer, state, batch, tag_table, tag_lengths, layout): the step's inputs as sharded
+    `jax.ShapeDtypeStruct`s, exactly as `train.run` builds them (parameters and moments with their logical
+    shardings, counters replicated, batch rows over data*fsdp), and the LayoutConfig behind the batch."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec
@@ -585,7 +600,7 @@ def abstract_train_inputs(config, cfg, tag_len: int, mesh):
                                                         sharding=mesh_lib.batch_sharding(mesh, np.ndim(x) + 1)), one)
     tbl = jax.ShapeDtypeStruct(table.shape, table.dtype, sharding=replicated)
     lns = jax.ShapeDtypeStruct(lengths.shape, lengths.dtype, sharding=replicated)
-    return optimizer, state, batch, tbl, lns
+    return optimizer, state, batch, tbl, lns, layout
 
 
 def shard_bytes(tree) -> int:
@@ -604,9 +619,10 @@ def compile_train_step(config, cfg, tag_len: int, mesh, *, return_state: bool = 
     inputs: no weights or data are needed. Returns the compiled executable (and the abstract state)."""
     from ssft_jax import train_step as ts
 
-    optimizer, state, batch, table, lengths = abstract_train_inputs(config, cfg, tag_len, mesh)
+    optimizer, state, batch, table, lengths, layout = abstract_train_inputs(config, cfg, tag_len, mesh)
     step_fn = ts.make_train_step(cfg, config.ssft, optimizer, micro_batches=config.micro_batches,
-                                 logprob_chunk=config.model.logprob_chunk)
+                                 logprob_chunk=config.model.logprob_chunk,
+                                 cost_dims=(layout.max_prompt_len, layout.pair_block_len))
     jitted = ts.jit_train_step(step_fn, state, batch, mesh)
     compiled = jitted.lower(state, batch, table, lengths).compile()
     return (compiled, state) if return_state else compiled

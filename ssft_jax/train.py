@@ -201,7 +201,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
     iterator.set_state(position)
     step_fn = ts.make_train_step(cfg, config.ssft, optimizer, micro_batches=config.micro_batches,
                                  logprob_chunk=config.model.logprob_chunk,
-                                 inject_nonfinite=config.get("debug", {}).get("inject_nonfinite", ""))
+                                 inject_nonfinite=config.get("debug", {}).get("inject_nonfinite", ""),
+                                 cost_dims=(layout.max_prompt_len, layout.pair_block_len))
     train_step = ts.jit_train_step(step_fn, state, to_global(first, mesh), mesh)
     table_d, lengths_d = jnp.asarray(table), jnp.asarray(lengths)
 

@@ -100,11 +100,16 @@ def _injector(spec: str):
 
 
 def make_train_step(model_cfg: ModelConfig, ssft, optimizer: optax.GradientTransformation, *, micro_batches: int,
-                    logprob_chunk: int = 1024, inject_nonfinite: str = ""
+                    logprob_chunk: int = 1024, inject_nonfinite: str = "",
+                    cost_dims: tuple[int, int] | None = None
                     ) -> Callable[[State, dict, jax.Array, jax.Array], tuple[State, dict]]:
     """The pure step `(state, batch, tag_table, tag_lengths) -> (state, metrics)`; jit it with `jit_train_step`.
 
+    cost_dims: (P, W) of the cost row (`LayoutConfig.max_prompt_len`, `.pair_block_len`), needed by
+    `ssft.cost_layout='prefix_cache'` (see `losses.cost_matrix`).
     inject_nonfinite: test-only faults (see `config.parse_inject_nonfinite`); empty in real runs."""
+    cost_layout = ssft.get("cost_layout", "packed")
+    prompt_len, block_len = cost_dims if cost_dims is not None else (None, None)
     N, M = ssft.num_tags, ssft.max_traces
     method = ssft.method
     need_costs = method == "ssft" or ssft.get("baseline_costs", False)
@@ -113,7 +118,8 @@ def make_train_step(model_cfg: ModelConfig, ssft, optimizer: optax.GradientTrans
     def micro_step(params, mb, rng, tag_table, tag_lengths, step_no, micro_index):
         tag_valid, trace_valid = mb["cost"]["tag_valid"], mb["train"]["trace_valid"]
         if need_costs:
-            cost = losses.cost_matrix(model_cfg, params, mb["cost"], N, M, logprob_chunk)
+            cost = losses.cost_matrix(model_cfg, params, mb["cost"], N, M, logprob_chunk, layout=cost_layout,
+                                      prompt_len=prompt_len, block_len=block_len)
         else:  # baselines need no cost pass: that is the step-time difference the paper's cost analysis is about
             cost = jnp.zeros(tag_valid.shape + (M,), jnp.float32)
         if inject is not None:  # C[0, 0, 0] of the step's first question (tag 0 and trace 0 are always valid)

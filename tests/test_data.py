@@ -487,3 +487,26 @@ def test_sharding_and_static_shapes(tok):
         D.make_iterator(qs, cfg, table, lengths, process_index=2, process_count=2)
     counts = D.batch_token_counts(next(D.make_iterator(qs, cfg, table, lengths, epochs=1)))
     assert 0 < counts["train_loss_tokens"] < counts["train_real"] < counts["train_slots"]
+
+
+def test_prefix_cache_cost_layout_equals_packed(tok):
+    """`ssft.cost_layout='prefix_cache'` (prompt once into a KV cache, read by N*M block rows) gives the packed
+    row's C, with the same +inf where a trace is padding, and so the same optimal assignment."""
+    from ssft_jax import losses
+
+    tags, cfg, qs, _, table, lengths = _setup(tok, n_tags=3, n_traces=2, L=5, P=56, T=24, n=2, B=2)
+    N, M = cfg.num_tags, cfg.num_traces
+    mcfg = Mdl.ModelConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    params = jax.tree.map(lambda x: x * 3.0, Mdl.init_params(mcfg, seed=3))
+    cv = next(D.make_iterator(qs, cfg, table, lengths, shuffle=False, epochs=1))["cost"]
+    cost = jax.jit(lambda cv, layout: losses.cost_matrix(mcfg, params, cv, N, M, layout=layout,
+                                                         prompt_len=cfg.max_prompt_len, block_len=cfg.pair_block_len),
+                   static_argnums=1)
+    packed, cached = np.asarray(cost(cv, "packed")), np.asarray(cost(cv, "prefix_cache"))
+    fin = np.isfinite(packed)
+    assert (~fin).any() and np.array_equal(fin, np.isfinite(cached)) and np.isposinf(cached[~fin]).all()
+    np.testing.assert_allclose(cached[fin], packed[fin], atol=1e-5, rtol=0)
+    assert np.ptp(packed[fin]) > 1e-2  # costs that differ: the comparison means something
+    with pytest.raises(ValueError, match="prompt_len"):
+        losses.cost_matrix(mcfg, params, cv, N, M, layout="prefix_cache", prompt_len=cfg.max_prompt_len, block_len=1)
