@@ -57,6 +57,9 @@ def evaluate_method(run: dict, method: str, heldout: list[dict], *, temperatures
         m = res.metrics
         per_temp[temp] = {
             "pass@1_think1": m["pass@1"]["value"],
+            # The paper's alternative: the tag matched most often in training (for sft_mixed, its one tag).
+            "pass@1_coverage": m["pass@1_coverage"]["value"],
+            "coverage_tag": m["pass@1_coverage"]["tag"],
             "cons@N_native": m["cons@N_native"],
             "pass@N": m["pass@k"][str(run["tags"].n)],
             "distinct_strategies": distinct_strategies(res.generations, run["tags"].n),
@@ -71,12 +74,14 @@ def evaluate_method(run: dict, method: str, heldout: list[dict], *, temperatures
 
 
 def markdown_table(results: dict[str, Any], num_traces: int, temp: float) -> str:
-    head = ("| method | Pass@1 `<think1>` greedy | Pass@1 T=%.1f | Cons@N (native) greedy | Pass@N greedy | "
-            "distinct strategies / %d (greedy) | MI(tag; strategy) nats | MI / log M | final train loss |" % (temp, num_traces))
-    lines = [head, "|" + "---|" * 9]
+    head = ("| method | Pass@1 `<think1>` greedy | Pass@1 T=%.1f | Pass@1 coverage tag greedy | Cons@N (native) greedy | "
+            "Pass@N greedy | distinct strategies / %d (greedy) | MI(tag; strategy) nats | MI / log M | final train loss |"
+            % (temp, num_traces))
+    lines = [head, "|" + "---|" * 10]
     for method, r in results.items():
         g, t = r["eval"][0.0], r["eval"][temp]
-        lines.append(f"| {method} | {g['pass@1_think1']:.3f} | {t['pass@1_think1']:.3f} | {g['cons@N_native']:.3f} | "
+        lines.append(f"| {method} | {g['pass@1_think1']:.3f} | {t['pass@1_think1']:.3f} | "
+                     f"{g['pass@1_coverage']:.3f} (`<think{g['coverage_tag'] + 1}>`) | {g['cons@N_native']:.3f} | "
                      f"{g['pass@N']:.3f} | {g['distinct_strategies']:.2f} | {g['mutual_information_nats']:.3f} | "
                      f"{g['mutual_information_frac_logM']:.3f} | {r['final_loss']:.3f} |")
     return "\n".join(lines)

@@ -121,7 +121,7 @@ def tree_shardings(logical_tree: Any, shapes_tree: Any, mesh: Mesh) -> Any:
 
 
 def constrain_rows(x: jax.Array) -> jax.Array:
-    """Split an activation's leading (row) dimension over the data-parallel axes of the mesh in context, if any.
+    """Split an activation's leading (row) dimension like the logical 'batch' axis, over the mesh in context, if any.
 
     Parameters are FSDP-sharded over 'fsdp' on their 'embed' dimension and batch rows over ('data', 'fsdp'); left
     alone, the partitioner may instead all-gather the rows and compute every activation for the global batch on each
@@ -132,7 +132,8 @@ def constrain_rows(x: jax.Array) -> jax.Array:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return x
-    axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names and mesh.shape[a] > 1)
+    rows = LOGICAL_AXIS_RULES["batch"]
+    axes = tuple(a for a in ((rows,) if isinstance(rows, str) else rows) if a in mesh.axis_names and mesh.shape[a] > 1)
     split = math.prod(mesh.shape[a] for a in axes)
     if not axes or x.shape[0] % split:
         return x

@@ -34,6 +34,8 @@ def test_outputs_and_table_structure(quick_demo):
             assert counts.sum() == 8 * 6  # 8 held-out questions x 6 parallel generations
             assert 0.0 <= ev["mutual_information_frac_logM"] <= 1.0 + 1e-9
             assert 0.0 <= ev["pass@1_think1"] <= ev["pass@N"] <= 1.0
+            assert 0.0 <= ev["pass@1_coverage"] <= ev["pass@N"] and 0 <= ev["coverage_tag"] < 6
+            assert ev["coverage_tag"] == int(np.argmax(r["tag_counts"]))  # the tag matched most often in training
             assert 0.0 <= ev["distinct_strategies"] <= 4.0
 
 
