@@ -29,8 +29,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from ssft_jax.config import ON_CORRUPT
+
 ITEMS = ("state", "data", "config", "integrity")
-ON_CORRUPT = ("error", "fallback")
 # Test-only: seconds each JSON item write sleeps in the background, so a chaos test's kill lands mid-write.
 WRITE_DELAY_ENV = "SSFT_TEST_CHECKPOINT_WRITE_DELAY_S"
 
@@ -57,6 +58,18 @@ def _delayed_json_handler(delay: float) -> ocp.JsonCheckpointHandler:
     return handler
 
 
+def ensure_writable(directory: epath.Path, what: str) -> None:
+    """Create `directory` and prove it takes a file, or raise CheckpointError naming it (before any compute)."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        # One probe file per process: on a shared filesystem they would otherwise delete each other's.
+        probe = directory / f".write_probe.{jax.process_index()}.{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise CheckpointError(f"{what} {directory} is not writable: {e}") from e
+
+
 class Checkpointer:
     """One manager for a run's `<workdir>/checkpoints`. Items: 'state' (pytree), 'data', 'config' and 'integrity'
     (JSON). `cleanup_tmp`: delete half-written `*.orbax-checkpoint-tmp` steps left by a crash (the trainer only: a
@@ -68,14 +81,7 @@ class Checkpointer:
         self.directory = epath.Path(directory)
         if not str(directory).startswith(("gs://", "s3://")):
             self.directory = epath.Path(os.path.abspath(directory))
-        try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            # One probe file per process: on a shared filesystem they would otherwise delete each other's.
-            probe = self.directory / f".write_probe.{jax.process_index()}.{os.getpid()}"
-            probe.write_text("ok")
-            probe.unlink()
-        except OSError as e:
-            raise CheckpointError(f"checkpoint directory {self.directory} is not writable: {e}") from e
+        ensure_writable(self.directory, "checkpoint directory")
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             save_interval_steps=save_interval_steps,

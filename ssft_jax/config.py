@@ -14,6 +14,8 @@ import ml_collections
 CONFIGS_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
 METHODS = ("ssft", "random", "sft_mixed", "fixed")
+COST_LAYOUTS = ("packed", "prefix_cache")  # losses.cost_matrix
+ON_CORRUPT = ("error", "fallback")  # checkpoint.Checkpointer.restore_latest
 
 
 class ConfigError(ValueError):
@@ -176,8 +178,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
     if s.max_traces > s.num_tags and s.method != "sft_mixed":
         raise ConfigError(
             f"ssft.max_traces (M={s.max_traces}) > ssft.num_tags (N={s.num_tags}): each trace needs its own tag")
-    if s.get("cost_layout", "packed") not in ("packed", "prefix_cache"):
-        raise ConfigError(f"ssft.cost_layout={s.cost_layout!r}: expected 'packed' or 'prefix_cache'")
+    if s.get("cost_layout", "packed") not in COST_LAYOUTS:
+        raise ConfigError(f"ssft.cost_layout={s.cost_layout!r}: expected one of {COST_LAYOUTS}")
     if s.tag_mode not in ("text", "special"):
         raise ConfigError(f"ssft.tag_mode={s.tag_mode!r}: expected 'text' or 'special'")
     if s.cost_prefix_len < 1:
@@ -195,8 +197,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
     if c.model.remat not in ("none", "full", "dots", "dots_no_batch"):
         raise ConfigError(f"model.remat={c.model.remat!r}")
     on_corrupt = c.checkpoint.get("on_corrupt", "error")
-    if on_corrupt not in ("error", "fallback"):
-        raise ConfigError(f"checkpoint.on_corrupt={on_corrupt!r}: expected 'error' or 'fallback'")
+    if on_corrupt not in ON_CORRUPT:
+        raise ConfigError(f"checkpoint.on_corrupt={on_corrupt!r}: expected one of {ON_CORRUPT}")
     if c.checkpoint.every_steps < 1:
         raise ConfigError(f"checkpoint.every_steps={c.checkpoint.every_steps} must be >= 1")
     if "debug" in c:

@@ -23,9 +23,8 @@ import jax.numpy as jnp
 from ssft_jax import data as data_lib
 from ssft_jax import matching
 from ssft_jax.logprobs import token_logprobs
+from ssft_jax.config import COST_LAYOUTS
 from ssft_jax.model import ModelConfig, Params, forward, init_cache, output_embedding
-
-COST_LAYOUTS = ("packed", "prefix_cache")
 
 
 def cost_matrix(cfg: ModelConfig, params: Params, cost_view: dict, num_tags: int, num_traces: int,

@@ -13,7 +13,7 @@ import math
 import os
 import pathlib
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -33,15 +33,8 @@ class TrainingDivergedError(RuntimeError):
 
 def prepare_workdir(workdir: epath.Path) -> None:
     """Create the workdir and check it is writable before any compute (a clear error, not a crash at step 200)."""
-    if jax.process_index() != 0:
-        return
-    try:
-        workdir.mkdir(parents=True, exist_ok=True)
-        probe = workdir / f".write_probe.{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise ckpt_lib.CheckpointError(f"workdir {workdir} is not writable: {e}") from e
+    if jax.process_index() == 0:
+        ckpt_lib.ensure_writable(workdir, "workdir")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -139,6 +132,35 @@ def layout_for(config, tokenizer, tags) -> data_lib.LayoutConfig:
         allow_more_traces_than_tags=config.ssft.method == "sft_mixed")
 
 
+class RunInputs(NamedTuple):
+    """Everything a run builds from its config before the train state: model, tags and tokenized data."""
+    tokenizer: Any
+    model_config: model_lib.ModelConfig
+    params: model_lib.Params
+    tags: tokenization.ForkingTags
+    layout: data_lib.LayoutConfig
+    questions: list
+    report: Any  # data_lib's validation report (kept / skipped / truncated counts)
+    tag_table: np.ndarray
+    tag_lengths: np.ndarray
+
+
+def build_inputs(config, workdir, mesh) -> RunInputs:
+    """config -> tokenizer -> model (placed on `mesh`) -> forking tags -> records -> layout -> tokenized questions
+    and the tag table: the part of `run` before the optimizer, for tests and tools that drive the step themselves."""
+    tokenizer = build_tokenizer(config, workdir)
+    cfg, params = build_model(config, tokenizer, mesh)
+    tags, cfg, params = setup_tags(config, tokenizer, cfg, params, mesh)
+    train_records, _ = build_records(config)
+    layout = layout_for(config, tokenizer, tags)
+    questions, report = data_lib.tokenize_records(
+        train_records, tokenizer, tags, layout, on_bad_record=config.data.on_bad_record, overlong=config.data.overlong)
+    if config.data.num_questions:
+        questions = questions[: config.data.num_questions]
+    table, lengths = data_lib.tag_table(tokenizer, tags, layout.tag_len)
+    return RunInputs(tokenizer, cfg, params, tags, layout, questions, report, table, lengths)
+
+
 def to_global(batch: dict, mesh) -> dict:
     """Per-process numpy batch -> global jax arrays split over the data-parallel axes."""
     return jax.tree.map(
@@ -168,20 +190,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
     checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", max_to_keep=config.checkpoint.max_to_keep,
                                          async_save=config.checkpoint.async_save, cleanup_tmp=True)
 
-    tokenizer = build_tokenizer(config, workdir)
-    cfg, params = build_model(config, tokenizer, mesh)
-    tags, cfg, params = setup_tags(config, tokenizer, cfg, params, mesh)
-
-    train_records, _ = build_records(config)
-    layout = layout_for(config, tokenizer, tags)
-    questions, report = data_lib.tokenize_records(
-        train_records, tokenizer, tags, layout, on_bad_record=config.data.on_bad_record, overlong=config.data.overlong)
-    if config.data.num_questions:
-        questions = questions[: config.data.num_questions]
+    tokenizer, cfg, params, tags, layout, questions, report, table, lengths = build_inputs(config, workdir, mesh)
     if len(questions) < config.batch_size:
         raise config_lib.ConfigError(
             f"only {len(questions)} usable questions for batch_size={config.batch_size} ({report.summary()})")
-    table, lengths = data_lib.tag_table(tokenizer, tags, layout.tag_len)
     num_steps = config.num_steps or math.ceil(config.num_epochs * len(questions) / config.batch_size)
     logging.info("%d questions, %d steps, %s", len(questions), num_steps, report.summary())
 

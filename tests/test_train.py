@@ -56,15 +56,9 @@ def test_overfits_a_few_questions(tmp_path):
 
 
 def _pieces(c, mesh, tmp_path):
-    tok = train.build_tokenizer(c, tmp_path)
-    cfg, params = train.build_model(c, tok, mesh)
-    tags, cfg, params = train.setup_tags(c, tok, cfg, params, mesh)
-    records, _ = train.build_records(c)
-    layout = train.layout_for(c, tok, tags)
-    questions, _ = data_lib.tokenize_records(records, tok, tags, layout)
-    table, lengths = data_lib.tag_table(tok, tags, layout.tag_len)
-    batch = next(data_lib.make_iterator(questions, layout, table, lengths, seed=0))
-    return cfg, params, batch, table, lengths
+    x = train.build_inputs(c, tmp_path, mesh)
+    batch = next(data_lib.make_iterator(x.questions, x.layout, x.tag_table, x.tag_lengths, seed=0))
+    return x.model_config, x.params, batch, x.tag_table, x.tag_lengths
 
 
 def test_ssft_assignment_equals_scipy_on_the_step_costs(tmp_path):
