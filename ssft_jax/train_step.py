@@ -1,6 +1,6 @@
 """The one pure train step and the one `jax.jit` site.
 
-state = {params, opt_state, step, rng, consecutive_skips}: a plain pytree (NNX state split once, at model load).
+state = {params, opt_state, step, rng, consecutive_skips}: a plain pytree (`train_state`).
 Per micro-batch: cost matrix (no grad) -> assignment -> tags written into the train rows -> value_and_grad of the
 summed token NLL. Gradients and token counts are summed over micro-batches (`lax.scan`), then divided once, so the
 update equals one big batch's token-mean loss. A step whose loss or gradients are not finite leaves the weights and
@@ -8,7 +8,7 @@ optimizer state untouched and is counted.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -19,60 +19,8 @@ from ssft_jax import config as config_lib
 from ssft_jax import data as data_lib
 from ssft_jax import losses
 from ssft_jax import mesh as mesh_lib
-from ssft_jax.model import ModelConfig, Params
-
-State = dict[str, Any]
-
-
-def make_optimizer(optim, num_steps: int) -> optax.GradientTransformation:
-    """AdamW with linear warmup + cosine decay, global-norm clipping, no weight decay on norms and biases."""
-    warmup = max(1, int(round(optim.warmup_frac * num_steps))) if optim.warmup_frac > 0 else 0
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0 if warmup else optim.learning_rate, peak_value=optim.learning_rate, warmup_steps=warmup,
-        decay_steps=max(num_steps, warmup + 1), end_value=optim.learning_rate * optim.end_lr_frac)
-
-    def decay_mask(params):
-        def keep(path, _):
-            name = str(path[-1].key) if hasattr(path[-1], "key") else str(path[-1])
-            return not ("norm" in name or "bias" in name)
-        return jax.tree_util.tree_map_with_path(keep, params)
-
-    return optax.chain(
-        optax.clip_by_global_norm(optim.grad_clip) if optim.grad_clip > 0 else optax.identity(),
-        optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay,
-                    mask=decay_mask),
-    )
-
-
-def opt_state_shardings(optimizer: optax.GradientTransformation, params: Params, mesh: jax.sharding.Mesh):
-    """Shardings of the optimizer state: every parameter-shaped copy (Adam's mu and nu) sharded like the parameters,
-    everything else (counts) replicated. Passed as `out_shardings` to the jitted init: left to the partitioner,
-    `zeros_like` outputs depend on no sharded input and come out replicated, a full copy of both moments per device.
-    """
-    param_shardings = jax.tree.map(lambda x: x.sharding, params)
-    replicated = NamedSharding(mesh, P())
-    return optax.tree_map_params(optimizer, lambda _, sh: sh, jax.eval_shape(optimizer.init, params), param_shardings,
-                                 transform_non_params=lambda _: replicated,
-                                 is_leaf=lambda x: isinstance(x, optax.MaskedNode))
-
-
-def init_state(params: Params, optimizer: optax.GradientTransformation, seed: int, mesh: jax.sharding.Mesh) -> State:
-    """Optimizer moments sharded like the parameters (`opt_state_shardings`); everything not already on the mesh
-    (counters, RNG) is replicated on it, so the step's input and output shardings match and it compiles once."""
-    opt_state = jax.jit(optimizer.init, out_shardings=opt_state_shardings(optimizer, params, mesh))(params)
-    state = {
-        "params": params,
-        "opt_state": opt_state,
-        "step": jnp.zeros((), jnp.int32),
-        "rng": jax.random.key_data(jax.random.key(seed)),
-        "consecutive_skips": jnp.zeros((), jnp.int32),
-    }
-    replicated = NamedSharding(mesh, P())
-
-    def place(x):
-        on_mesh = isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh
-        return x if on_mesh else jax.device_put(x, replicated)
-    return jax.tree.map(place, state)
+from ssft_jax.model import ModelConfig
+from ssft_jax.train_state import State
 
 
 def _split_micro(tree, k: int):
@@ -108,11 +56,11 @@ def make_train_step(model_cfg: ModelConfig, ssft, optimizer: optax.GradientTrans
     cost_dims: (P, W) of the cost row (`LayoutConfig.max_prompt_len`, `.pair_block_len`), needed by
     `ssft.cost_layout='prefix_cache'` (see `losses.cost_matrix`).
     inject_nonfinite: test-only faults (see `config.parse_inject_nonfinite`); empty in real runs."""
-    cost_layout = ssft.get("cost_layout", "packed")
+    cost_layout = ssft.cost_layout
     prompt_len, block_len = cost_dims if cost_dims is not None else (None, None)
     N, M = ssft.num_tags, ssft.max_traces
     method = ssft.method
-    need_costs = method == "ssft" or ssft.get("baseline_costs", False)
+    need_costs = losses.get_method(method).needs_costs or ssft.baseline_costs
     inject = _injector(inject_nonfinite)
 
     def micro_step(params, mb, rng, tag_table, tag_lengths, step_no, micro_index):
@@ -198,9 +146,30 @@ def make_train_step(model_cfg: ModelConfig, ssft, optimizer: optax.GradientTrans
     return step_fn
 
 
-def jit_train_step(step_fn, state: State, batch_example: dict, mesh: jax.sharding.Mesh):
+class JittedStep:
+    """The jitted step, and how many times it was traced: with fixed shapes and shardings every trace is one
+    compile, so `compiles` > 1 in a run means something recompiled it (a public seam: jax's own cache size is
+    private)."""
+
+    def __init__(self, step_fn, **jit_kwargs):
+        self.compiles = 0
+
+        def counted(*args):
+            self.compiles += 1  # runs at trace time only
+            return step_fn(*args)
+        self._jitted = jax.jit(counted, **jit_kwargs)
+
+    def __call__(self, state: State, batch: dict, tag_table: jax.Array, tag_lengths: jax.Array):
+        return self._jitted(state, batch, tag_table, tag_lengths)
+
+    def lower(self, *args):
+        return self._jitted.lower(*args)
+
+
+def jit_train_step(step_fn, state: State, batch_example: dict, mesh: jax.sharding.Mesh) -> JittedStep:
     """The one jit site: explicit in/out shardings from the live state and the batch layout; the old state is
-    donated so parameters and optimizer moments are updated in place."""
+    donated so parameters and optimizer moments are updated in place. `state` and `batch_example` may be arrays
+    or sharded ShapeDtypeStructs."""
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
     batch_shardings = jax.tree.map(lambda x: mesh_lib.batch_sharding(mesh, x.ndim), batch_example)
     replicated = NamedSharding(mesh, P())
@@ -209,9 +178,5 @@ def jit_train_step(step_fn, state: State, batch_example: dict, mesh: jax.shardin
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # for mesh.constrain_rows inside the model
             return step_fn(*args)
 
-    return jax.jit(
-        step_on_mesh,
-        in_shardings=(state_shardings, batch_shardings, replicated, replicated),
-        out_shardings=(state_shardings, replicated),
-        donate_argnums=(0,),
-    )
+    return JittedStep(step_on_mesh, in_shardings=(state_shardings, batch_shardings, replicated, replicated),
+                      out_shardings=(state_shardings, replicated), donate_argnums=(0,))

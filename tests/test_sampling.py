@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ssft_jax import assembly
 from ssft_jax import model as M
 from ssft_jax.sampling import bucket_length, generate, sample_logits
 
@@ -153,13 +154,13 @@ def test_load_hf_folder_for_generation(tmp_path):
                         num_attention_heads=2, num_key_value_heads=1, head_dim=16, tie_word_embeddings=True)
     params = M.init_params(cfg, seed=0)
     hf_io.save_hf_folder(tmp_path / "hf", cfg, params, tokenizer=tok, eos_token_ids=tokenization.eos_token_ids(tok))
-    lm = sampling.load_for_generation(hf_dir=tmp_path / "hf")
+    lm = assembly.load_for_generation(hf_dir=tmp_path / "hf")
     assert lm.tags.n == 3 and lm.tags.mode == "special" and lm.vocab_limit == n_vocab
     assert lm.cfg.attention_bias is False
     for a, b in zip(jax.tree.leaves(lm.params), jax.tree.leaves(params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(ValueError, match="exactly one"):
-        sampling.load_for_generation()
+        assembly.load_for_generation()
 
 
 def test_radix_select_masks_equal_sorting_with_ties():

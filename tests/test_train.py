@@ -56,7 +56,7 @@ def test_overfits_a_few_questions(tmp_path):
 
 
 def _pieces(c, mesh, tmp_path):
-    x = train.build_inputs(c, tmp_path, mesh)
+    x = train.build_inputs(c, mesh)
     batch = next(data_lib.make_iterator(x.questions, x.layout, x.tag_table, x.tag_lengths, seed=0))
     return x.model_config, x.params, batch, x.tag_table, x.tag_lengths
 
