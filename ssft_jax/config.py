@@ -13,7 +13,7 @@ import ml_collections
 
 # Each enumerated field's allowed values are defined by the module that implements them (the registries of methods
 # and matchers are live: a method registered at run time is valid here at once).
-from ssft_jax import losses, matching, model, tokenization
+from ssft_jax import datasets, losses, matching, model, tokenization
 from ssft_jax.checkpoint import ON_CORRUPT
 from ssft_jax.data import ON_BAD_RECORD, OVERLONG
 
@@ -199,7 +199,7 @@ def paper_recipe(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
     """Raise ConfigError for settings that cannot work, before any compute."""
     s = c.ssft
-    choices = [("ssft.method", s.method, tuple(losses.METHODS)), ("ssft.matcher", s.matcher, matching.METHODS),
+    choices = [("data.name", c.data.name, datasets.dataset_names()), ("ssft.method", s.method, tuple(losses.METHODS)), ("ssft.matcher", s.matcher, matching.METHODS),
                ("ssft.cost_layout", s.cost_layout, losses.COST_LAYOUTS),
                ("ssft.tag_mode", s.tag_mode, tokenization.TAG_MODES),
                ("data.on_bad_record", c.data.on_bad_record, ON_BAD_RECORD), ("data.overlong", c.data.overlong, OVERLONG),

@@ -45,15 +45,17 @@ def distinct_strategies(generations: list[dict], num_tags: int) -> float:
     return float(np.mean([len(s) for s in by_q.values()]))
 
 
-def evaluate_method(run: dict, method: str, heldout: list[dict], *, temperatures, max_new_tokens: int, seed: int):
+def evaluate_method(run: dict, method: str, dataset, heldout: list[dict], *, temperatures, max_new_tokens: int,
+                    seed: int):
+    """`dataset`: the run's `datasets.DatasetSpec` (its checker, and its strategy classifier for the matrices)."""
     from ssft_jax import evaluate
 
     per_temp = {}
     for temp in temperatures:
         res = evaluate.evaluate_model(
-            run["model_config"], run["state"]["params"], run["tokenizer"], run["tags"], heldout, "synthetic",
-            num_samples_per_tag=1, temperature=temp, top_p=1.0, max_new_tokens=max_new_tokens, seed=seed,
-            shared_tag=method == "sft_mixed", tag_counts=run["tag_counts"])
+            run["model_config"], run["state"]["params"], run["tokenizer"], run["tags"], heldout, dataset.checker,
+            classifier=dataset.classifier, num_samples_per_tag=1, temperature=temp, top_p=1.0,
+            max_new_tokens=max_new_tokens, seed=seed, shared_tag=method == "sft_mixed", tag_counts=run["tag_counts"])
         m = res.metrics
         per_temp[temp] = {
             "pass@1_think1": m["pass@1"]["value"],
@@ -124,8 +126,7 @@ def plot(results: dict[str, Any], temperatures, path: pathlib.Path) -> None:
 
 
 def run_synthetic(args) -> dict[str, Any]:
-    from ssft_jax import train
-    from ssft_jax.datasets import synthetic
+    from ssft_jax import datasets, train
 
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -140,12 +141,10 @@ def run_synthetic(args) -> dict[str, Any]:
         t0 = time.perf_counter()
         run = train.run(config, workdir, progress=not args.quiet)
         train_s = time.perf_counter() - t0
-        _, heldout = synthetic.build_splits(config.data.synthetic.num_questions, config.data.synthetic.heldout,
-                                            seed=config.seed, num_strategies=config.ssft.max_traces,
-                                            difficulty=config.data.synthetic.difficulty)
+        _, heldout = datasets.build_records(config)
         t0 = time.perf_counter()
-        ev = evaluate_method(run, method, heldout, temperatures=args.temperatures,
-                             max_new_tokens=config.data.max_trace_len, seed=config.seed)
+        ev = evaluate_method(run, method, datasets.get_dataset(config.data.name), heldout,
+                             temperatures=args.temperatures, max_new_tokens=config.data.max_trace_len, seed=config.seed)
         results[method] = {"final_loss": run["losses"][max(run["losses"])], "train_seconds": train_s,
                            "eval_seconds": time.perf_counter() - t0, "steps": run["final_step"],
                            "tag_counts": run["tag_counts"], "assignment_patterns": run["assignment_patterns"][:8],

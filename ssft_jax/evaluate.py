@@ -1,11 +1,11 @@
 """Evaluation of forking-tag models: sampling per tag, answer checking, and the paper's metrics.
 
-    python -m ssft_jax.evaluate --workdir W | --hf_dir D [--dataset synthetic|gsm8k|jsonl --path P]
+    python -m ssft_jax.evaluate --workdir W | --hf_dir D [--dataset NAME --path P]
         [--num_questions K --samples_per_tag S --temperature T --top_p P --top_k K --max_new_tokens L]
         [--tags_mode auto|forking|shared --pass1_tag 0 --pass_k 1,6 --cons_k 6,12] --out OUT
 
 writes OUT/generations.jsonl (one line per generation), OUT/metrics.json and OUT/*.png (per-tag accuracy, per-tag
-length, tag -> strategy heat map for the synthetic task).
+length, tag -> strategy heat map for a dataset with a strategy classifier, e.g. the synthetic task).
 
 Sampling: for each question, S samples under each of the N tags (B questions x N tags x S samples in one batch,
 the prompt prefilled once per question; `sampling.generate_forked`). Each of the N "parallel slots" of a question
@@ -26,15 +26,15 @@ Metrics (arXiv 2510.05132 and its released evaluation code; all accuracies in [0
                     consecutive groups and the score is averaged over them (cons@N is exactly the native cons@N).
   pass@k            the unbiased estimator 1 - C(n-c, k) / C(n, k) over all n = N*S samples of a question, c correct.
   per-tag           accuracy, answer rate, finished (stopped) rate, generated length (tokens) mean/median/p90/max.
-  synthetic task    the strategy of every generation (`synthetic.verify`), the N x (num_strategies + 1) tag ->
-                    strategy count matrix (last column 'none' = unrecognised), its mutual information (nats, and as a
-                    fraction of log M), and the number of distinct strategies over the N tags' first samples (at
-                    temperature 0: greedy decoding).
+  strategies        for a dataset with a strategy classifier (the synthetic task: `synthetic.classify_strategy`):
+                    the strategy of every generation, the N x (num_strategies + 1) tag -> strategy count matrix (last
+                    column 'none' = unrecognised), its mutual information (nats, and as a fraction of log M), and the
+                    number of distinct strategies over the N tags' first samples (at temperature 0: greedy decoding).
 k larger than the samples available raises ValueError before any sampling.
 
-Checkers (registry `CHECKERS`, keyed by dataset name): 'synthetic' (the task's own verifier, also names the
-strategy), 'gsm8k' (`#### n` / `The answer is n` numeric comparison), 'math' (math-verify, gold parsed first with its
-delimiters; plain golds are wrapped in `$...$`; timeouts disabled so it runs off the main thread), 'jsonl' = 'math'.
+Questions, answer checker and strategy classifier come from the dataset registry (`ssft_jax.datasets`: held-out
+records built from the training run's config, or from the default config and --path / --synthetic_difficulty /
+--seed) and the checker registry (`ssft_jax.checkers`; --checker overrides the dataset's).
 """
 from __future__ import annotations
 
@@ -42,92 +42,14 @@ import argparse
 import collections
 import dataclasses
 import json
-import logging
 import math
 import pathlib
 import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-logger = logging.getLogger(__name__)
-
-# ---------------------------------------------------------------------------------------------------------------
-# Answer checking
-# ---------------------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class CheckResult:
-    correct: bool
-    answer: str | None  # the extracted answer, normalised: the key majority votes compare
-    strategy: str | None = None  # synthetic task only
-
-
-@dataclasses.dataclass(frozen=True)
-class Checker:
-    """`check(record, text) -> CheckResult`; `strategies`: the strategy names it can report (None: none)."""
-
-    name: str
-    check: Callable[[Mapping[str, Any], str], CheckResult]
-    strategies: tuple[str, ...] | None = None
-
-    def __call__(self, record: Mapping[str, Any], text: str) -> CheckResult:
-        return self.check(record, text)
-
-
-def _check_synthetic(record, text):
-    from ssft_jax.datasets import synthetic
-    v = synthetic.verify(record, text)
-    return CheckResult(v.correct, v.answer, v.strategy)
-
-
-def _check_gsm8k(record, text):
-    from ssft_jax.datasets import gsm8k
-    ans = gsm8k.extract_gsm8k_answer(text)
-    if ans is not None:
-        try:
-            ans = format(gsm8k._to_decimal(ans).normalize(), "f")  # "18.0" and "18" vote together, 1000 stays
-        except AttributeError:
-            pass
-    return CheckResult(gsm8k.answer_is_correct(str(record["answer"]), text), ans)
-
-
-_MATH_DELIMS = ("$", "\\(", "\\[", "\\boxed")
-
-
-def _check_math(record, text):
-    import math_verify
-    logging.getLogger("math_verify").setLevel(logging.ERROR)  # "timeout disabled" is said once per call otherwise
-    gold = str(record["answer"])
-    if not any(d in gold for d in _MATH_DELIMS):
-        gold = f"${gold}$"
-    g = math_verify.parse(gold, parsing_timeout=None)
-    p = math_verify.parse(text, parsing_timeout=None)
-    ok = bool(g) and bool(p) and bool(math_verify.verify(g, p, timeout_seconds=None))  # gold first
-    return CheckResult(ok, str(p[0]) if p else None)
-
-
-def _synthetic_checker() -> Checker:
-    from ssft_jax.datasets import synthetic
-    return Checker("synthetic", _check_synthetic, tuple(synthetic.STRATEGIES))
-
-
-CHECKERS: dict[str, Callable[[], Checker]] = {
-    "synthetic": _synthetic_checker,
-    "gsm8k": lambda: Checker("gsm8k", _check_gsm8k),
-    "math": lambda: Checker("math", _check_math),
-    "jsonl": lambda: Checker("math", _check_math),
-}
-
-
-def get_checker(name: str | Checker) -> Checker:
-    if isinstance(name, Checker):
-        return name
-    if name not in CHECKERS:
-        raise KeyError(f"no checker for {name!r}; known: {sorted(CHECKERS)}")
-    return CHECKERS[name]()
-
+from ssft_jax import checkers, datasets
 
 # ---------------------------------------------------------------------------------------------------------------
 # Metrics (pure functions over nested lists / arrays)
@@ -333,7 +255,8 @@ def _prompt_of(record: Mapping[str, Any]):
     return record.get("messages") or record["question"]
 
 
-def evaluate_model(cfg, params, tokenizer, tags, questions: Sequence[Mapping[str, Any]], checker: str | Checker, *,
+def evaluate_model(cfg, params, tokenizer, tags, questions: Sequence[Mapping[str, Any]],
+                   checker: str | checkers.Checker, *, classifier: datasets.StrategyClassifier | None = None,
                    num_samples_per_tag: int = 1, temperature: float = 0.7, top_p: float = 0.95, top_k: int = 0,
                    max_new_tokens: int = 256, seed: int = 0, shared_tag: bool = False, pass1_tag: int = 0,
                    tag_counts: Sequence[int] | None = None, pass_ks: Sequence[int] | None = None,
@@ -342,13 +265,14 @@ def evaluate_model(cfg, params, tokenizer, tags, questions: Sequence[Mapping[str
                    share_prefix: bool = True, progress: bool = False) -> EvalResult:
     """Sample N tags x S samples per question (or N*S under tag 0 with shared_tag), check, compute the metrics.
 
-    questions: records with 'question' (or 'messages') and 'answer' (optional 'id'). checker: a `CHECKERS` name or a
-    Checker. Questions go through in batches of `batch_questions` (the last batch is padded by repeating a question,
-    so a run compiles once). Generation seeds: seed + batch index.
+    questions: records with 'question' (or 'messages') and 'answer' (optional 'id'). checker: a `checkers.CHECKERS`
+    name or a Checker. classifier: the dataset's strategy classifier (`DatasetSpec.classifier`), for the strategy
+    metrics; None: no strategies. Questions go through in batches of `batch_questions` (the last batch is padded by
+    repeating a question, so a run compiles once). Generation seeds: seed + batch index.
     """
     from ssft_jax import sampling, tokenization
 
-    checker = get_checker(checker)
+    checker = checkers.get_checker(checker)
     N, S = tags.n, num_samples_per_tag
     if S < 1 or not questions:
         raise ValueError(f"need samples_per_tag >= 1 and at least one question (got {S}, {len(questions)})")
@@ -388,19 +312,21 @@ def evaluate_model(cfg, params, tokenizer, tags, questions: Sequence[Mapping[str
                     body = g.tokens[:-1] if g.finished else g.tokens
                     text = tokenizer.decode(body, skip_special_tokens=True)
                     res = checker(rec, text)
+                    strategy = classifier(rec, text) if classifier is not None else None
                     slot, sample, tag = (s // S, s % S, 0) if shared_tag else (t, s, t)
                     new_tokens += len(g.tokens)
                     gens.append({"question_index": qi, "id": rec.get("id", str(qi)), "slot": slot, "tag": tag,
                                  "sample": sample, "text": text, "num_tokens": len(g.tokens),
                                  "finished": g.finished, "correct": res.correct, "answer": res.answer,
-                                 "strategy": res.strategy, "gold": str(rec.get("answer"))})
+                                 "strategy": strategy, "gold": str(rec.get("answer"))})
         if bar is not None:
             bar.update(len(chunk))
     if bar is not None:
         bar.close()
     seconds = time.perf_counter() - t0
     metrics = compute_metrics(gens, N, S, pass1_tag=pass1_tag, tag_counts=tag_counts, pass_ks=pass_ks,
-                              cons_ks=cons_ks, strategy_names=checker.strategies, greedy=temperature == 0.0)
+                              cons_ks=cons_ks, strategy_names=classifier.names if classifier is not None else None,
+                              greedy=temperature == 0.0)
     metrics["seconds"] = seconds
     metrics["generated_tokens"] = new_tokens
     settings = dict(checker=checker.name, num_tags=N, samples_per_tag=S, shared_tag=shared_tag,
@@ -492,38 +418,37 @@ def write_outputs(result: EvalResult, out_dir: str | pathlib.Path, *, plots: boo
 
 def load_questions(dataset: str, *, path: str | None = None, train_config: Mapping[str, Any] | None = None,
                    split: str = "heldout", synthetic_difficulty: str = "easy", seed: int = 0) -> list[dict]:
-    """Evaluation records. With a training run's config for the same dataset: its held-out split (or 'train').
-    synthetic without one: `build_splits(512, 64, seed, difficulty)`; gsm8k without one: the last 200 test questions
-    (the trainer's default held-out part); jsonl: every record of `path` ({question|messages, answer})."""
+    """Evaluation records of a registered dataset (`datasets.build_records`): the held-out part (or with
+    split='train' the training part) built from the training run's config (as saved with its checkpoint) when it
+    trained on `dataset`, else from `config.base_config()` for `dataset` with data.path = `path`, the synthetic
+    difficulty and the seed given here. A dataset that holds nothing out (`jsonl`) gives every record of the files
+    in `path` instead. Records are read through `ssft_jax.data.read_records` (errors name file:line) and need
+    'question' (or 'messages') and 'answer'; a record without an 'id' gets where it was read from as its id."""
+    from ssft_jax import config as config_lib
+    from ssft_jax import data as data_lib
+
     if split not in ("heldout", "train"):
         raise ValueError(f"split={split!r}: expected heldout or train")
-    if train_config is not None and train_config.get("data", {}).get("name") == dataset and dataset != "jsonl":
-        import ml_collections
-        from ssft_jax import train
-        tr, held = train.build_records(ml_collections.ConfigDict(dict(train_config)))
-        return list(held if split == "heldout" else tr)
-    if dataset == "synthetic":
-        from ssft_jax.datasets import synthetic
-        tr, held = synthetic.build_splits(512, 64, seed=seed, difficulty=synthetic_difficulty)
-        return held if split == "heldout" else tr
-    if dataset == "gsm8k":
-        from ssft_jax.datasets import gsm8k
-        recs = gsm8k.load_gsm8k_multitrace("test", data_dir=path or None)
-        return recs[-200:] if split == "heldout" else recs[:-200]
-    if dataset == "jsonl":
-        if not path:
-            raise ValueError("--dataset jsonl needs --path")
-        out = []
-        with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f):
-                if line.strip():
-                    r = json.loads(line)
-                    if ("question" not in r and "messages" not in r) or "answer" not in r:
-                        raise ValueError(f"{path}:{i + 1}: a record needs 'question' (or 'messages') and 'answer'")
-                    r.setdefault("id", f"{pathlib.Path(path).stem}-{i}")
-                    out.append(r)
-        return out
-    raise ValueError(f"unknown dataset {dataset!r}: expected synthetic, gsm8k or jsonl")
+    spec = datasets.get_dataset(dataset)
+    config = config_lib.from_saved(dict(train_config)) if train_config is not None else None
+    if config is None or config.data.name != dataset or not spec.has_heldout:
+        config = config_lib.base_config()
+        config.seed = seed
+        config.data.update(name=dataset, path=path or "")
+        config.data.synthetic.difficulty = synthetic_difficulty
+    train, held = datasets.build_records(config)
+    records = held if split == "heldout" and spec.has_heldout else train
+    out = []
+    for raw in data_lib.read_records(records, name=dataset):
+        if raw.reason is not None:
+            raise data_lib.DataError(f"{raw.where}: {data_lib.REASONS[raw.reason]} ({raw.detail})", where=raw.where,
+                                     reason=raw.reason)
+        r = raw.record
+        if not isinstance(r, Mapping) or ("question" not in r and "messages" not in r) or "answer" not in r:
+            raise data_lib.DataError(f"{raw.where}: a record needs 'question' (or 'messages') and 'answer'",
+                                     where=raw.where, reason="missing_field")
+        out.append(r if "id" in r else {**r, "id": raw.where})
+    return out
 
 
 def _ints(s: str | None) -> list[int] | None:
@@ -537,11 +462,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     src.add_argument("--hf_dir", help="an HF folder (config.json, safetensors, tokenizer)")
     p.add_argument("--prefer", default="checkpoint", choices=["checkpoint", "hf_export"],
                    help="workdir: restore the latest checkpoint (default) or load workdir/hf_export")
-    p.add_argument("--dataset", default=None, choices=["synthetic", "gsm8k", "jsonl"],
-                   help="default: the training run's dataset, else synthetic")
-    p.add_argument("--path", default=None, help="jsonl file, or the GSM8K data folder")
+    p.add_argument("--dataset", default=None, choices=datasets.dataset_names(),
+                   help="a registered dataset (ssft_jax.datasets); default: the training run's, else synthetic")
+    p.add_argument("--path", default=None,
+                   help="data.path: the file(s) to evaluate for jsonl (comma separated), or the GSM8K data folder")
     p.add_argument("--split", default="heldout", choices=["heldout", "train"])
-    p.add_argument("--checker", default=None, choices=sorted(CHECKERS), help="default: the dataset's")
+    p.add_argument("--checker", default=None, choices=sorted(checkers.CHECKERS), help="default: the dataset's")
     p.add_argument("--num_questions", type=int, default=0, help="0 = all")
     p.add_argument("--samples_per_tag", type=int, default=1)
     p.add_argument("--temperature", type=float, default=0.7)
@@ -563,24 +489,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
 
-    from ssft_jax import sampling
+    from ssft_jax import assembly
     t0 = time.perf_counter()
-    lm = sampling.load_for_generation(workdir=a.workdir, hf_dir=a.hf_dir, prefer=a.prefer, num_tags=a.num_tags,
+    lm = assembly.load_for_generation(workdir=a.workdir, hf_dir=a.hf_dir, prefer=a.prefer, num_tags=a.num_tags,
                                       tag_mode=a.tag_mode)
     print(f"loaded {lm.source} ({lm.cfg.model_type}, {lm.cfg.num_hidden_layers} layers, vocab {lm.cfg.vocab_size}, "
           f"{lm.tags.n} {lm.tags.mode} tags, method {lm.method}) in {time.perf_counter() - t0:.1f}s")
-    train_data = (lm.train_config or {}).get("data", {})
-    dataset = a.dataset or train_data.get("name") or "synthetic"
-    if dataset == "jsonl" and a.path is None:
-        raise SystemExit("--dataset jsonl needs --path")
+    dataset = a.dataset or (lm.train_config["data"]["name"] if lm.train_config else "synthetic")
+    spec = datasets.get_dataset(dataset)
+    if not spec.has_heldout and a.path is None:
+        raise SystemExit(f"--dataset {dataset} holds nothing out: name the records to evaluate with --path")
     questions = load_questions(dataset, path=a.path, train_config=lm.train_config, split=a.split,
                                synthetic_difficulty=a.synthetic_difficulty, seed=a.seed)
     if a.num_questions:
         questions = questions[: a.num_questions]
     shared = a.tags_mode == "shared" or (a.tags_mode == "auto" and lm.method == "sft_mixed")
-    result = evaluate_model(lm.cfg, lm.params, lm.tokenizer, lm.tags, questions, a.checker or dataset,
-                            num_samples_per_tag=a.samples_per_tag, temperature=a.temperature, top_p=a.top_p,
-                            top_k=a.top_k, max_new_tokens=a.max_new_tokens, seed=a.seed, shared_tag=shared,
+    result = evaluate_model(lm.cfg, lm.params, lm.tokenizer, lm.tags, questions, a.checker or spec.checker,
+                            classifier=spec.classifier, num_samples_per_tag=a.samples_per_tag,
+                            temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
+                            max_new_tokens=a.max_new_tokens, seed=a.seed, shared_tag=shared,
                             pass1_tag=a.pass1_tag, tag_counts=lm.tag_counts, pass_ks=_ints(a.pass_k),
                             cons_ks=_ints(a.cons_k), batch_questions=a.batch_questions,
                             eos_token_ids=lm.eos_token_ids, vocab_limit=lm.vocab_limit, progress=True)

@@ -25,6 +25,7 @@ from ssft_jax import assembly
 from ssft_jax import checkpoint as ckpt_lib
 from ssft_jax import config as config_lib
 from ssft_jax import data as data_lib
+from ssft_jax import datasets
 from ssft_jax import hf_io, mesh as mesh_lib, metrics_log, model as model_lib, tokenization, train_state
 
 
@@ -36,32 +37,6 @@ def prepare_workdir(workdir: epath.Path) -> None:
     """Create the workdir and check it is writable before any compute (a clear error, not a crash at step 200)."""
     if jax.process_index() == 0:
         ckpt_lib.ensure_writable(workdir, "workdir")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Data
-# ---------------------------------------------------------------------------------------------------------------
-
-def build_records(config) -> tuple[list[dict], list[dict]]:
-    """(train records, held-out records) for the configured dataset."""
-    d = config.data
-    M = config.ssft.max_traces
-    if d.name == "synthetic":
-        from ssft_jax.datasets import synthetic
-        s = d.synthetic
-        return synthetic.build_splits(s.num_questions, s.heldout, seed=config.seed, num_strategies=M,
-                                      difficulty=s.difficulty)
-    if d.name == "gsm8k":
-        from ssft_jax.datasets import gsm8k
-        # Multi-trace data exists for GSM8K's test questions only: the last `heldout` of them are held out.
-        records = gsm8k.load_gsm8k_multitrace("test", data_dir=d.path or None, max_traces=M)
-        held = d.heldout
-        return records[:-held] if held else records, records[-held:] if held else []
-    if d.name == "jsonl":
-        if not d.path:
-            raise config_lib.ConfigError("data.path must name the JSONL/parquet file(s) for data.name='jsonl'")
-        return [p for p in d.path.split(",") if p], []
-    raise config_lib.ConfigError(f"data.name={d.name!r}: expected synthetic, gsm8k or jsonl")
 
 
 class RunInputs(NamedTuple):
@@ -81,7 +56,7 @@ def build_inputs(config, mesh) -> RunInputs:
     """The run's pieces (`assembly.build`: tokenizer, model on `mesh`, tags, layout) and its tokenized training
     questions: the part of `run` before the optimizer, for tests and tools that drive the step themselves."""
     pieces = assembly.build(config, mesh=mesh)
-    train_records, _ = build_records(config)
+    train_records, _ = datasets.build_records(config)
     questions, report = data_lib.tokenize_records(
         train_records, pieces.tokenizer, pieces.tags, pieces.layout, on_bad_record=config.data.on_bad_record,
         overlong=config.data.overlong)

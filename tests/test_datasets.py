@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import pathlib
 import random
 import re
 
@@ -407,6 +406,10 @@ def test_extract_gsm8k_answer():
     assert not gsm8k.answer_is_correct("18", "The answer is 17.")
     assert not gsm8k.answer_is_correct("18", "18")  # no answer marker in the generation
     assert not gsm8k.answer_is_correct("18", "")
+    # the value answers are compared (and voted) by: 18.0 is 18, a non-number or no answer is None
+    assert gsm8k.to_decimal("18.0") == gsm8k.to_decimal("18") != gsm8k.to_decimal("18.5")
+    assert gsm8k.to_decimal(gsm8k.normalize_number("$1,000.")) == 1000
+    assert gsm8k.to_decimal("eighteen") is None and gsm8k.to_decimal(None) is None
 
 
 def test_gsm8k_trace_text_and_summary():

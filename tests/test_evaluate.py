@@ -1,7 +1,8 @@
-"""Evaluation: metrics against hand-computed cases, the answer checkers, and an end-to-end run on a tiny trained model."""
+"""Evaluation: metrics against hand-computed cases, its questions from the dataset registry, and an end-to-end run
+on a tiny trained model. (The answer checkers: tests/test_registries.py.)"""
 import json
 import math
-import threading
+import re
 
 import jax
 import numpy as np
@@ -106,33 +107,49 @@ def test_compute_metrics_by_hand():
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Checkers
+# Questions
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def test_checkers():
-    rec = synthetic.make_record([47, 385, 12])
-    chk = E.get_checker("synthetic")
-    for s in synthetic.STRATEGIES:
-        r = chk(rec, synthetic.render_trace([47, 385, 12], s))
-        assert r.correct and r.answer == "444" and r.strategy == s
-    assert not chk(rec, "47+385=432.\nAnswer: 443").correct
-    g = E.get_checker("gsm8k")
-    assert g({"answer": "1,000"}, "so 1000 in all.\nThe answer is 1000.") == E.CheckResult(True, "1000")
-    assert g({"answer": "18"}, "#### 18.0").answer == g({"answer": "18"}, "The answer is 18.").answer
-    assert not g({"answer": "18"}, "eighteen").correct
-    m = E.get_checker("math")
-    assert m({"answer": "0.5"}, r"so the result is \boxed{\frac{1}{2}}").correct
-    assert m({"answer": r"$\frac{1}{2}$"}, r"The answer is $0.5$").correct
-    assert not m({"answer": "3"}, r"\boxed{4}").correct
-    out = {}
-    th = threading.Thread(target=lambda: out.update(r=m({"answer": "12"}, r"\boxed{12}")))  # no signal timeouts
-    th.start()
-    th.join()
-    assert out["r"].correct
-    assert E.get_checker("jsonl").name == "math"
-    with pytest.raises(KeyError, match="no checker"):
-        E.get_checker("aime")
+def test_questions_without_a_run_config_come_from_the_default_config_and_the_flags():
+    _, held = synthetic.build_splits(512, 64, seed=3, difficulty="medium")
+    assert E.load_questions("synthetic", seed=3, synthetic_difficulty="medium") == held
+    train, _ = synthetic.build_splits(512, 64, seed=0, difficulty="easy")
+    assert E.load_questions("synthetic", split="train") == train
+
+
+def test_questions_of_the_training_run_use_its_config():
+    from ssft_jax import config as config_lib
+    c = config_lib.load_config("demo", "tiny")
+    c.seed = 5
+    saved = c.to_dict()
+    _, held = synthetic.build_splits(32, 8, seed=5, num_strategies=4, difficulty="tiny")
+    assert E.load_questions("synthetic", train_config=saved) == held
+    # a run on another dataset does not decide the questions of this one
+    assert E.load_questions("synthetic", train_config={**saved, "data": {**saved["data"], "name": "gsm8k"}},
+                            seed=5) == synthetic.build_splits(512, 64, seed=5, difficulty="easy")[1]
+
+
+def test_jsonl_questions_are_read_by_the_data_layer(tmp_path):
+    good = tmp_path / "q.jsonl"
+    good.write_text(json.dumps({"question": "1+1?", "answer": "2"}) + "\n\n"
+                    + json.dumps({"id": "m", "messages": [{"role": "user", "content": "hi"}], "answer": "3"}) + "\n")
+    other = tmp_path / "r.jsonl"
+    other.write_text(json.dumps({"id": "r", "question": "2+2?", "answer": "4"}) + "\n")
+    qs = E.load_questions("jsonl", path=f"{good},{other}", split="train")
+    assert [q["id"] for q in qs] == [f"{good}:1", "m", "r"]  # no id: where it was read
+    assert E.load_questions("jsonl", path=str(good)) == qs[:2]  # nothing is held out: every record is evaluated
+    no_answer = tmp_path / "bad.jsonl"
+    no_answer.write_text(json.dumps({"question": "1+1?", "answer": "2"}) + "\n" + json.dumps({"question": "x"}) + "\n")
+    message = f"{no_answer}:2: a record needs 'question' (or 'messages') and 'answer'"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        E.load_questions("jsonl", path=str(no_answer))
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"question": "1+1?", "answer": "2"}\n{"question": \n')
+    with pytest.raises(ValueError, match=re.escape(f"{broken}:2: the line is not valid JSON")):
+        E.load_questions("jsonl", path=str(broken))
+    with pytest.raises(ValueError, match="data.path must name"):
+        E.load_questions("jsonl")
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -186,10 +203,10 @@ def test_cli_evaluates_a_trained_workdir(tiny_run, tmp_path, capsys):
 
 
 def test_library_shared_tag_mode_and_checkpoint_equals_export(tiny_run):
-    from ssft_jax import sampling
+    from ssft_jax import assembly, datasets
     wd, _ = tiny_run
-    lm = sampling.load_for_generation(workdir=wd)
-    ex = sampling.load_for_generation(workdir=wd, prefer="hf_export")
+    lm = assembly.load_for_generation(workdir=wd)
+    ex = assembly.load_for_generation(workdir=wd, prefer="hf_export")
     assert lm.source.startswith("checkpoint") and ex.source.startswith("hf")
     assert lm.tags == ex.tags and lm.method == ex.method == "ssft"
     for a, b in zip(jax.tree.leaves(lm.params), jax.tree.leaves(ex.params)):
@@ -202,11 +219,16 @@ def test_library_shared_tag_mode_and_checkpoint_equals_export(tiny_run):
     assert len(shared.generations) == 2 * N and {g["tag"] for g in shared.generations} == {0}
     assert sorted({g["slot"] for g in shared.generations}) == list(range(N))
     assert shared.settings["tags_mode"] == "shared" and len(shared.metrics["per_tag"]) == N
+    # strategies come from a classifier only: the checker alone gives none
+    assert "strategy" not in shared.metrics and all(g["strategy"] is None for g in shared.generations)
+    classifier = datasets.get_dataset("synthetic").classifier
     greedy = E.evaluate_model(lm.cfg, lm.params, lm.tokenizer, lm.tags, questions, "synthetic",
-                              num_samples_per_tag=2, temperature=0.0, max_new_tokens=12)
+                              classifier=classifier, num_samples_per_tag=2, temperature=0.0, max_new_tokens=12)
     by = {(g["question_index"], g["slot"], g["sample"]): g["text"] for g in greedy.generations}
     assert all(by[(q, t, 0)] == by[(q, t, 1)] for q in range(2) for t in range(N))  # greedy samples coincide
     assert greedy.metrics["strategy"]["first_sample_is_greedy"]
+    assert all(g["strategy"] == synthetic.classify_strategy(questions[g["question_index"]], g["text"])
+               for g in greedy.generations)
     with pytest.raises(ValueError, match=r"k=13 is not in 1..12"):
         E.evaluate_model(lm.cfg, lm.params, lm.tokenizer, lm.tags, questions, "synthetic", num_samples_per_tag=2,
                          pass_ks=[13])

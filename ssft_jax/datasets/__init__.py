@@ -1,4 +1,4 @@
-"""Datasets in the project's common record format.
+"""Datasets in the project's common record format, and the registry that names them.
 
 Every builder returns plain dicts ``{"id": str, "question": str, "traces": [{"text": str, "source": str}],
 "answer": str}`` (1..M traces per record):
@@ -7,17 +7,25 @@ Every builder returns plain dicts ``{"id": str, "question": str, "traces": [{"te
   verifier that names the strategy of any generated text (ground truth for mode collapse vs preservation).
 * ``gsm8k``: GSM8K read in place from ``../shared/data/gsm8k`` (reference + socratic + correct model solutions
   per test question; single reference trace for train).
+* ``jsonl``: the run's own JSONL/parquet files (``data.path``), read and validated by ``ssft_jax.data``.
+
+``build_records(config)`` gives a run config's (train, held-out) records through the registry (``registry.py``:
+``register_dataset``, ``get_dataset``, ``dataset_names``).
 """
 
 from . import gsm8k, synthetic
 from .gsm8k import (answer_is_correct, extract_gsm8k_answer, load_gsm8k_multitrace, load_gsm8k_single,
-                    summary)
-from .synthetic import (CHARSET, STRATEGIES, SyntheticDifficulty, VerifyResult, build_records, build_splits,
-                        render_trace, verify)
+                    normalize_number, summary, to_decimal)
+from .registry import (DATASETS, DatasetSpec, StrategyClassifier, build_records, dataset_names, get_dataset,
+                       register_dataset)
+from .synthetic import (CHARSET, STRATEGIES, SyntheticDifficulty, VerifyResult, build_splits, render_trace,
+                        verify)
 
 __all__ = [
     "gsm8k", "synthetic",
-    "answer_is_correct", "extract_gsm8k_answer", "load_gsm8k_multitrace", "load_gsm8k_single", "summary",
-    "CHARSET", "STRATEGIES", "SyntheticDifficulty", "VerifyResult", "build_records", "build_splits",
-    "render_trace", "verify",
+    "DATASETS", "DatasetSpec", "StrategyClassifier", "build_records", "dataset_names", "get_dataset",
+    "register_dataset",
+    "answer_is_correct", "extract_gsm8k_answer", "load_gsm8k_multitrace", "load_gsm8k_single", "normalize_number",
+    "summary", "to_decimal",
+    "CHARSET", "STRATEGIES", "SyntheticDifficulty", "VerifyResult", "build_splits", "render_trace", "verify",
 ]

@@ -88,7 +88,9 @@ def extract_gsm8k_answer(text: str) -> str | None:
     return None
 
 
-def _to_decimal(s: str | None) -> Decimal | None:
+def to_decimal(s: str | None) -> Decimal | None:
+    """A normalised answer (``normalize_number``, ``extract_gsm8k_answer``) as a Decimal, so that ``18.0`` equals
+    ``18``; None for None or a non-number."""
     if s is None:
         return None
     try:
@@ -103,7 +105,7 @@ def answer_is_correct(gold: str, text: str) -> bool:
     g = extract_gsm8k_answer(gold)
     if g is None:
         g = normalize_number(gold)
-    g_val, p_val = _to_decimal(g), _to_decimal(extract_gsm8k_answer(text))
+    g_val, p_val = to_decimal(g), to_decimal(extract_gsm8k_answer(text))
     return g_val is not None and p_val is not None and g_val == p_val
 
 
@@ -245,7 +247,7 @@ def load_gsm8k_multitrace(split: str = "test", data_dir: str | os.PathLike | Non
             else:
                 stats.matched_socratic += 1
                 s_ans = soc.rows[i]["answer"]
-                if _to_decimal(_gold(s_ans)) != _to_decimal(gold):
+                if to_decimal(_gold(s_ans)) != to_decimal(gold):
                     stats.socratic_answer_mismatch += 1
                 else:
                     cands.append(("socratic", s_ans))
@@ -259,7 +261,7 @@ def load_gsm8k_multitrace(split: str = "test", data_dir: str | os.PathLike | Non
                 stats.matched_model += 1
                 m_row = mod.rows[i]
                 gt = extract_gsm8k_answer(m_row.get("ground_truth", ""))
-                if _to_decimal(gt) != _to_decimal(gold):
+                if to_decimal(gt) != to_decimal(gold):
                     stats.model_ground_truth_mismatch += 1
                 else:
                     for key in _model_keys(m_row):
@@ -317,6 +319,15 @@ def load_gsm8k_single(split: str = "train", data_dir: str | os.PathLike | None =
         out.append({"id": f"gsm8k-{split}-{qi:04d}", "question": row["question"],
                     "traces": [{"text": text, "source": "reference"}], "answer": gold})
     return out
+
+
+def splits_from_config(config) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) for a run config (the ``gsm8k`` dataset of ``ssft_jax.datasets``): multi-trace data exists
+    for GSM8K's test questions only, so the last ``data.heldout`` of them are held out (0: none); ``data.path``
+    (empty: the default folder) names the data folder, ``ssft.max_traces`` caps the traces per question."""
+    records = load_gsm8k_multitrace("test", data_dir=config.data.path or None, max_traces=config.ssft.max_traces)
+    held = config.data.heldout
+    return (records[:-held], records[-held:]) if held else (records, [])
 
 
 # ----------------------------------------------------------------------------------------------- summary

@@ -260,6 +260,14 @@ def build_splits(n_train: int, n_heldout: int, *, seed: int, num_strategies: int
     return records[:n_train], records[n_train:]
 
 
+def splits_from_config(config) -> tuple[list[dict], list[dict]]:
+    """``build_splits`` for a run config (the ``synthetic`` dataset of ``ssft_jax.datasets``): sizes and difficulty
+    from ``data.synthetic``, one trace per strategy up to ``ssft.max_traces``, seeded by ``seed``."""
+    s = config.data.synthetic
+    return build_splits(s.num_questions, s.heldout, seed=config.seed, num_strategies=config.ssft.max_traces,
+                        difficulty=s.difficulty)
+
+
 # ----------------------------------------------------------------------------------------------- verifier
 
 @dataclasses.dataclass(frozen=True)
@@ -380,5 +388,6 @@ def strategy_histogram(question_or_record: Any, texts: Sequence[str]) -> dict[st
 __all__ = [
     "STRATEGIES", "CHARSET", "COLUMN_NAMES", "DIFFICULTIES", "SyntheticDifficulty", "VerifyResult",
     "question_text", "parse_question", "make_question", "render_trace", "record_id", "make_record",
-    "build_records", "build_splits", "classify_strategy", "extract_answer", "verify", "strategy_histogram",
+    "build_records", "build_splits", "splits_from_config", "classify_strategy", "extract_answer", "verify",
+    "strategy_histogram",
 ]

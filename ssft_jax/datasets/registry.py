@@ -1,0 +1,90 @@
+"""The dataset registry: a run config's ``data.name`` -> how its records are built, which answer checker judges
+its generations and, where the task has machine-recognisable strategies, the classifier that names them.
+
+Training, evaluation (its CLI ``--dataset`` choices too) and the demo all read this one table. A new dataset is one
+module with a ``splits_from_config(config) -> (train, held_out)`` function plus one ``register_dataset`` line (at the
+bottom of this file for the built-in ones, or in the code that adds it); its checker, when it needs its own, is one
+``ssft_jax.checkers.register_checker`` line.
+
+This module sits below ``ssft_jax.config`` and ``ssft_jax.checkers`` (it names a checker, it does not import one),
+so both may import it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, Sequence
+
+from ssft_jax.datasets import gsm8k, synthetic
+
+Records = Sequence[Any]  # record dicts, or paths / lists of records as `ssft_jax.data.read_records` takes them
+
+
+@dataclasses.dataclass(frozen=True)
+class StrategyClassifier:
+    """`classify(record, text)` -> the name (one of `names`) of the strategy a generated text follows, or None when
+    it follows none recognisably. Evaluation turns it into the tag -> strategy matrix and its mutual information."""
+
+    names: tuple[str, ...]
+    classify: Callable[[Mapping[str, Any], str], str | None]
+
+    def __call__(self, record: Mapping[str, Any], text: str) -> str | None:
+        return self.classify(record, text)
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """One registered dataset.
+
+    build: run config -> (train records, held-out records), deterministic in the config (same records, same order).
+    checker: the `ssft_jax.checkers` name that judges answers to its questions.
+    classifier: names the strategy of a generation, for tasks that have strategies (None: no strategy metrics).
+    has_heldout: False for a dataset that is only the files it is pointed at (`jsonl`): it holds nothing out, and
+        evaluation takes every record of the files it is given instead.
+    """
+
+    name: str
+    build: Callable[[Any], tuple[Records, Records]]
+    checker: str
+    classifier: StrategyClassifier | None = None
+    has_heldout: bool = True
+
+
+DATASETS: dict[str, DatasetSpec] = {}
+
+
+def register_dataset(spec: DatasetSpec) -> None:
+    """Add `spec` under `spec.name` (a name already registered is refused: two specs for one name would make the
+    records a run trains on depend on import order)."""
+    if spec.name in DATASETS:
+        raise ValueError(f"dataset {spec.name!r} is already registered")
+    DATASETS[spec.name] = spec
+
+
+def get_dataset(name: str) -> DatasetSpec:
+    if name not in DATASETS:
+        raise KeyError(f"no dataset {name!r}; registered: {dataset_names()}")
+    return DATASETS[name]
+
+
+def dataset_names() -> tuple[str, ...]:
+    """The registered names, in registration order."""
+    return tuple(DATASETS)
+
+
+def build_records(config) -> tuple[Records, Records]:
+    """(train records, held-out records) of the run config's dataset (`config.data.name`)."""
+    return get_dataset(config.data.name).build(config)
+
+
+def jsonl_sources(config) -> tuple[list[str], list]:
+    """The comma-separated files of `data.path` (JSONL or parquet; read and validated by `ssft_jax.data`), all for
+    training; nothing is held out."""
+    if not config.data.path:
+        raise ValueError("data.path must name the JSONL/parquet file(s) for data.name='jsonl'")
+    return [p for p in config.data.path.split(",") if p], []
+
+
+register_dataset(DatasetSpec("synthetic", synthetic.splits_from_config, checker="synthetic",
+                             classifier=StrategyClassifier(synthetic.STRATEGIES, synthetic.classify_strategy)))
+register_dataset(DatasetSpec("gsm8k", gsm8k.splits_from_config, checker="gsm8k"))
+register_dataset(DatasetSpec("jsonl", jsonl_sources, checker="math", has_heldout=False))

@@ -1,0 +1,96 @@
+"""A new method and a new matcher are one function and one registration line each: registered here (in fixtures,
+removed afterwards), they run through config validation, the trainer and evaluation with no other file touched."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ssft_jax import config as config_lib, datasets, evaluate, losses, matching, train
+
+
+def tiny_config(**ssft):
+    c = config_lib.load_config("demo", "tiny")
+    c.mesh.update(data=1, fsdp=1, tensor=1, num_devices=1)
+    c.num_steps = 2
+    c.export_hf = False
+    c.ssft.update(**ssft)
+    return c
+
+
+@pytest.fixture
+def reversed_method():
+    """Trace j always gets tag M-1-j (a fixed permutation other than the built-in `fixed`)."""
+    def reversed_tags(cost, tag_valid, trace_valid, rng):
+        M = trace_valid.shape[1]
+        return jnp.broadcast_to(jnp.arange(M - 1, -1, -1, dtype=jnp.int32), trace_valid.shape)
+
+    losses.register_method("reversed", losses.Method(losses.cost_blind(reversed_tags), needs_costs=False))
+    yield "reversed"
+    del losses.METHODS["reversed"]
+
+
+@pytest.fixture
+def greedy_matcher():
+    """Each trace in turn takes its cheapest free tag: valid and injective, not always optimal, so `match` must
+    certify it (status OPTIMAL only when its LP gap says so)."""
+    def greedy(prep, opt):
+        cp = prep.cp  # [B, N, M], forbidden cells already priced out
+        B, N, M = cp.shape
+
+        def body(j, carry):
+            tags, used = carry
+            col = jnp.where(used, jnp.inf, cp[:, :, j])
+            t = jnp.argmin(col, axis=1).astype(jnp.int32)
+            return tags.at[:, j].set(t), used | (jnp.arange(N)[None, :] == t[:, None])
+
+        tags, _ = jax.lax.fori_loop(0, M, body, (jnp.zeros((B, M), jnp.int32), jnp.zeros((B, N), bool)))
+        # Prices 0: the certificate is then the plain lower bound sum_j min_i C_ij.
+        return matching.Solved(tags, jnp.zeros((B, N)), jnp.zeros((B,), jnp.int32))
+
+    matching.register_solver("greedy", greedy)
+    yield "greedy"
+    matching.unregister_solver("greedy")
+
+
+def test_unknown_method_and_matcher_are_config_errors():
+    with pytest.raises(config_lib.ConfigError, match="ssft.method='nope'"):
+        config_lib.validate(tiny_config(method="nope"))
+    with pytest.raises(config_lib.ConfigError, match="ssft.matcher='nope'"):
+        config_lib.validate(tiny_config(matcher="nope"))
+
+
+def test_registered_matcher_is_certified_against_the_exact_solver(greedy_matcher):
+    rng = np.random.default_rng(0)
+    cost = jnp.asarray(rng.uniform(size=(64, 6, 4)), jnp.float32)
+    got = matching.match(cost, method=greedy_matcher)
+    exact = matching.match(cost, method="bruteforce")
+    assert (got.status != matching.STATUS_INVALID).all()
+    for b in range(64):  # injective on every question
+        assert len(set(np.asarray(got.tag_of_trace[b]).tolist())) == 4
+    optimal = np.isclose(np.asarray(got.total_cost), np.asarray(exact.total_cost), atol=1e-5)
+    certified = np.asarray(got.status) == matching.STATUS_OPTIMAL
+    assert not (certified & ~optimal).any()  # never certifies a suboptimal answer
+    assert (~optimal).any()  # greedy is suboptimal somewhere, so the test can tell a solver from a stub
+    assert (np.asarray(got.gap)[~optimal] > 0).all()
+
+
+def test_registered_method_and_matcher_train_and_evaluate(reversed_method, greedy_matcher, tmp_path):
+    c = tiny_config(method=reversed_method)
+    config_lib.validate(c, 1)
+    run = train.run(c, tmp_path / "reversed", progress=False)
+    M = c.ssft.max_traces
+    counts = np.asarray(run["tag_counts"])
+    # Every trace j went to tag M-1-j: tags 0..M-1 used equally often (questions have M traces here), none beyond.
+    assert counts[M:].sum() == 0 and counts.sum() > 0
+    # Patterns are "tag of trace 1 ... tag of trace M" (-1 for a missing trace): always M-1, M-2, ..., 0.
+    for pattern, _ in run["assignment_patterns"]:
+        tags = [int(t) for t in pattern.split()]
+        assert all(t == M - 1 - j for j, t in enumerate(tags) if t >= 0), pattern
+
+    c = tiny_config(method="ssft", matcher=greedy_matcher)
+    run = train.run(c, tmp_path / "greedy", progress=False)
+    assert run["final_step"] == 2 and np.isfinite(list(run["losses"].values())).all()
+    _, heldout = datasets.build_records(c)
+    res = evaluate.evaluate_model(run["model_config"], run["state"]["params"], run["tokenizer"], run["tags"],
+                                  heldout[:2], "synthetic", temperature=0.0, max_new_tokens=8)
+    assert len(res.generations) == 2 * c.ssft.num_tags
