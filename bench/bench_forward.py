@@ -1,6 +1,7 @@
 """Compile time and steady-state forward throughput of our decoder on the real SmolLM2-135M, on this machine.
 
     python bench/bench_forward.py [--batch 4 --seq 256 --dtype float32 --iters 5]
+    python bench/bench_forward.py --quick     # smoke run
 """
 import argparse
 import statistics
@@ -19,7 +20,10 @@ def main():
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--quick", action="store_true", help="smoke run: 1 x 32 tokens, 1 iteration")
     a = p.parse_args()
+    if a.quick:
+        a.batch, a.seq, a.iters = 1, 32, 1
 
     cfg, params = hf_io.load_hf_params(gguf_convert.ensure_smollm2_hf())
     cfg = cfg.replace(dtype=a.dtype)

@@ -2,10 +2,11 @@
 
 Usage:
   python bench/bench_train_step.py            # full run (a few minutes on 2 CPU cores)
-  python bench/bench_train_step.py --quick    # smoke run (< 60 s)
+  python bench/bench_train_step.py --quick    # smoke run: tiny model; the step variants other than ssft and
+                                              # sft_mixed are traced, not compiled or timed
 
-Everything is built from the trainer's own pieces (configs/demo.py model, `ssft_jax.train.build_*`, the data
-pipeline, `train_step.make_train_step/jit_train_step`) on ONE CPU device, on the synthetic task ('hard': 4-6
+Everything is built from the trainer's own pieces (configs/demo.py model, `ssft_jax.assembly` for the model, layout
+and jitted step, the data pipeline) on ONE CPU device, on the synthetic task ('hard': 4-6
 operands of 2-4 digits; char tokenizer, so a token is a character). N=6, M=4, L = round(mean trace length / 8).
 Timings exclude compilation; every timed call ends with `block_until_ready`; variants are timed in interleaved
 rounds (one call of each per round) so machine noise hits them alike, and ratios are medians of per-round ratios.
@@ -22,6 +23,7 @@ Tables:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import pathlib
 import platform
@@ -41,7 +43,7 @@ import optax  # noqa: E402
 
 from configs.demo import get_config  # noqa: E402
 from ssft_jax import data as data_lib  # noqa: E402
-from ssft_jax import losses, mesh as mesh_lib, train, train_step as ts  # noqa: E402
+from ssft_jax import assembly, datasets, losses, mesh as mesh_lib, train, train_state  # noqa: E402
 from ssft_jax.logprobs import token_logprobs  # noqa: E402
 from ssft_jax.memory_plan import memory_figures  # noqa: E402
 from ssft_jax.model import forward, output_embedding  # noqa: E402
@@ -118,17 +120,16 @@ def build(args, workdir: pathlib.Path):
     mesh = mesh_lib.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     # Pass 1 (budgets far too large) measures the real lengths; pass 2 sets P, T to the maxima and L = mean T / 8.
     probe = make_config(args, 8, 4096, 4096)
-    tok = train.build_tokenizer(probe, workdir)
-    records, _ = train.build_records(probe)
+    pieces = assembly.build(probe, mesh=mesh)
+    tok, tags, cfg, params = pieces.tokenizer, pieces.tags, pieces.model_config, pieces.params
+    records, _ = datasets.build_records(probe)
     records = lengthen(records, args.trace_repeat)
-    cfg, params = train.build_model(probe, tok, mesh)
-    tags, cfg, params = train.setup_tags(probe, tok, cfg, params, mesh)
-    qs, _ = data_lib.tokenize_records(records, tok, tags, train.layout_for(probe, tok, tags))
+    qs, _ = data_lib.tokenize_records(records, tok, tags, pieces.layout)
     plens = [len(q.prompt_ids) for q in qs]
     tlens = [len(t) for q in qs for t in q.trace_ids]
     L = max(1, round(float(np.mean(tlens)) / 8))
     c = make_config(args, L, max(plens), max(tlens))
-    layout = train.layout_for(c, tok, tags)
+    layout = assembly.build_layout(c, tags.max_tag_len(tok))
     qs, report = data_lib.tokenize_records(records, tok, tags, layout)
     table, lengths = data_lib.tag_table(tok, tags, layout.tag_len)
     # At initialisation the special-token tags all get the mean embedding row, so every tag gives the same costs and
@@ -144,23 +145,30 @@ def build(args, workdir: pathlib.Path):
                 lengths=lengths, host_batches=host_batches, batches=batches, report=report, tag_ids=tag_rows)
 
 
-def compile_step(S, method: str, *, gap: bool = True, cost_impl: str = "packed", baseline_costs: bool = False):
-    """A compiled trainer step + its own fresh state (same initial params for every variant)."""
+def compile_step(S, method: str, *, gap: bool = True, cost: str = "packed", baseline_costs: bool = False,
+                 compile: bool = True):
+    """A compiled trainer step + its own fresh state (same initial params for every variant). `cost`: a library
+    cost layout (`ssft.cost_layout`) or "repeated" (train_step_variants). compile=False: trace (lower) only, which
+    proves the variant still builds (--quick) and returns None."""
     c = S["config"].copy_and_resolve_references()
     c.ssft.method = method
     c.ssft.second_best_gap = gap
     c.ssft.baseline_costs = baseline_costs
-    optimizer = ts.make_optimizer(c.optim, 1000)
+    if cost != "repeated":
+        c.ssft.cost_layout = cost
+    optimizer = assembly.make_optimizer(c, 1000)
     params = jax.tree.map(jnp.copy, S["params"])
-    state = ts.init_state(params, optimizer, c.seed, S["mesh"])
-    step_fn = ts.make_train_step(S["cfg"], c.ssft, optimizer, micro_batches=c.micro_batches,
-                                 logprob_chunk=c.model.logprob_chunk)
-    jitted = ts.jit_train_step(step_fn, state, S["batches"][0], S["mesh"])
+    state = train_state.init_state(params, optimizer, c.seed, S["mesh"])
+    jitted = assembly.make_step(c, S["cfg"], S["layout"], optimizer, state, S["batches"][0], S["mesh"])
     table, lengths = jnp.asarray(S["table"]), jnp.asarray(S["lengths"])
     lay = S["layout"]
     t0 = time.perf_counter()
-    with V.patched_cost(cost_impl, P=lay.max_prompt_len, W=lay.pair_block_len):
-        compiled = jitted.lower(state, S["batches"][0], table, lengths).compile()
+    with (V.repeated_prompt_cost(P=lay.max_prompt_len, W=lay.pair_block_len) if cost == "repeated"
+          else contextlib.nullcontext()):
+        lowered = jitted.lower(state, S["batches"][0], table, lengths)
+    if not compile:
+        return None
+    compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
     box = {"state": state, "i": 0, "metrics": None}
 
@@ -178,7 +186,7 @@ def compile_step(S, method: str, *, gap: bool = True, cost_impl: str = "packed",
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="tiny smoke run (< 60 s)")
+    ap.add_argument("--quick", action="store_true", help="smoke run: tiny model, one batch, 3 rounds")
     ap.add_argument("--steps", type=int, default=10, help="timed rounds (one call of every variant each)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--batch", type=int, default=4, help="questions per step")
@@ -260,14 +268,18 @@ def main(argv=None) -> int:
         "ssft": dict(method="ssft"),
         "ssft, second_best_gap=False": dict(method="ssft", gap=False),
         "fixed tags + cost pass (no matching)": dict(method="fixed", baseline_costs=True),
-        "ssft, no gap, cost: repeated prompt": dict(method="ssft", gap=False, cost_impl="repeated"),
-        "ssft, no gap, cost: prompt KV cache": dict(method="ssft", gap=False, cost_impl="prefix_cache"),
+        "ssft, no gap, cost: repeated prompt": dict(method="ssft", gap=False, cost="repeated"),
+        "ssft, no gap, cost: prompt KV cache": dict(method="ssft", gap=False, cost="prefix_cache"),
     }
-    if args.quick:  # smoke run: the two headline steps only
-        variants = {k: variants[k] for k in ("sft_mixed", "ssft")}
     steps = {}
     for name, kw in variants.items():
-        steps[name] = compile_step(S, **kw)
+        # --quick compiles and times the two headline steps; the others are traced, so they cannot rot unseen.
+        timed = not args.quick or name in ("sft_mixed", "ssft")
+        step = compile_step(S, **kw, compile=timed)
+        if step is not None:
+            steps[name] = step
+    if len(steps) < len(variants):
+        print(f"--quick: traced but not compiled or timed: {[k for k in variants if k not in steps]}\n")
     times = interleaved({k: v["run"] for k, v in steps.items()}, args.steps, args.warmup)
     base = times["sft_mixed"]
     print(f"median over {args.steps} interleaved rounds after {args.warmup} warm-up rounds; B={args.batch} questions "
@@ -303,8 +315,8 @@ def main(argv=None) -> int:
     cost_fns = {
         "packed": jax.jit(lambda p, v: losses.cost_matrix(cfg, p, v, N, M, chunk)),
         "repeated": jax.jit(lambda p, v: V.cost_matrix_repeated(cfg, p, v, N, M, P=P, W=Lt + Le, chunk_size=chunk)),
-        "prefix_cache": jax.jit(lambda p, v: V.cost_matrix_prefix_cache(cfg, p, v, N, M, P=P, W=Lt + Le,
-                                                                         chunk_size=chunk)),
+        "prefix_cache": jax.jit(lambda p, v: losses.cost_matrix(cfg, p, v, N, M, chunk, layout="prefix_cache",
+                                                                 prompt_len=P, block_len=Lt + Le)),
     }
     costs = {k: block(f(params, cv)) for k, f in cost_fns.items()}
     matcher = S["config"].ssft.matcher
@@ -326,22 +338,17 @@ def main(argv=None) -> int:
         "train rows forward only": lambda: block(train_fwd(params, rows)),
         "train rows forward+backward": lambda: block(train_vg(params, rows)),
     }
-    if args.quick:
-        pieces = {k: pieces[k] for k in pieces if "repeated" not in k and "KV cache" not in k and "only" not in k
-                  and "fill" not in k and "backward" not in k}
-        cost_fns = {"packed": cost_fns["packed"]}
     for f in pieces.values():
         f()  # compile
     ptimes = interleaved(pieces, args.steps, args.warmup)
-    fb = med(ptimes.get("train rows forward+backward", base))
+    fb = med(ptimes["train rows forward+backward"])
     print(f"\nPieces alone (jitted separately, batch 0, median of {args.steps}); share = piece / sft_mixed step:\n")
     print("| piece | ms (median) | / train fwd+bwd | / sft_mixed step |")
     print("|---|---|---|---|")
     for k, v in ptimes.items():
         print(f"| {k} | {med(v) * 1e3:.2f} | {med(v) / fb:.3f} | {med(v) / med(base):.3f} |")
-    if "train rows forward only" in ptimes:
-        print(f"\nmeasured backward/forward factor on the train rows: fwd+bwd / fwd = "
-              f"{fb / med(ptimes['train rows forward only']):.2f} (the floor assumes 3)")
+    print(f"\nmeasured backward/forward factor on the train rows: fwd+bwd / fwd = "
+          f"{fb / med(ptimes['train rows forward only']):.2f} (the floor assumes 3)")
 
     print("\nDo the other cost layouts pick the same assignments? (batch 0 and all timed batches)\n")
     print("| cost layout | max abs diff of C vs packed | questions with identical assignment | same optimal total "
@@ -472,7 +479,7 @@ def torch_vs_jax(S, rows, args, torch):
     # Two of ours: the config's remat policy (what the trainer runs) and no remat (the same work as torch, which
     # stores every activation for the backward pass).
     variants = {f"jax (remat={cfg.remat})": cfg}
-    if cfg.remat != "none":
+    if cfg.remat != "none" and not args.quick:  # --quick: one compile of the same code is enough
         variants["jax (remat=none)"] = cfg.replace(remat="none")
     losses_first = {}
     runners, jcompile = {}, {}

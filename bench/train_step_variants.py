@@ -5,15 +5,17 @@ The trainer's cost pass (`ssft_jax.losses.cost_matrix`) runs ONE packed row per 
 all ``R = P + N*M*W`` slots (masked to prompt + own block). The two alternatives below compute the same C[B, N, M]
 (up to float rounding) from the SAME batch arrays, by reshaping the packed row in-graph:
 
-* ``repeated``: N*M rows of ``P + W`` (the prompt copied into every row): more tokens through the MLPs
+* ``repeated`` (here only): N*M rows of ``P + W`` (the prompt copied into every row): more tokens through the MLPs
   (``N*M*(P+W)`` vs ``P + N*M*W``) but attention ``N*M*(P+W)^2`` instead of ``R^2``.
-* ``prefix_cache`` (in the library as ``ssft.cost_layout="prefix_cache"``): the prompt is run once into a KV cache
-  (``model.forward(..., cache=...)``), the cache is broadcast to the N*M blocks, and each block row (``W`` queries) attends to ``P + W`` keys: linear tokens
-  ``P + N*M*W`` (as the packed row) AND attention ``N*M*W*(P+W)`` (the prompt-sharing ideal).
+* ``prefix_cache`` (in the library: ``ssft.cost_layout="prefix_cache"``, so the benchmark just sets the config): the
+  prompt is run once into a KV cache, the cache is broadcast to the N*M blocks, and each block row (``W`` queries)
+  attends to ``P + W`` keys: linear tokens ``P + N*M*W`` (as the packed row) AND attention ``N*M*W*(P+W)`` (the
+  prompt-sharing ideal).
 """
 from __future__ import annotations
 
 import contextlib
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -49,25 +51,23 @@ def cost_matrix_repeated(cfg, params, cv, N, M, *, P, W, chunk_size=1024):
     return jax.lax.stop_gradient(data_lib.cost_matrix_from_token_nll(nll, cv, N, M))
 
 
-def cost_matrix_prefix_cache(cfg, params, cv, N, M, *, P, W, chunk_size=1024):
-    """Same C as `losses.cost_matrix` (packed): the library's prefix-cache layout (`ssft.cost_layout`)."""
-    return losses.cost_matrix(cfg, params, cv, N, M, chunk_size, layout="prefix_cache", prompt_len=P, block_len=W)
-
-
-COST_IMPLS = {"packed": None, "repeated": cost_matrix_repeated, "prefix_cache": cost_matrix_prefix_cache}
-
-
 @contextlib.contextmanager
-def patched_cost(impl: str, *, P: int, W: int):
-    """Temporarily route `losses.cost_matrix` (looked up by train_step at trace time) to another layout.
-    Only for tracing/compiling a benchmark variant in this process; the library files are untouched."""
-    fn = COST_IMPLS[impl]
-    if fn is None:
-        yield
-        return
+def repeated_prompt_cost(*, P: int, W: int):
+    """Temporarily route `losses.cost_matrix` (looked up by train_step at trace time) to `cost_matrix_repeated`.
+    Only for tracing a benchmark variant in this process; the library files are untouched. The stand-in takes
+    exactly `losses.cost_matrix`'s parameters (checked here, so a change of the library's signature fails loudly
+    instead of the variant raising TypeError inside the trace); the layout keywords are ignored, it IS the layout."""
     orig = losses.cost_matrix
-    losses.cost_matrix = lambda cfg, params, cv, N, M, chunk_size=1024: fn(cfg, params, cv, N, M, P=P, W=W,
-                                                                           chunk_size=chunk_size)
+
+    def repeated(cfg, params, cost_view, num_tags, num_traces, chunk_size=1024, *, layout="packed", prompt_len=None,
+                 block_len=None):
+        return cost_matrix_repeated(cfg, params, cost_view, num_tags, num_traces, P=P, W=W, chunk_size=chunk_size)
+
+    want, got = inspect.signature(orig).parameters, inspect.signature(repeated).parameters
+    if list(want) != list(got) or any(want[k].kind != got[k].kind for k in want):
+        raise TypeError(f"losses.cost_matrix{inspect.signature(orig)} changed; update this stand-in "
+                        f"{inspect.signature(repeated)}")
+    losses.cost_matrix = repeated
     try:
         yield
     finally:

@@ -2,10 +2,11 @@
 
     python -m ssft_jax.train --config configs/demo.py --workdir /tmp/demo [--config.ssft.method=sft_mixed]
 """
-from ssft_jax.config import base_config
+from ssft_jax.config import base_config, parse_arg
 
 
 def get_config(arg: str = ""):
+    a = parse_arg(arg, variants=("tiny",))
     c = base_config()
     c.tokenizer = "char"
     c.model.hf_dir = ""
@@ -23,7 +24,7 @@ def get_config(arg: str = ""):
     c.optim.update(learning_rate=5e-3, warmup_frac=0.05, weight_decay=1e-4, b2=0.98)
     c.log_every = 10
     c.checkpoint.every_steps = 100
-    if arg == "tiny":  # what the tests run: a few steps of a 2-layer model
+    if a["variant"] == "tiny":  # what the tests run: a few steps of a 2-layer model
         c.model.init.update(hidden_size=32, intermediate_size=64, num_hidden_layers=2, head_dim=8)
         c.data.synthetic.update(num_questions=32, heldout=8, difficulty="tiny")
         c.ssft.cost_prefix_len = 16

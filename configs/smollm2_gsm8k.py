@@ -4,10 +4,11 @@ A few real steps on a CPU; on an accelerator raise num_steps / batch_size.
 
     python -m ssft_jax.train --config configs/smollm2_gsm8k.py --workdir /tmp/smol [--config.num_steps=20]
 """
-from ssft_jax.config import base_config
+from ssft_jax.config import base_config, parse_arg
 
 
 def get_config(arg: str = ""):
+    a = parse_arg(arg, variants=("tiny",))
     c = base_config()
     c.model.hf_dir = "smollm2"
     c.ssft.update(method="ssft", num_tags=6, max_traces=4, cost_prefix_len=32, tag_mode="text")
@@ -18,7 +19,7 @@ def get_config(arg: str = ""):
     c.optim.update(learning_rate=1e-5, warmup_frac=0.0)
     c.log_every = 1
     c.checkpoint.every_steps = 1000
-    if arg == "tiny":  # tests: a single step on short sequences
+    if a["variant"] == "tiny":  # tests: a single step on short sequences
         # Short budgets: the few questions with longer prompts are skipped and counted (summary['validation']).
         c.data.update(max_prompt_len=160, max_trace_len=96, on_bad_record="skip")
         c.ssft.cost_prefix_len = 8

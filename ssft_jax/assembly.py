@@ -43,8 +43,7 @@ def resolve_hf_dir(hf_dir: str) -> str:
     if hf_dir == "smollm2":
         from ssft_jax.gguf_convert import ensure_smollm2_hf
         return str(ensure_smollm2_hf())
-    resolve = getattr(hf_io, "resolve_pretrained", None)
-    return str(resolve(hf_dir)) if resolve is not None else hf_dir
+    return str(hf_io.resolve_pretrained(hf_dir))
 
 
 def build_tokenizer(config):

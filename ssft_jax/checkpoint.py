@@ -15,10 +15,10 @@ Guarantees (tested in tests/test_checkpoint.py and tests/test_reliability.py):
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
+import pathlib
 import signal
 import threading
 from typing import Any
@@ -29,11 +29,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from ssft_jax.config import ON_CORRUPT
+from ssft_jax import faults
+
 
 ITEMS = ("state", "data", "config", "integrity")
-# Test-only: seconds each JSON item write sleeps in the background, so a chaos test's kill lands mid-write.
-WRITE_DELAY_ENV = "SSFT_TEST_CHECKPOINT_WRITE_DELAY_S"
+# What a start does with a latest checkpoint that cannot be restored (`restore_latest`; config checkpoint.on_corrupt).
+ON_CORRUPT = ("error", "fallback")
 
 
 class CheckpointError(RuntimeError):
@@ -42,20 +43,6 @@ class CheckpointError(RuntimeError):
     def __init__(self, message: str, *, step: int | None = None):
         super().__init__(message)
         self.step = step
-
-
-def _delayed_json_handler(delay: float) -> ocp.JsonCheckpointHandler:
-    """A JsonCheckpointHandler whose background write first sleeps (chaos tests only, via WRITE_DELAY_ENV). The
-    instance is patched, not subclassed: orbax matches save/restore args to handlers by class."""
-    handler = ocp.JsonCheckpointHandler()
-    write = handler._save_fn
-
-    async def delayed(x, directory):
-        await asyncio.sleep(delay)
-        return await write(x, directory)
-
-    handler._save_fn = delayed
-    return handler
 
 
 def ensure_writable(directory: epath.Path, what: str) -> None:
@@ -68,6 +55,15 @@ def ensure_writable(directory: epath.Path, what: str) -> None:
         probe.unlink()
     except OSError as e:
         raise CheckpointError(f"{what} {directory} is not writable: {e}") from e
+
+
+def pending_commit_futures(manager: ocp.CheckpointManager) -> list:
+    """The background write futures of the manager's last async save. Orbax exposes only "wait for all" (which
+    stops at the first failure) and "is one in progress", not the futures themselves, so this is the one place that
+    reads its private attributes; `tests/test_checkpoint.py::test_orbax_private_attributes_we_read_still_exist`
+    fails loudly when orbax moves them."""
+    async_manager = getattr(getattr(manager, "_checkpointer", None), "_async_manager", None)
+    return list(getattr(async_manager, "_commit_futures", None) or ())
 
 
 class Checkpointer:
@@ -89,11 +85,9 @@ class Checkpointer:
             create=True,
             cleanup_tmp_directories=cleanup_tmp,
         )
-        delay = float(os.environ.get(WRITE_DELAY_ENV) or 0)
-        if delay > 0:
-            handlers = {"state": ocp.StandardCheckpointHandler(),
-                        **{name: _delayed_json_handler(delay) for name in ITEMS[1:]}}
-            self._manager = ocp.CheckpointManager(self.directory, item_handlers=handlers, options=options)
+        slow_writes = faults.checkpoint_handler_registry(ITEMS[1:])  # test-only; None in real runs
+        if slow_writes is not None:
+            self._manager = ocp.CheckpointManager(self.directory, handler_registry=slow_writes, options=options)
         else:
             self._manager = ocp.CheckpointManager(self.directory, item_names=ITEMS, options=options)
         self._pending: int | None = None  # step of the async write in flight
@@ -139,8 +133,7 @@ class Checkpointer:
     def _drain_writes(self, timeout: float = 300.0) -> None:
         """After a failed async write, wait (best effort) for the writes of its other items: orbax stops waiting at
         the first failure and leaves them running, so a retry in the same process could race with them."""
-        async_manager = getattr(getattr(self._manager, "_checkpointer", None), "_async_manager", None)  # private
-        for f in getattr(async_manager, "_commit_futures", None) or ():
+        for f in pending_commit_futures(self._manager):
             try:
                 f.result(timeout=timeout)
             except Exception:  # noqa: BLE001  (the first failure is the one reported)
@@ -204,7 +197,7 @@ class Checkpointer:
             except CheckpointError as e:
                 if on_corrupt == "error":
                     raise CheckpointError(
-                        f"{e}\n(set checkpoint.on_corrupt='fallback' to move it aside and resume from the previous "
+                        f"{e}\n(--config.checkpoint.on_corrupt=fallback moves it aside and resumes from the previous "
                         "complete step instead)", step=step) from e
                 aside = self._move_aside(step)
                 moved.append(step)
@@ -315,3 +308,19 @@ def config_to_json(config: Any) -> dict:
     """A JSON-able dict of an ml_collections ConfigDict (or a plain dict)."""
     as_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     return json.loads(json.dumps(as_dict, default=str))
+
+
+def read_json_item(path: str | os.PathLike) -> dict:
+    """A JSON item of a saved step (e.g. `<dir>/<step>/config`), read without a CheckpointManager: a folder holding
+    one JSON file (Orbax's JsonCheckpointHandler layout) or the file itself. For tools that only need the config."""
+    path = pathlib.Path(path)
+    if path.is_file():
+        return json.loads(path.read_text())
+    files = [p for p in sorted(path.glob("*"), key=lambda p: p.name != "metadata")
+             if p.is_file() and not p.name.startswith(".")]
+    for p in files:
+        try:
+            return json.loads(p.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            continue
+    raise FileNotFoundError(f"no JSON item in {path}")

@@ -13,9 +13,9 @@ import ml_collections
 
 # Each enumerated field's allowed values are defined by the module that implements them (the registries of methods
 # and matchers are live: a method registered at run time is valid here at once).
-from ssft_jax import datasets, losses, matching, model, tokenization
+from ssft_jax import datasets, faults, losses, matching, model, tokenization
 from ssft_jax.checkpoint import ON_CORRUPT
-from ssft_jax.data import ON_BAD_RECORD, OVERLONG
+from ssft_jax.data import EXTRA_TRACES, FORMATS, ON_BAD_RECORD, OVERLONG
 
 CONFIGS_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
@@ -65,14 +65,27 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict(dict(
         name="synthetic",     # a registered dataset (ssft_jax.datasets): synthetic | gsm8k | jsonl
-        path="",              # jsonl/parquet file(s), comma separated, for name=jsonl
+        # name=jsonl: the record sources, comma separated: .jsonl/.json (lines)/.ndjson/.parquet files, `datasets`
+        # save_to_disk folders, hub dataset ids (owner/name: offline, from the local datasets cache); a folder or
+        # hub id may name its split (SOURCE:split; default train). name=gsm8k: the data folder.
+        path="",
+        # the shape of each source (ssft_jax.data.FORMATS): auto (detected per source; ambiguous is an error naming
+        # the source) | native | s1k | s1k_teachers | messages | prompt_completion (README "Your data")
+        format="auto",
         max_prompt_len=128,   # P
         max_trace_len=256,    # T (incl. end-of-turn token)
         on_bad_record="error",  # error | skip
         overlong="reject",    # truncate | reject
+        # a question with more than M traces: error (rejected: too_many_traces) | first (its first M) | sample
+        # (a fresh M each epoch, from the seed; restored with the data iterator's position)
+        extra_traces="error",
         num_questions=0,      # 0 = all
         synthetic=ml_collections.ConfigDict(dict(num_questions=512, heldout=64, difficulty="easy")),
-        heldout=200,          # gsm8k: questions held out of training (the last ones of the test file)
+        # questions held out of training, which evaluation scores by default: "auto" (the dataset's default:
+        # gsm8k the last 200 test questions; jsonl none, so a run trains on every question of its files and
+        # evaluation says it scores training questions), a count, or a fraction in (0, 1). Files are split by a
+        # hash of each question's id: the same questions whatever the file order or seed. (synthetic: its own.)
+        heldout=ml_collections.FieldReference("auto", field_type=object),
     ))
 
     c.batch_size = 8          # questions per step (global, across hosts)
@@ -91,6 +104,18 @@ def base_config() -> ml_collections.ConfigDict:
     c.accelerator = ""
 
     c.log_every = 10
+    # Where the scalars go besides metrics.jsonl and TensorBoard (`metrics_log`). wandb is optional
+    # (`pip install .[wandb]`); WANDB_MODE=offline works without an account. peak_flops: FLOP/s of one device for
+    # MFU where `flops.PEAK_FLOPS` does not know the device (0 = look it up; MFU is left out when unknown, e.g. CPU).
+    c.logging = ml_collections.ConfigDict(dict(tensorboard=True, wandb_project="", wandb_entity="", peak_flops=0.0))
+    # Held-out evaluation during training every `eval_every` steps (0 = off): greedy, one generation per tag, on
+    # `eval.num_questions` questions; logged as eval/* beside the training scalars. It never changes training.
+    c.eval_every = 0
+    c.eval = ml_collections.ConfigDict(dict(num_questions=32, max_new_tokens=0, batch_questions=8))
+    # Resuming a workdir whose saved config differs in a field that changes the run's meaning (method, model, data,
+    # N/M/L, optimiser, schedule, ...) is refused, listing the differences; name the fields accepted knowingly here
+    # (comma-separated; a prefix like "optim" covers its fields; "*" accepts everything), e.g. "num_steps".
+    c.resume = ml_collections.ConfigDict(dict(accept_changes=""))
     # on_corrupt: what a start does when the latest checkpoint cannot be restored (a file missing, truncated or not
     # matching its saved fingerprint): "error" stops with a CheckpointError naming the step; "fallback" moves it
     # aside to <step>.corrupt and resumes from the previous complete step. (A crash mid-write never produces
@@ -98,43 +123,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=200, max_to_keep=3, async_save=True, on_corrupt="error"))
     c.max_consecutive_skips = 20  # stop the run when more than this many steps in a row had non-finite loss/grads
     c.export_hf = True
-    # Test-only fault injection, read when the step is traced (empty: nothing is added to the step).
-    # inject_nonfinite: comma-separated "where:steps[:value]"; where = cost (C[0, 0, 0] of the first question of the
-    # batch), loss or grad (one gradient element); steps = K, K-J or K+ (1-based, as logged); value = nan (default),
-    # inf or -inf. E.g. "cost:2,loss:3,grad:4:inf,loss:10+".
+    # Test-only fault injection, read when the step is traced (empty: nothing is added to the step). The syntax
+    # ("cost:2,loss:3,grad:4:inf,loss:10+") is `faults.parse_inject_nonfinite`'s.
     c.debug = ml_collections.ConfigDict(dict(inject_nonfinite=""))
     return c
-
-
-INJECT_WHERE = ("cost", "loss", "grad")
-INJECT_VALUES = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
-
-
-def parse_inject_nonfinite(spec: str) -> list[tuple[str, int, int | None, float]]:
-    """`debug.inject_nonfinite` -> [(where, first step, last step or None for no end, value)]."""
-    rules = []
-    for item in filter(None, (p.strip() for p in (spec or "").split(","))):
-        parts = item.split(":")
-        try:
-            if len(parts) not in (2, 3) or parts[0] not in INJECT_WHERE:
-                raise ValueError
-            value = INJECT_VALUES[parts[2] if len(parts) == 3 else "nan"]
-            steps = parts[1]
-            if steps.endswith("+"):
-                first, last = int(steps[:-1]), None
-            elif "-" in steps:
-                a, b = steps.split("-")
-                first, last = int(a), int(b)
-            else:
-                first = last = int(steps)
-            if first < 1 or (last is not None and last < first):
-                raise ValueError
-        except (ValueError, KeyError):
-            raise ConfigError(
-                f"debug.inject_nonfinite: {item!r} is not where:steps[:value] with where in {INJECT_WHERE}, steps K, "
-                f"K-J or K+ (K >= 1) and value in {tuple(INJECT_VALUES)}") from None
-        rules.append((parts[0], first, last, value))
-    return rules
 
 
 def load_config(name: str, arg: str = "") -> ml_collections.ConfigDict:
@@ -169,13 +161,19 @@ def from_saved(saved: dict) -> ml_collections.ConfigDict:
     return c
 
 
-def parse_arg(arg: str, **defaults: str) -> dict[str, str]:
-    """`get_config` argument "k1=v1,k2=v2" -> dict (big_vision style); keys must be among `defaults`."""
-    out = dict(defaults)
+def parse_arg(arg: str, *, variants: tuple[str, ...] = (), **defaults: str) -> dict[str, str]:
+    """`get_config` argument "k1=v1,k2=v2" -> dict (big_vision style); keys must be among `defaults`. A config may
+    also name `variants` (bare words, e.g. "tiny"): at most one, returned under "variant" ("" when none is given).
+    Anything else is a ConfigError naming what the config accepts."""
+    out = dict(defaults, variant="") if variants else dict(defaults)
     for item in filter(None, (arg or "").split(",")):
         key, sep, value = item.partition("=")
+        if not sep and key in variants and not out["variant"]:
+            out["variant"] = key
+            continue
         if not sep or key not in defaults:
-            raise ConfigError(f"config argument {item!r}: expected key=value with key in {sorted(defaults)}")
+            accepted = [f"{k}=..." for k in sorted(defaults)] + list(variants)
+            raise ConfigError(f"config argument {item!r}: this config accepts {accepted or 'no argument'}")
         out[key] = value
     return out
 
@@ -203,11 +201,15 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
                ("ssft.cost_layout", s.cost_layout, losses.COST_LAYOUTS),
                ("ssft.tag_mode", s.tag_mode, tokenization.TAG_MODES),
                ("data.on_bad_record", c.data.on_bad_record, ON_BAD_RECORD), ("data.overlong", c.data.overlong, OVERLONG),
+               ("data.format", c.data.format, FORMATS), ("data.extra_traces", c.data.extra_traces, EXTRA_TRACES),
                ("model.remat", c.model.remat, model.REMAT_POLICIES), ("checkpoint.on_corrupt", c.checkpoint.on_corrupt,
                                                                      ON_CORRUPT)]
     for field, value, allowed in choices:
         if value not in allowed:
             raise ConfigError(f"{field}={value!r}: expected one of {tuple(allowed)}")
+    h = c.data.heldout
+    if not (h == "auto" or (type(h) is int and h >= 0) or (type(h) is float and 0 < h < 1)):
+        raise ConfigError(f"data.heldout={h!r}: expected 'auto', a count >= 0 or a fraction in (0, 1)")
     if s.max_traces < 1 or s.num_tags < 1:
         raise ConfigError(f"ssft.max_traces={s.max_traces} and ssft.num_tags={s.num_tags} must be >= 1")
     if s.max_traces > s.num_tags and losses.METHODS[s.method].distinct_tags:
@@ -223,7 +225,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
         raise ConfigError(f"batch_size={c.batch_size} is not divisible by micro_batches={c.micro_batches}")
     if c.checkpoint.every_steps < 1:
         raise ConfigError(f"checkpoint.every_steps={c.checkpoint.every_steps} must be >= 1")
-    parse_inject_nonfinite(c.debug.inject_nonfinite)
+    try:
+        faults.parse_inject_nonfinite(c.debug.inject_nonfinite)
+    except faults.FaultSpecError as e:
+        raise ConfigError(str(e)) from None
     if num_devices is not None:
         if c.mesh.num_devices:
             if c.mesh.num_devices > num_devices:
@@ -246,3 +251,55 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
             raise ConfigError(
                 f"batch_size/micro_batches = {per_micro} questions is not divisible by the data-parallel size "
                 f"{dp} (mesh data*fsdp)")
+
+
+# Fields a resumed run may change without changing what the run is: how it is logged, checkpointed, evaluated on the
+# way, exported and placed on devices (a run resumes onto any mesh). Everything else (method, model, data, N/M/L,
+# optimiser, schedule, batch, seed) changes the run's meaning: a resume that changes it is refused unless accepted.
+HARMLESS_ON_RESUME = ("log_every", "logging", "eval_every", "eval", "checkpoint", "export_hf", "max_consecutive_skips",
+                      "mesh", "debug", "resume", "accelerator", "model.preset")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _covered(field: str, prefixes) -> bool:
+    return any(p == "*" or field == p or field.startswith(p + ".") for p in prefixes)
+
+
+def resume_differences(saved: dict, new: ml_collections.ConfigDict) -> tuple[list[str], list[str]]:
+    """(fields that change the run's meaning, harmless fields) that differ between a checkpoint's saved config
+    (JSON) and the config a resume was started with; each as "field: saved -> new". Fields the saved config lacks
+    (written before they existed) compare against today's default."""
+    old = _flatten(from_saved(saved).to_dict())
+    cur = _flatten(new.to_dict())
+    meaning, harmless = [], []
+    for field in sorted(set(old) | set(cur)):
+        a, b = old.get(field, "<absent>"), cur.get(field, "<absent>")
+        if a == b or (isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and list(a) == list(b)):
+            continue
+        (harmless if _covered(field, HARMLESS_ON_RESUME) else meaning).append(f"{field}: {a!r} -> {b!r}")
+    return meaning, harmless
+
+
+def check_resume(saved: dict, new: ml_collections.ConfigDict) -> list[str]:
+    """Raise ConfigError listing the meaning-changing differences not named in `resume.accept_changes`; return the
+    lines to log (harmless and accepted changes)."""
+    meaning, harmless = resume_differences(saved, new)
+    accepted = [p.strip() for p in new.resume.accept_changes.split(",") if p.strip()]
+    refused = [d for d in meaning if not _covered(d.split(":")[0], accepted)]
+    if refused:
+        fields = ",".join(d.split(":")[0] for d in refused)
+        raise ConfigError(
+            "this workdir holds a run with a different config; resuming it would change what the run is:\n  "
+            + "\n  ".join(refused)
+            + f"\nUse a new --workdir, or accept the change knowingly with --config.resume.accept_changes={fields}")
+    return [f"accepted change: {d}" for d in meaning if d not in refused] + [f"changed: {d}" for d in harmless]

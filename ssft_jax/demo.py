@@ -221,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--temperatures", nargs="+", type=float, default=list(TEMPERATURES))
     p.add_argument("--resume", action="store_true", help="continue existing runs in --out instead of starting over")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--debug", action="store_true", help="show the traceback of a config/data error")
     args = p.parse_args(argv)
     if args.temperatures[0] != 0.0:
         args.temperatures = [0.0] + args.temperatures  # greedy is always reported
@@ -228,5 +229,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def cli() -> None:
+    """The console script: expected errors are one message and exit code 2 (`ssft_jax.cli`)."""
+    from ssft_jax import cli as cli_lib
+    raise SystemExit(cli_lib.run_reporting_errors(main))
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    cli()

@@ -416,13 +416,25 @@ def write_outputs(result: EvalResult, out_dir: str | pathlib.Path, *, plots: boo
 # CLI
 # ---------------------------------------------------------------------------------------------------------------
 
-def load_questions(dataset: str, *, path: str | None = None, train_config: Mapping[str, Any] | None = None,
-                   split: str = "heldout", synthetic_difficulty: str = "easy", seed: int = 0) -> list[dict]:
-    """Evaluation records of a registered dataset (`datasets.build_records`): the held-out part (or with
-    split='train' the training part) built from the training run's config (as saved with its checkpoint) when it
-    trained on `dataset`, else from `config.base_config()` for `dataset` with data.path = `path`, the synthetic
-    difficulty and the seed given here. A dataset that holds nothing out (`jsonl`) gives every record of the files
-    in `path` instead. Records are read through `ssft_jax.data.read_records` (errors name file:line) and need
+# What evaluation scored, as its settings and output name it (`select_questions`).
+SCORED = {
+    "heldout": "held-out questions (not trained on)",
+    "train": "TRAINING questions",
+    "files": "the records of --path (evaluation cannot tell whether the model trained on them)",
+}
+
+
+def select_questions(dataset: str, *, path: str | None = None, train_config: Mapping[str, Any] | None = None,
+                     split: str = "heldout", synthetic_difficulty: str = "easy",
+                     seed: int = 0) -> tuple[list[dict], str]:
+    """Evaluation records of a registered dataset (`datasets.build_records`) and what they are (a `SCORED` key).
+
+    The records are built from the training run's config (as saved with its checkpoint) when it trained on
+    `dataset` (and on `path`, when one is given), else from `config.base_config()` for `dataset` with data.path =
+    `path`, the synthetic difficulty and the seed given here. split='heldout' takes the held-out part, labelled
+    "heldout"; split='train', or a config that holds nothing out (a run on files without `data.heldout`), takes the
+    training part, labelled "train"; files that no run config names (jsonl with `path`) are "files". Records are
+    read through `ssft_jax.data.read_records` in the config's `data.format` (errors name file:line) and need
     'question' (or 'messages') and 'answer'; a record without an 'id' gets where it was read from as its id."""
     from ssft_jax import config as config_lib
     from ssft_jax import data as data_lib
@@ -431,15 +443,18 @@ def load_questions(dataset: str, *, path: str | None = None, train_config: Mappi
         raise ValueError(f"split={split!r}: expected heldout or train")
     spec = datasets.get_dataset(dataset)
     config = config_lib.from_saved(dict(train_config)) if train_config is not None else None
-    if config is None or config.data.name != dataset or not spec.has_heldout:
+    of_the_run = config is not None and config.data.name == dataset and path in (None, config.data.path)
+    if not of_the_run:
         config = config_lib.base_config()
         config.seed = seed
         config.data.update(name=dataset, path=path or "")
         config.data.synthetic.difficulty = synthetic_difficulty
     train, held = datasets.build_records(config)
-    records = held if split == "heldout" and spec.has_heldout else train
+    records, scored = (held, "heldout") if split == "heldout" and held else (train, "train")
+    if not of_the_run and not spec.has_heldout:
+        scored = "files"
     out = []
-    for raw in data_lib.read_records(records, name=dataset):
+    for raw in data_lib.read_records(records, name=dataset, format=config.data.format):
         if raw.reason is not None:
             raise data_lib.DataError(f"{raw.where}: {data_lib.REASONS[raw.reason]} ({raw.detail})", where=raw.where,
                                      reason=raw.reason)
@@ -448,7 +463,12 @@ def load_questions(dataset: str, *, path: str | None = None, train_config: Mappi
             raise data_lib.DataError(f"{raw.where}: a record needs 'question' (or 'messages') and 'answer'",
                                      where=raw.where, reason="missing_field")
         out.append(r if "id" in r else {**r, "id": raw.where})
-    return out
+    return out, scored
+
+
+def load_questions(dataset: str, **kw) -> list[dict]:
+    """The records of `select_questions(dataset, **kw)`."""
+    return select_questions(dataset, **kw)[0]
 
 
 def _ints(s: str | None) -> list[int] | None:
@@ -456,10 +476,12 @@ def _ints(s: str | None) -> list[int] | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="The metrics and the outputs are described in the module docstring (pydoc ssft_jax.evaluate).")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--workdir", help="a training run's workdir (Orbax checkpoint; see --prefer)")
     src.add_argument("--hf_dir", help="an HF folder (config.json, safetensors, tokenizer)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of a config/data/checkpoint error")
     p.add_argument("--prefer", default="checkpoint", choices=["checkpoint", "hf_export"],
                    help="workdir: restore the latest checkpoint (default) or load workdir/hf_export")
     p.add_argument("--dataset", default=None, choices=datasets.dataset_names(),
@@ -497,12 +519,17 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{lm.tags.n} {lm.tags.mode} tags, method {lm.method}) in {time.perf_counter() - t0:.1f}s")
     dataset = a.dataset or (lm.train_config["data"]["name"] if lm.train_config else "synthetic")
     spec = datasets.get_dataset(dataset)
-    if not spec.has_heldout and a.path is None:
-        raise SystemExit(f"--dataset {dataset} holds nothing out: name the records to evaluate with --path")
-    questions = load_questions(dataset, path=a.path, train_config=lm.train_config, split=a.split,
-                               synthetic_difficulty=a.synthetic_difficulty, seed=a.seed)
+    trained_on_it = bool(lm.train_config) and lm.train_config["data"]["name"] == dataset
+    if not spec.has_heldout and a.path is None and not trained_on_it:
+        raise SystemExit(f"--dataset {dataset} is the files a run names, and no run names any here: name the "
+                         "records to evaluate with --path")
+    questions, scored = select_questions(dataset, path=a.path, train_config=lm.train_config, split=a.split,
+                                         synthetic_difficulty=a.synthetic_difficulty, seed=a.seed)
     if a.num_questions:
         questions = questions[: a.num_questions]
+    print(f"scoring {len(questions)} {SCORED[scored]}"
+          + (" (the run holds none out: set data.heldout to hold some out)"
+             if scored == "train" and a.split == "heldout" else ""))
     shared = a.tags_mode == "shared" or (a.tags_mode == "auto" and lm.method == "sft_mixed")
     result = evaluate_model(lm.cfg, lm.params, lm.tokenizer, lm.tags, questions, a.checker or spec.checker,
                             classifier=spec.classifier, num_samples_per_tag=a.samples_per_tag,
@@ -511,9 +538,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                             pass1_tag=a.pass1_tag, tag_counts=lm.tag_counts, pass_ks=_ints(a.pass_k),
                             cons_ks=_ints(a.cons_k), batch_questions=a.batch_questions,
                             eos_token_ids=lm.eos_token_ids, vocab_limit=lm.vocab_limit, progress=True)
-    result.settings.update(source=lm.source, method=lm.method, dataset=dataset, split=a.split,
-                           num_questions=len(questions))
+    result.settings.update(source=lm.source, method=lm.method, dataset=dataset, split=scored,
+                           split_requested=a.split, num_questions=len(questions))
     paths = result.write(a.out, plots=not a.no_plots)
+    if a.workdir and not a.no_plots:  # the run's training curves beside the evaluation's figures
+        from ssft_jax import metrics_log
+        curves = metrics_log.plot_training_curves(a.workdir, pathlib.Path(a.out) / "training_curves.png")
+        if curves is not None:
+            paths["training_curves"] = curves
     m = result.metrics
     line = (f"pass@1[tag {m['pass@1']['tag']}]={m['pass@1']['value']}  cons@N={m['cons@N_native']:.3f}  "
             + "  ".join(f"pass@{k}={v:.3f}" for k, v in m["pass@k"].items()) + "  "
@@ -529,5 +561,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def cli() -> None:
+    """The console script: expected errors are one message and exit code 2 (`ssft_jax.cli`)."""
+    from ssft_jax import cli as cli_lib
+    raise SystemExit(cli_lib.run_reporting_errors(main))
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    cli()

@@ -10,9 +10,11 @@ Steps (see ``convert_gguf``):
   2. map llama.cpp names to HF keys with strict accounting (``map_gguf_tensors``),
   3. undo llama.cpp's Q/K row permutation (``unpermute_qk``),
   4. build the config from the GGUF metadata via ``transformers.LlamaConfig`` (so the file is
-     exactly what transformers 5 writes and reads, ``rope_parameters`` included),
+     what transformers 5 writes and reads, ``rope_parameters`` included), plus the keys transformers
+     4.x reads (top-level ``rope_theta``, ``torch_dtype``),
   5. rebuild the tokenizer from the GGUF vocabulary with the ``tokenizers`` library
-     (``build_tokenizer``; see there for why it is hand-built).
+     (``build_tokenizer``; see there for why it is hand-built), saved by ``tokenization.save_tokenizer``
+     so that both transformers lines load it.
 
 CLI: ``python -m ssft_jax.gguf_convert [--gguf PATH] [--out DIR] [--dtype float32|bfloat16] [--force]``
 """
@@ -36,8 +38,9 @@ import numpy as np
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_DIR_NAME = "smollm2-135m-instruct-hf"
 MARKER_NAME = ".conversion_complete.json"
-# Bump when the output format changes, so stale caches are redone.
-CONVERTER_VERSION = 1
+# Bump when the output format changes, so stale caches are redone. 2: config.json and tokenizer files that
+# transformers 4.x loads too (top-level rope_theta, tokenizer_class PreTrainedTokenizerFast).
+CONVERTER_VERSION = 2
 
 # GGUF token_type values (llama.cpp's llama_token_type / gguf.TokenType).
 _TOKEN_TYPE_CONTROL = 3
@@ -393,16 +396,19 @@ def _write_folder(gguf_path: pathlib.Path, out: pathlib.Path, dtype: str) -> lis
         raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
     save_file(hf, str(out / "model.safetensors"), metadata={"format": "pt"})
     config.save_pretrained(out)
+    # transformers 5 writes only its own layout (rope_theta inside rope_parameters, `dtype`); add the keys 4.x reads
+    # from the one place that knows both (`ModelConfig.to_hf`), same values.
+    from ssft_jax import tokenization
+    from ssft_jax.model import ModelConfig
+
+    cfg_path = out / "config.json"
+    written = json.loads(cfg_path.read_text())
+    both = {**written, **ModelConfig.from_hf(written, param_dtype=dtype).to_hf()}
+    cfg_path.write_text(json.dumps(both, indent=2, sort_keys=True) + "\n")
 
     tokenizer = build_tokenizer(meta)
-    tokenizer.save_pretrained(out)
-    # Keep the chat template inside tokenizer_config.json as well (older readers look there; newer
-    # transformers also writes chat_template.jinja).
-    tc_path = out / "tokenizer_config.json"
-    tc = json.loads(tc_path.read_text())
-    if tokenizer.chat_template and "chat_template" not in tc:
-        tc["chat_template"] = tokenizer.chat_template
-        tc_path.write_text(json.dumps(tc, indent=2, ensure_ascii=False) + "\n")
+    # Portable tokenizer files (4.x and 5.x load the same ids and chat template), checked by loading them back.
+    tokenization.save_tokenizer(tokenizer, out)
 
     # A chat server must stop on the end-of-turn token; list it next to the GGUF eos if they differ.
     eos_ids: list[int] = []

@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from ssft_jax import mesh as mesh_lib
+from ssft_jax import tokenization
 from ssft_jax.model import ModelConfig, Params, abstract_params
 
 CONFIG_NAME = "config.json"
@@ -219,10 +220,16 @@ def save_hf_folder(
     dtype: str | None = None,
     max_shard_bytes: int = 4 * 1024**3,
     generation_config: dict | None = None,
+    tags: tokenization.ForkingTags | None = None,
+    verify_tokenizer: bool = True,
 ) -> pathlib.Path:
     """Write an HF folder: safetensors (sharded with an index past `max_shard_bytes`), config.json,
     generation_config.json and, when given, the tokenizer files.
 
+    The folder loads alike in transformers 5.x and 4.x (`ModelConfig.to_hf` writes both config layouts,
+    `tokenization.save_tokenizer` the tokenizer). `tags` (default: special-mode tags if the tokenizer has `<think1>`,
+    else text tags in its format) make the chat template take `forking_tag=k` (README, "Serving the export");
+    `verify_tokenizer` loads the written folder back with `AutoTokenizer` and checks its ids against `tokenizer`.
     `eos_token_ids` should hold every id that ends an assistant turn (e.g. `<|im_end|>` and the tokenizer's eos), so
     an HF-compatible server stops there. Only process 0 writes; every process must call it (gathers are collective).
     """
@@ -254,7 +261,7 @@ def save_hf_folder(
 
     hf_cfg = cfg.to_hf()
     if dtype:
-        hf_cfg["dtype"] = dtype
+        hf_cfg["dtype"] = hf_cfg["torch_dtype"] = dtype
     eos = list(eos_token_ids or [])
     if not eos and cfg.eos_token_id is not None:
         eos = list(cfg.eos_token_id) if isinstance(cfg.eos_token_id, (list, tuple)) else [cfg.eos_token_id]
@@ -264,7 +271,62 @@ def save_hf_folder(
     gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": eos[0] if len(eos) == 1 else eos,
            "pad_token_id": cfg.pad_token_id, **(generation_config or {})}
     (folder / "generation_config.json").write_text(json.dumps({k: v for k, v in gen.items() if v is not None}, indent=2))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(folder))
+    if tokenizer is not None:  # after config.json: its model_type decides the class transformers 5 loads
+        tokenization.save_tokenizer(tokenizer, folder, tags=tags or default_tags(tokenizer), verify=verify_tokenizer)
     logging.info("exported %s model to %s (%d shard(s))", cfg.model_type, folder, len(shards))
     return folder
+
+
+def default_tags(tokenizer) -> tokenization.ForkingTags:
+    """The forking tags an export's chat template takes when the caller names none: special-mode tags if the
+    tokenizer carries `<think1>`.. (N = how many), else N=6 text tags in the tokenizer's format."""
+    n = 0
+    while tokenization.token_id(tokenizer, tokenization.THINK_TOKEN_FORMAT.format(i=n + 1)) is not None:
+        n += 1
+    return tokenization.ForkingTags.for_tokenizer(tokenizer, n or 6, "special" if n else "text")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A model named by its hub id, read from the local Hugging Face cache
+# ---------------------------------------------------------------------------------------------------------------
+
+_REPO_ID_RE = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
+
+
+class PretrainedNotFoundError(FileNotFoundError):
+    """`model.hf_dir` names neither a local folder nor a model in the local Hugging Face cache."""
+
+
+def resolve_pretrained(name_or_path: str, *, cache_dir: str | os.PathLike | None = None,
+                       revision: str | None = None) -> pathlib.Path:
+    """A local HF folder for `name_or_path`: an existing folder is returned as it is; a hub repo id ("org/name")
+    is looked up in the local Hugging Face cache (`huggingface_hub.snapshot_download(local_files_only=True)`, which
+    honours HF_HUB_CACHE / HF_HOME; `cache_dir` overrides them) and its snapshot folder returned. Never downloads:
+    the runs here are offline, and a multi-host job must not fetch a checkpoint once per host.
+
+    A path that cannot be a repo id (absolute, `./`, `~`, more than one `/`) comes back unchanged even when missing:
+    the loader then names it, and the memory planner falls back to `model.preset` for a checkpoint staged elsewhere.
+    A repo id found neither as a folder nor in the cache raises PretrainedNotFoundError (a FileNotFoundError) naming
+    the id and the cache searched, with the command that fills it. ("smollm2" is resolved before this, by
+    `assembly.resolve_hf_dir`.)
+    """
+    path = pathlib.Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    name = str(name_or_path)
+    if not _REPO_ID_RE.match(name) or name.count("/") > 1:
+        return path
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    cache = pathlib.Path(cache_dir).expanduser() if cache_dir is not None else pathlib.Path(constants.HF_HUB_CACHE)
+    try:
+        found = huggingface_hub.snapshot_download(name, revision=revision, cache_dir=str(cache), local_files_only=True)
+    except (LocalEntryNotFoundError, FileNotFoundError, ValueError) as e:
+        raise PretrainedNotFoundError(
+            f"{name!r} is not a local folder and not in the Hugging Face cache {cache} "
+            f"(looked for {cache / ('models--' + name.replace('/', '--'))}, revision {revision or 'main'}): "
+            f"download it first, e.g. `hf download {name}` (cache_dir={cache}), or point model.hf_dir at a folder "
+            f"({type(e).__name__})") from None
+    return pathlib.Path(found)

@@ -163,7 +163,11 @@ def resolve_model(config, tag_len: int | None = None) -> ModelFacts:
 
     s = config.ssft
     notes: list[str] = []
-    hf_dir = assembly.resolve_hf_dir(config.model.hf_dir) if config.model.hf_dir else ""
+    hf_dir = config.model.hf_dir
+    try:
+        hf_dir = assembly.resolve_hf_dir(hf_dir)
+    except FileNotFoundError:  # not staged here (yet): plan from model.preset instead
+        pass
     preset = config.model.preset
     tokenizer = None
     if hf_dir and (pathlib.Path(hf_dir) / "config.json").exists():
@@ -647,9 +651,14 @@ def main(argv):
              "sizes": plan.sizes, "param_count": plan.params["count"], "xla": xla}, indent=2, default=str))
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """`ssft-plan` / `python -m ssft_jax.memory_plan` (absl flags, like the trainer; formulas: the module doc)."""
+    import sys
+
     from absl import app, flags
     from ml_collections import config_flags
+
+    from ssft_jax import cli as cli_lib
 
     config_flags.DEFINE_config_file("config", None, "a configs/*.py file, optionally with :arg", lock_config=True)
     flags.DEFINE_bool("compile", False, "also lower+compile the real train step and print XLA's memory_analysis()")
@@ -657,5 +666,10 @@ if __name__ == "__main__":
                          "accelerator, or the local devices)")
     flags.DEFINE_integer("tag_len", None, "Lt, the tag slot length in tokens (default: from the tokenizer)")
     flags.DEFINE_string("json", "", "also write the plan as JSON here")
+    flags.DEFINE_bool("debug", False, "show the traceback of a config or plan error")
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    app.run(lambda argv: sys.exit(cli_lib.run_reporting_errors(lambda: main(argv), extra=(PlanError,))))
+
+
+if __name__ == "__main__":
+    cli()

@@ -143,15 +143,3 @@ def constrain_rows(x: jax.Array) -> jax.Array:
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     """Rows split over the data-parallel axes, everything else replicated."""
     return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))
-
-
-def data_parallel_size(mesh: Mesh) -> int:
-    return mesh.shape["data"] * mesh.shape["fsdp"]
-
-
-def global_batch_from_local(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Assemble global arrays from each host's rows (`jax.make_array_from_process_local_data`)."""
-    return {
-        k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))
-        for k, v in local.items()
-    }

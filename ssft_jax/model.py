@@ -105,6 +105,10 @@ class ModelConfig:
             rope["rope_type"] = rope.pop("type")
         theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
         rope.setdefault("rope_type", "default")
+        # A file carrying both layouts (our exports do) must not say two things: transformers 4 reads the top-level
+        # keys, 5 reads rope_parameters, so a disagreement would load two different models.
+        if hf.get("rope_parameters") and hf.get("rope_theta") is not None and float(hf["rope_theta"]) != float(theta):
+            raise ValueError(f"config.json: rope_theta={hf['rope_theta']} disagrees with rope_parameters.rope_theta={theta}")
         heads = hf["num_attention_heads"]
         default_bias = model_type == "qwen2"
         fields = dict(
@@ -131,9 +135,15 @@ class ModelConfig:
         return cls(**fields)
 
     def to_hf(self) -> dict[str, Any]:
-        """An HF `config.json` dict (transformers 5 layout) that transformers loads into the same architecture."""
+        """An HF `config.json` dict that transformers 5.x and 4.x both load into the same architecture.
+
+        transformers 5 reads `rope_parameters` (theta and scaling together) and `dtype`; 4.x reads the top-level
+        `rope_theta`, `rope_scaling` and `torch_dtype` and ignores `rope_parameters`, falling back to theta=10000 in
+        silence. Both layouts are written, with the same values.
+        """
         arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
         rope = {"rope_theta": self.rope_theta, **self.rope_params}
+        scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
         out = dict(
             architectures=[arch[self.model_type]],
             model_type=self.model_type,
@@ -146,6 +156,9 @@ class ModelConfig:
             head_dim=self.head_dim,
             rms_norm_eps=self.rms_norm_eps,
             rope_parameters=rope,
+            rope_theta=self.rope_theta,
+            # 4.x: None means plain RoPE; a dict holds the scaling without theta (its own top-level key there).
+            rope_scaling=scaling if scaling.get("rope_type", "default") != "default" else None,
             max_position_embeddings=self.max_position_embeddings,
             tie_word_embeddings=self.tie_word_embeddings,
             hidden_act="silu",
@@ -153,6 +166,7 @@ class ModelConfig:
             eos_token_id=list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id,
             pad_token_id=self.pad_token_id,
             dtype=self.param_dtype,
+            torch_dtype=self.param_dtype,
         )
         out["attention_bias"] = self.attention_bias
         if self.model_type == "qwen2":
@@ -456,7 +470,7 @@ def logits_from_hidden(cfg: ModelConfig, params: Params, h: jax.Array) -> jax.Ar
     return jnp.einsum("btd,dv->btv", h, w, preferred_element_type=jnp.float32)
 
 
-def resize_vocab(cfg: ModelConfig, params: Params, new_vocab_size: int, init_rows: Any = "mean") -> tuple[ModelConfig, Params]:
+def resize_vocab(cfg: ModelConfig, params: Params, new_vocab_size: int) -> tuple[ModelConfig, Params]:
     """Grow the vocabulary (e.g. for forking tags added as special tokens): new rows start at the mean embedding.
 
     The mean of the existing rows keeps the new tokens' initial logits/inputs in-distribution, the usual choice

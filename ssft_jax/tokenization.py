@@ -33,6 +33,7 @@ import re
 from typing import Any, Sequence
 
 THINK_TOKEN_FORMAT = "<think{i}>"
+TAG_MODES = ("text", "special")  # ForkingTags.mode: plain text in the chat, or one added special token each
 CHATML_TEXT_FORMAT = "<|im_start|><think{i}>\n"
 PLAIN_TEXT_FORMAT = "<think{i}>\n"
 # Tokens that end an assistant turn in common chat templates (ChatML, Llama 3, Phi, Gemma).
@@ -131,7 +132,7 @@ class ForkingTags:
     def __post_init__(self):
         if self.n < 1:
             raise ValueError(f"need at least one forking tag, got n={self.n}")
-        if self.mode not in ("text", "special"):
+        if self.mode not in TAG_MODES:
             raise ValueError(f"mode must be 'text' or 'special', got {self.mode!r}")
         for fmt in (self.text_format, self.special_format):
             if "{i}" not in fmt:
@@ -421,24 +422,71 @@ CHATML_TEMPLATE = (
 )
 
 
+# transformers 5 loads any folder whose config.json says model_type "qwen2" with its own Qwen2Tokenizer, whatever
+# tokenizer_config.json names: it keeps only the vocabulary, merges and added tokens of tokenizer.json and rebuilds
+# the rest as below (NFC, this split, byte-level, BPE without unk). A tokenizer meant to be exported beside a qwen2
+# model must therefore be exactly this pipeline, or serving tokenizes differently from training.
+QWEN2_SPLIT_REGEX = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+CHAR_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>")
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table (what the `tokenizers` ByteLevel pre-tokenizer emits)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
 def build_char_tokenizer(folder: str | os.PathLike, extra_chars: str = ""):
     """A ChatML tokenizer with one token per printable ASCII character (plus ``extra_chars``), saved to ``folder``.
 
-    Built with the `tokenizers` library (a WordLevel vocabulary over single characters), so it behaves like any HF
-    fast tokenizer: chat template, special tokens, save/load, export next to the weights. A from-scratch model needs
-    no subword vocabulary, and character tokens keep the demo's vocabulary (and softmax) tiny.
+    Built with the `tokenizers` library, so it behaves like any HF fast tokenizer: chat template, special tokens,
+    save/load, export next to the weights. A from-scratch model needs no subword vocabulary, and character tokens keep
+    the demo's vocabulary (and softmax) tiny: ids 0-3 are ``<|endoftext|> <|im_start|> <|im_end|> <unk>``, then one
+    id per character in code-point order.
+
+    It is a byte-level BPE in exactly the pipeline transformers 5 rebuilds for a "qwen2" folder (see
+    ``QWEN2_SPLIT_REGEX``), with no merges between ASCII characters, so ``AutoTokenizer`` on an export reproduces
+    these ids, whitespace included. A non-ASCII ``extra_chars`` character is one token through merges of its UTF-8
+    bytes (its bytes and partial merges get ids after the characters). A character outside the vocabulary encodes
+    as ``<unk>`` (one per UTF-8 byte) here, and is dropped by transformers 5's rebuilt tokenizer (no unk there).
     """
     import string
+    import unicodedata
 
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"]
-    chars = sorted(set(string.printable) | set(extra_chars))
-    vocab = {tok: i for i, tok in enumerate(specials + chars)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
+    b2u = _bytes_to_unicode()
+    chars = sorted(set(string.printable) | set(unicodedata.normalize("NFC", extra_chars)))
+    vocab = {t: i for i, t in enumerate(CHAR_SPECIAL_TOKENS)}
+    for c in chars:
+        vocab.setdefault("".join(b2u[b] for b in c.encode()), len(vocab))
+    merges = []
+    for c in chars:  # after every character has its id, so ASCII ids do not depend on extra_chars
+        pieces = [b2u[b] for b in c.encode()]
+        acc = pieces[0]
+        vocab.setdefault(acc, len(vocab))
+        for piece in pieces[1:]:
+            vocab.setdefault(piece, len(vocab))
+            merges.append((acc, piece))
+            acc += piece
+            vocab.setdefault(acc, len(vocab))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", fuse_unk=False, byte_fallback=False))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                    unk_token="<unk>", additional_special_tokens=["<|im_start|>"],
                                    chat_template=CHATML_TEMPLATE)
@@ -446,3 +494,145 @@ def build_char_tokenizer(folder: str | os.PathLike, extra_chars: str = ""):
     folder.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(str(folder))
     return load_tokenizer(folder)
+
+
+# --------------------------------------------------------------------------------------------
+# Saving a tokenizer that transformers 5.x and 4.x load alike, with a chat template that takes a forking tag
+# --------------------------------------------------------------------------------------------
+
+FORKING_TAG_VARIABLE = "forking_tag"
+# A class name both transformers lines resolve to the tokenizer.json-backed fast tokenizer (5.x writes
+# "TokenizersBackend", which 4.x does not have).
+PORTABLE_TOKENIZER_CLASS = "PreTrainedTokenizerFast"
+_CLAUSE_BEGIN = "{#- ssft-jax forking_tag: begin #}"
+_CLAUSE_END = "{#- ssft-jax forking_tag: end #}"
+_CLAUSE_RE = re.compile(re.escape(_CLAUSE_BEGIN) + ".*?" + re.escape(_CLAUSE_END), re.S)
+# tokenizer_config.json keys transformers 5 writes that describe the loading call, not the tokenizer.
+_LOAD_TIME_KEYS = ("is_local", "local_files_only", "_commit_hash", "name_or_path")
+
+
+class TokenizerExportError(ValueError):
+    """A saved tokenizer does not load back to the same ids (or chat rendering) as the tokenizer it was saved from."""
+
+
+def _jinja_str(text: str) -> str:
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n").replace("\r", "\\r") + "'"
+
+
+def chat_template_with_forking_tag(template: str, tags: ForkingTags) -> str:
+    """``template`` plus a clause that, with ``add_generation_prompt=True``, opens the assistant turn with a tag.
+
+    ``apply_chat_template(messages, add_generation_prompt=True, forking_tag=3)`` then ends with tag 3's text
+    (``<|im_start|><think3>\\n`` in text mode, ``<think3>`` in special mode): the number is the one in the tag's name,
+    1..N (tag index + 1); a string is inserted as it is. Without ``forking_tag`` the template renders as before. The
+    clause is appended at the end, i.e. right after the generation prompt, where ``render_example`` puts the tag; a
+    clause from an earlier export is replaced, not repeated.
+    """
+    fmt = tags.text_format if tags.mode == "text" else tags.special_format
+    head, tail = fmt.split("{i}", 1)
+    clause = (
+        f"{_CLAUSE_BEGIN}"
+        f"{{%- if add_generation_prompt and {FORKING_TAG_VARIABLE} is defined and {FORKING_TAG_VARIABLE} is not none %}}"
+        f"{{%- if {FORKING_TAG_VARIABLE} is string %}}{{{{- {FORKING_TAG_VARIABLE} }}}}"
+        f"{{%- elif {FORKING_TAG_VARIABLE} < 1 or {FORKING_TAG_VARIABLE} > {tags.n} %}}"
+        f"{{{{- raise_exception('forking_tag must be 1..{tags.n} (the number in <think1>..<think{tags.n}>)') }}}}"
+        f"{{%- else %}}{{{{- {_jinja_str(head)} ~ {FORKING_TAG_VARIABLE} ~ {_jinja_str(tail)} }}}}"
+        f"{{%- endif %}}{{%- endif %}}"
+        f"{_CLAUSE_END}"
+    )
+    return _CLAUSE_RE.sub("", template) + clause
+
+
+def _probe_texts(tokenizer, tags: ForkingTags | None) -> list[str]:
+    """Texts whose ids must survive saving: whitespace runs, digits and operators, chat markers, the tags (as control
+    text and typed inside user text). ASCII only: see ``build_char_tokenizer`` on characters outside a vocabulary."""
+    texts = [
+        "The answer is 19.\n",
+        "  two  spaces,\ttabs\t and\n\nnewlines \n",
+        "ones: 7+1=8. tens: 80=80. 8+80=88. 12-3*4/2 (x) [y] {z} <a> |b| ~c ^d",
+        "Let me think step by step. So the answer is 42.",
+    ]
+    if token_id(tokenizer, "<|im_start|>") is not None:
+        texts.append("<|im_start|>user\nhi there<|im_end|>\n<|im_start|>assistant\n")
+    if tags is not None:
+        for i in range(tags.n):
+            texts.append(tags.tag_string(i) + "First, add the numbers.")
+        texts.append(f"I typed {tags.special_format.format(i=1)} by hand")
+    return texts
+
+
+def verify_saved_tokenizer(tokenizer, folder: str | os.PathLike, tags: ForkingTags | None = None) -> None:
+    """Load ``folder`` the way a server would (``AutoTokenizer``, beside whatever config.json the folder holds) and
+    check that it gives ``tokenizer``'s ids, size, end-of-turn ids and tagged generation prompts. Raises
+    TokenizerExportError naming the first difference."""
+    from transformers import AutoTokenizer
+
+    loaded = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    where = f"{folder} (loaded as {type(loaded).__name__})"
+    if len(loaded) != len(tokenizer):
+        raise TokenizerExportError(f"{where}: {len(loaded)} tokens, the tokenizer saved had {len(tokenizer)}")
+    for text in _probe_texts(tokenizer, tags):
+        for encode in (encode_control, encode_text):  # control strings matched, and split as user text
+            want, got = encode(tokenizer, text), encode(loaded, text)
+            if want != got:
+                raise TokenizerExportError(f"{where}: {text!r} ({encode.__name__}) encodes to {got}, the tokenizer "
+                                           f"saved gives {want}")
+    if eos_token_ids(loaded) != eos_token_ids(tokenizer):
+        raise TokenizerExportError(f"{where}: end-of-turn ids {eos_token_ids(loaded)} != {eos_token_ids(tokenizer)}")
+    if tags is not None and loaded.chat_template:
+        msgs = [{"role": "user", "content": "What is 2+2?"}]
+        for i in range(tags.n):
+            text = loaded.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True,
+                                              **{FORKING_TAG_VARIABLE: i + 1})
+            want = render_example(tokenizer, msgs, None, tags, i).generation_prompt_ids
+            if encode_control(loaded, text) != want:
+                raise TokenizerExportError(f"{where}: the chat template with {FORKING_TAG_VARIABLE}={i + 1} renders "
+                                           f"{text!r}, not the training prompt {tokenizer.decode(want)!r}")
+
+
+def save_tokenizer(tokenizer, folder: str | os.PathLike, *, tags: ForkingTags | None = None,
+                   verify: bool = True) -> pathlib.Path:
+    """Write ``tokenizer`` to ``folder`` so that transformers 5.x and 4.x (4.57 tested) load the same tokenizer.
+
+    On top of ``save_pretrained``: ``tokenizer_class`` becomes ``PreTrainedTokenizerFast`` (5.x writes
+    ``TokenizersBackend``, unknown to 4.x); every special added token is listed in ``additional_special_tokens``
+    (4.x reads a dict, not 5.x's list, under ``extra_special_tokens``) and in ``added_tokens_decoder``; the chat
+    template goes to ``chat_template.jinja`` and ``tokenizer_config.json`` and, with ``tags``, takes a
+    ``forking_tag`` (``chat_template_with_forking_tag``). ``verify`` loads the folder back (``verify_saved_tokenizer``);
+    write config.json first, since it decides which class transformers 5 loads.
+    """
+    import json
+
+    folder = pathlib.Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(str(folder))
+    path = folder / "tokenizer_config.json"
+    tc = json.loads(path.read_text())
+    for key in _LOAD_TIME_KEYS:
+        tc.pop(key, None)
+    tc["tokenizer_class"] = PORTABLE_TOKENIZER_CLASS
+    decoder = tokenizer.backend_tokenizer.get_added_tokens_decoder()
+    named = {str(v) for k, v in tokenizer.special_tokens_map.items() if k != "additional_special_tokens"
+             and isinstance(v, str)}
+    extra = tc.pop("extra_special_tokens", None)
+    if isinstance(extra, dict):  # named model-specific tokens: the same meaning in both lines
+        tc["extra_special_tokens"] = extra
+        named |= {str(v) for v in extra.values()}
+    listed = [str(t) for t in extra] if isinstance(extra, list) else []
+    listed += [t.content for _, t in sorted(decoder.items()) if t.special and t.content not in named]
+    tc["additional_special_tokens"] = list(dict.fromkeys(t for t in listed if t not in named))
+    tc["added_tokens_decoder"] = {
+        str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized, "rstrip": t.rstrip,
+                 "single_word": t.single_word, "special": t.special}
+        for i, t in sorted(decoder.items())
+    }
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
+    if template is not None:
+        if tags is not None:
+            template = chat_template_with_forking_tag(template, tags)
+        (folder / "chat_template.jinja").write_text(template)
+        tc["chat_template"] = template  # readers older than chat_template.jinja look here
+    path.write_text(json.dumps(tc, indent=2, ensure_ascii=False) + "\n")
+    if verify:
+        verify_saved_tokenizer(tokenizer, folder, tags)
+    return folder

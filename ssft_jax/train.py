@@ -26,7 +26,8 @@ from ssft_jax import checkpoint as ckpt_lib
 from ssft_jax import config as config_lib
 from ssft_jax import data as data_lib
 from ssft_jax import datasets
-from ssft_jax import hf_io, mesh as mesh_lib, metrics_log, model as model_lib, tokenization, train_state
+from ssft_jax import hf_io, mesh as mesh_lib, metrics_log, model as model_lib, run_monitor, tokenization
+from ssft_jax import losses as losses_lib, train_state
 
 
 class TrainingDivergedError(RuntimeError):
@@ -59,11 +60,25 @@ def build_inputs(config, mesh) -> RunInputs:
     train_records, _ = datasets.build_records(config)
     questions, report = data_lib.tokenize_records(
         train_records, pieces.tokenizer, pieces.tags, pieces.layout, on_bad_record=config.data.on_bad_record,
-        overlong=config.data.overlong)
+        overlong=config.data.overlong, extra_traces=config.data.extra_traces, format=config.data.format)
     if config.data.num_questions:
         questions = questions[: config.data.num_questions]
     return RunInputs(pieces.tokenizer, pieces.model_config, pieces.params, pieces.tags, pieces.layout, questions,
                      report, pieces.tag_table, pieces.tag_lengths)
+
+
+def check_resumed_config(checkpointer: ckpt_lib.Checkpointer, config) -> None:
+    """Compare the config saved with the latest checkpoint with this one (`config.check_resume`): refuse a change of
+    the run's meaning unless accepted, log the rest."""
+    step = checkpointer.latest_step()
+    if step is None:
+        return
+    try:
+        saved = ckpt_lib.read_json_item(checkpointer.directory / str(step) / "config")
+    except FileNotFoundError:  # a damaged step: restore_latest reports it with its own message
+        return
+    for line in config_lib.check_resume(saved, config):
+        logging.info("resume from step %d: %s", step, line)
 
 
 def to_global(batch: dict, mesh) -> dict:
@@ -94,11 +109,14 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
     # cleanup_tmp: half-written steps of a crashed earlier process are removed (they are never restored anyway).
     checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", max_to_keep=config.checkpoint.max_to_keep,
                                          async_save=config.checkpoint.async_save, cleanup_tmp=True)
+    check_resumed_config(checkpointer, config)  # a changed method, model, data or schedule refuses here
+    if jax.process_index() == 0:
+        (workdir / "config.json").write_text(json.dumps(ckpt_lib.config_to_json(config), indent=2, sort_keys=True))
 
     tokenizer, cfg, params, tags, layout, questions, report, table, lengths = build_inputs(config, mesh)
     if jax.process_index() == 0 and not metrics_log.is_remote(workdir):
         # The tokenizer training uses, forking-tag tokens included: evaluation straight from the workdir reads it.
-        tokenizer.save_pretrained(str(workdir / "tokenizer"))
+        tokenization.save_tokenizer(tokenizer, pathlib.Path(str(workdir / "tokenizer")), tags=tags)
     if len(questions) < config.batch_size:
         raise config_lib.ConfigError(
             f"only {len(questions)} usable questions for batch_size={config.batch_size} ({report.summary()})")
@@ -122,7 +140,17 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
     train_step = assembly.make_step(config, cfg, layout, optimizer, state, to_global(first, mesh), mesh)
     table_d, lengths_d = jnp.asarray(table), jnp.asarray(lengths)
 
-    logger = metrics_log.MetricsLogger(workdir, resume_step=start)  # drops records an earlier process logged past it
+    method = losses_lib.get_method(config.ssft.method)
+    with_costs = method.needs_costs or config.ssft.baseline_costs
+    schedule = train_state.learning_rate_schedule(config.optim, num_steps)
+    throughput = run_monitor.make_throughput(config, cfg, layout, mesh, with_costs)
+    evaluator = (run_monitor.InTrainingEval(config, tokenizer, tags, shared_tag=not method.distinct_tags)
+                 if config.eval_every else None)
+    eval_results: dict[int, dict] = {}  # step -> eval scalars, merged into that step's record
+    # One record per logged step, in metrics.jsonl, TensorBoard and (optionally) wandb.
+    logger = metrics_log.MetricsLogger(workdir, resume_step=start, tensorboard=config.logging.tensorboard,
+                                       wandb_project=config.logging.wandb_project,
+                                       wandb_entity=config.logging.wandb_entity, config=ckpt_lib.config_to_json(config))
     histogram = metrics_log.AssignmentHistogram()
     guard = ckpt_lib.PreemptionGuard()
     config_json = ckpt_lib.config_to_json(config)
@@ -135,14 +163,21 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
         nonlocal consecutive_skips, tag_totals
         m = jax.device_get(m)
         histogram.update(m.pop("assignments"))
+        if not with_costs:  # no cost pass ran: matched/unmatched NLL and the gap are undefined, not 0
+            for k in ("matched_nll", "unmatched_nll", "second_best_gap", "second_best_gap_min"):
+                m.pop(k, None)
         tag_totals += m["tag_counts"]
         losses[step_done] = float(m["loss"])
         consecutive_skips = consecutive_skips + 1 if m["step_skipped"] else 0
         diverged = consecutive_skips > config.max_consecutive_skips
-        if step_done % config.log_every == 0 or step_done == num_steps or diverged:
+        if (step_done % config.log_every == 0 or step_done == num_steps or diverged
+                or step_done in eval_results):
+            m.update(lr=float(schedule(step_done - 1)), **throughput.scalars(step_done),
+                     **eval_results.pop(step_done, {}))
             logger.write(step_done, m)
             if bar is not None:
-                bar.set_postfix(loss=f"{m['loss']:.3f}", matched=f"{m['matched_nll']:.3f}")
+                bar.set_postfix(loss=f"{m['loss']:.3f}", **({"matched": f"{m['matched_nll']:.3f}"}
+                                                           if "matched_nll" in m else {}))
         if diverged:
             raise TrainingDivergedError(
                 f"training diverged: {consecutive_skips} consecutive steps (steps {step_done - consecutive_skips + 1}"
@@ -162,9 +197,15 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
                 stopped_early = True
                 break
             checkpointer.check()  # a failed background write stops the run here, naming its step
-            batch = to_global(next(iterator), mesh)
-            state, metrics = train_step(state, batch, table_d, lengths_d)
+            host_batch = next(iterator)
+            throughput.add_batch(step + 1, host_batch, with_cost_pass=with_costs)
+            state, metrics = train_step(state, to_global(host_batch, mesh), table_d, lengths_d)
             step += 1
+            if evaluator is not None and step % config.eval_every == 0:
+                # On this step's weights, before the next step donates them; blocks until they are ready.
+                t_eval = time.perf_counter()
+                eval_results[step] = evaluator(cfg, state["params"], tag_totals)
+                throughput.exclude(time.perf_counter() - t_eval)
             if pending is not None:
                 consume(*pending)
             pending = (step, metrics)
@@ -177,6 +218,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
                 bar.update(1)
         if pending is not None:
             consume(*pending)
+        logger.log_histogram("assignment_patterns", dict(histogram.top(20)), step)
         checkpointer.save(step, state, data_state=iterator.get_state(), config=config_json, force=True)
         checkpointer.wait()
     except BaseException:
@@ -195,7 +237,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
 
     export_dir = None
     if config.export_hf and not stopped_early:
-        export_dir = export_hf(workdir / "hf_export", cfg, state["params"], tokenizer)
+        export_dir = export_hf(workdir / "hf_export", cfg, state["params"], tokenizer, tags)
     summary = {
         "method": config.ssft.method,
         "start_step": start,
@@ -221,14 +263,15 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
     return {**summary, "state": state, "model_config": cfg, "tokenizer": tokenizer, "tags": tags}
 
 
-def export_hf(dest, cfg, params, tokenizer):
+def export_hf(dest, cfg, params, tokenizer, tags):
     """HF folder at `dest` (local, or gs:// via a local staging folder: safetensors writes local files only)."""
     eos = tokenization.eos_token_ids(tokenizer)
     if not metrics_log.is_remote(dest):
-        return hf_io.save_hf_folder(dest, cfg, params, tokenizer=tokenizer, eos_token_ids=eos)
+        return hf_io.save_hf_folder(dest, cfg, params, tokenizer=tokenizer, eos_token_ids=eos, tags=tags)
     import tempfile
     with tempfile.TemporaryDirectory() as tmp:
-        local = hf_io.save_hf_folder(pathlib.Path(tmp) / "hf_export", cfg, params, tokenizer=tokenizer, eos_token_ids=eos)
+        local = hf_io.save_hf_folder(pathlib.Path(tmp) / "hf_export", cfg, params, tokenizer=tokenizer, eos_token_ids=eos,
+                                     tags=tags)
         if jax.process_index() == 0:
             dest.mkdir(parents=True, exist_ok=True)
             for f in local.iterdir():
@@ -239,17 +282,29 @@ def export_hf(dest, cfg, params, tokenizer):
 def main(argv):
     del argv
     from absl import flags
-    config = flags.FLAGS.config
-    summary = run(config, flags.FLAGS.workdir)
+    metrics_log.quiet_library_logs()
+    summary = run(flags.FLAGS.config, flags.FLAGS.workdir)
     print(json.dumps({k: v for k, v in summary.items() if k not in ("state", "model_config", "tokenizer", "tags", "losses")},
                      indent=2, default=str))
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """`ssft-train` / `python -m ssft_jax.train`: absl flags, the config as an ml_collections config file."""
+    import sys
+
     from absl import app, flags
     from ml_collections import config_flags
 
-    config_flags.DEFINE_config_file("config", None, "a configs/*.py file, optionally with :arg", lock_config=True)
-    flags.DEFINE_string("workdir", None, "where checkpoints, logs and the HF export go")
+    from ssft_jax import cli as cli_lib
+
+    config_flags.DEFINE_config_file("config", None, "a configs/*.py file, optionally with :arg (e.g. "
+                                    "configs/demo.py:tiny); any field overridden with --config.a.b=value",
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", None, "where checkpoints, logs and the HF export go (local or gs://)")
+    flags.DEFINE_bool("debug", False, "show the traceback of a config, data or checkpoint error")
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    app.run(lambda argv: sys.exit(cli_lib.run_reporting_errors(lambda: main(argv))))
+
+
+if __name__ == "__main__":
+    cli()

@@ -19,12 +19,17 @@ State = dict[str, Any]
 STATE_KEYS = ("params", "opt_state", "step", "rng", "consecutive_skips")
 
 
-def make_optimizer(optim, num_steps: int) -> optax.GradientTransformation:
-    """AdamW with linear warmup + cosine decay, global-norm clipping, no weight decay on norms and biases."""
+def learning_rate_schedule(optim, num_steps: int) -> optax.Schedule:
+    """Linear warmup over `warmup_frac` of the steps, then cosine decay to `end_lr_frac` of the peak."""
     warmup = max(1, int(round(optim.warmup_frac * num_steps))) if optim.warmup_frac > 0 else 0
-    schedule = optax.warmup_cosine_decay_schedule(
+    return optax.warmup_cosine_decay_schedule(
         init_value=0.0 if warmup else optim.learning_rate, peak_value=optim.learning_rate, warmup_steps=warmup,
         decay_steps=max(num_steps, warmup + 1), end_value=optim.learning_rate * optim.end_lr_frac)
+
+
+def make_optimizer(optim, num_steps: int) -> optax.GradientTransformation:
+    """AdamW with `learning_rate_schedule`, global-norm clipping, no weight decay on norms and biases."""
+    schedule = learning_rate_schedule(optim, num_steps)
 
     def decay_mask(params):
         def keep(path, _):

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ssft_jax import config as config_lib
 from ssft_jax import data as data_lib
+from ssft_jax import faults
 from ssft_jax import losses
 from ssft_jax import mesh as mesh_lib
 from ssft_jax.model import ModelConfig
@@ -27,26 +27,6 @@ def _split_micro(tree, k: int):
     return jax.tree.map(lambda x: x.reshape(k, x.shape[0] // k, *x.shape[1:]), tree)
 
 
-def _injector(spec: str):
-    """Test-only fault injection (`debug.inject_nonfinite`, parsed by `config.parse_inject_nonfinite`): a function
-    `(where, step, x) -> x` that overwrites x where a rule for `where` covers `step`; None when the spec is empty,
-    so a normal step is traced without any of it."""
-    rules = config_lib.parse_inject_nonfinite(spec)
-    if not rules:
-        return None
-
-    def inject(where, step, x, at=None):
-        for kind, first, last, value in rules:
-            if kind != where:
-                continue
-            active = step >= first if last is None else (step >= first) & (step <= last)
-            if at is not None:
-                active = active & at
-            x = jnp.where(active, jnp.asarray(value, x.dtype), x)
-        return x
-    return inject
-
-
 def make_train_step(model_cfg: ModelConfig, ssft, optimizer: optax.GradientTransformation, *, micro_batches: int,
                     logprob_chunk: int = 1024, inject_nonfinite: str = "",
                     cost_dims: tuple[int, int] | None = None
@@ -55,13 +35,13 @@ def make_train_step(model_cfg: ModelConfig, ssft, optimizer: optax.GradientTrans
 
     cost_dims: (P, W) of the cost row (`LayoutConfig.max_prompt_len`, `.pair_block_len`), needed by
     `ssft.cost_layout='prefix_cache'` (see `losses.cost_matrix`).
-    inject_nonfinite: test-only faults (see `config.parse_inject_nonfinite`); empty in real runs."""
+    inject_nonfinite: test-only faults (see `faults.parse_inject_nonfinite`); empty in real runs."""
     cost_layout = ssft.cost_layout
     prompt_len, block_len = cost_dims if cost_dims is not None else (None, None)
     N, M = ssft.num_tags, ssft.max_traces
     method = ssft.method
     need_costs = losses.get_method(method).needs_costs or ssft.baseline_costs
-    inject = _injector(inject_nonfinite)
+    inject = faults.make_injector(inject_nonfinite)  # None in real runs: nothing is traced
 
     def micro_step(params, mb, rng, tag_table, tag_lengths, step_no, micro_index):
         tag_valid, trace_valid = mb["cost"]["tag_valid"], mb["train"]["trace_valid"]

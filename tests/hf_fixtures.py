@@ -82,3 +82,66 @@ def build_tiny_tokenizer(path, *, chatml=True, eos="<|im_end|>"):
     PreTrainedTokenizerFast(**kwargs).save_pretrained(path)
     from ssft_jax import tokenization
     return tokenization.load_tokenizer(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# transformers 4.57 beside the pinned 5.x: a side install (pip --target) that a subprocess puts first on PYTHONPATH
+# ---------------------------------------------------------------------------------------------------------------
+
+# The last 4.x line, with the tokenizers and huggingface_hub it requires (its wheel pins tokenizers<=0.23.0 and
+# huggingface-hub<1.0, below ours); everything else it imports (torch, numpy, safetensors, regex, ...) comes from the
+# main environment, hence --no-deps.
+TRANSFORMERS4_PINS = ("transformers==4.57.6", "tokenizers==0.22.1", "huggingface-hub==0.36.0")
+
+
+def transformers4_dir() -> pathlib.Path:
+    """Where the side install lives: inside the venv (so `make clean` removes it), keyed by the pins."""
+    import sys
+    return pathlib.Path(sys.prefix) / "side" / ("-".join(p.replace("==", "-") for p in TRANSFORMERS4_PINS))
+
+
+def ensure_transformers4() -> tuple[pathlib.Path | None, str]:
+    """(the side folder, "") once installed (cached between runs), or (None, why) if PyPI cannot be reached.
+
+    Any other failure raises: a broken install must fail the test, not skip it.
+    """
+    import fcntl
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    target = transformers4_dir()
+    stamp = target / ".installed"
+    if stamp.is_file():
+        return target, ""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / ".lock", "w") as lock:  # two test processes (or make and a test) install it once
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if stamp.is_file():
+            return target, ""
+        tmp = pathlib.Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+        pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+        r = subprocess.run([*pip, "install", "--no-deps", "--target", str(tmp), *TRANSFORMERS4_PINS],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            with tempfile.TemporaryDirectory() as d:
+                reach = subprocess.run([*pip, "download", "--no-deps", "-d", d, TRANSFORMERS4_PINS[0]],
+                                       capture_output=True, text=True)
+            if reach.returncode != 0:
+                return None, f"PyPI unreachable (pip download {TRANSFORMERS4_PINS[0]} failed: {reach.stderr[-300:]})"
+            raise RuntimeError(f"pip install --target {tmp} {' '.join(TRANSFORMERS4_PINS)} failed:\n{r.stderr[-2000:]}")
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+        stamp.write_text("\n".join(TRANSFORMERS4_PINS) + "\n")
+    return target, ""
+
+
+if __name__ == "__main__":  # `make setup`: python tests/hf_fixtures.py install-transformers4
+    import sys
+    if sys.argv[1:] != ["install-transformers4"]:
+        raise SystemExit("usage: python tests/hf_fixtures.py install-transformers4")
+    where, why = ensure_transformers4()
+    print(where or f"transformers 4 not installed: {why}")

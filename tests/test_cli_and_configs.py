@@ -1,4 +1,5 @@
 """configs/*.py, the `python -m ssft_jax.train` CLI, and SIGTERM (preemption) handling."""
+import importlib.util
 import json
 import os
 import pathlib
@@ -10,6 +11,7 @@ import time
 import pytest
 
 from ssft_jax import config as config_lib
+from ssft_jax import faults
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -36,6 +38,31 @@ def test_configs_validate_on_their_slice(name, devices):
 def test_config_arg_errors_name_the_key():
     with pytest.raises(config_lib.ConfigError, match="hf_dirr"):
         load("qwen2p5_7b", "hf_dirr=/x")
+
+
+@pytest.mark.parametrize("name", ["demo", "smollm2_gsm8k"])
+def test_config_variants_are_parsed_strictly(name):
+    assert load(name, "tiny").num_steps < load(name, "").num_steps
+    with pytest.raises(config_lib.ConfigError, match=r"'tinyy'.*accepts \['tiny'\]"):
+        load(name, "tinyy")
+    with pytest.raises(config_lib.ConfigError, match="'tiny'"):
+        load(name, "tiny,tiny")  # one variant at most
+
+
+def test_every_config_and_sweep_file_refuses_an_unknown_argument():
+    paths = sorted((ROOT / "configs").glob("*.py"))
+    for path in paths:
+        with pytest.raises(config_lib.ConfigError, match="'bogus_arg'"):
+            load(path.stem, "bogus_arg")
+    sweeps = sorted((ROOT / "configs" / "sweeps").glob("*.py"))
+    for path in sweeps:
+        spec = importlib.util.spec_from_file_location(f"_sweep_{path.stem}", path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        assert mod.get_hyper("")  # the default arg works
+        with pytest.raises(config_lib.ConfigError, match="'bogus_arg'"):
+            mod.get_hyper("bogus_arg")
+    assert len(paths) >= 5 and sweeps  # the globs found the files
 
 
 def _cli(workdir, *overrides, env=None, **popen):
@@ -69,7 +96,7 @@ def test_sigterm_checkpoints_and_the_run_resumes(tmp_path):
 
     log = open(tmp_path / "run.log", "w")  # a file: orbax logs every save, a pipe nobody reads would fill and block
     p = _cli(tmp_path, "--config.num_steps=100000", "--config.checkpoint.every_steps=2", "--config.log_every=1",
-             env={ckpt_lib.WRITE_DELAY_ENV: "0.5"}, stdout=log, text=False)  # test hook: each write takes >= 0.5 s
+             env={faults.WRITE_DELAY_ENV: "0.5"}, stdout=log, text=False)  # test hook: each write takes >= 0.5 s
     ckpts = tmp_path / "checkpoints"
 
     def writing():  # at least 3 steps done and a checkpoint write in flight
@@ -92,7 +119,8 @@ def test_sigterm_checkpoints_and_the_run_resumes(tmp_path):
     steps = sorted(int(d.name) for d in ckpts.iterdir() if d.name.isdigit())
     assert steps[-1] == summary["final_step"]  # the final checkpoint is finalised...
     assert not [d.name for d in ckpts.iterdir() if "tmp" in d.name]  # ...and so is the write that was in flight
-    p2 = _cli(tmp_path, f"--config.num_steps={summary['final_step'] + 2}")
+    # Resumed with a shorter schedule: a change of the run's meaning, accepted by name.
+    p2 = _cli(tmp_path, f"--config.num_steps={summary['final_step'] + 2}", "--config.resume.accept_changes=num_steps")
     out, _ = p2.communicate(timeout=300)
     assert p2.returncode == 0, out
     resumed = json.loads((tmp_path / "summary.json").read_text())

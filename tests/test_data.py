@@ -1,6 +1,7 @@
 """SSFT data: record validation, the static-shape cost/train layouts, fill_tags, the C read-back, the Grain pipeline."""
 import json
 import logging
+import re
 
 import jax
 import jax.numpy as jnp
@@ -344,21 +345,29 @@ def test_packed_cost_and_filled_train_rows_equal_unpacked_model_runs(tok):
 # ------------------------------------------------------------------------------------------------
 
 GOOD = {"id": "good", "question": "What is 2+2?", "traces": [{"text": "2+2=4. So the answer is 4."}]}
+GOOD2 = {"id": "good2", "question": "What is 3+3?", "traces": [{"text": "3+3=6. So the answer is 6."}]}
+# Rows of a per-trace shape (TRL conversational) for one question that disagree on its answer: the case is a file
+# of that shape (a native row among them would make the file's shape ambiguous).
+CONFLICTING = [{"id": "x", "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": t}],
+                "answer": a} for t, a in (("a", "1"), ("b", "2"))]
 BAD_CASES = {
     "broken_json": b'{"id": "x", "question": "q", "traces": [',
     "invalid_utf8": b'{"id": "x", "question": "caf\xe9", "traces": [{"text": "a"}]}',
     "lone_surrogate": {"id": "x", "question": "q", "traces": [{"text": "bad \ud800 text"}]},
     "nul_byte": {"id": "x", "question": "q\u0000", "traces": [{"text": "a"}]},
+    "non_finite_number": b'{"id": "x", "question": "q", "traces": [{"text": "a"}], "answer": NaN}',
     "wrong_type": {"id": "x", "question": "q", "traces": [{"text": 5}]},
     "missing_field": {"id": "x", "traces": [{"text": "a"}]},
     "duplicate_id": {"id": "good", "question": "q", "traces": [{"text": "a"}]},
     "bad_messages": {"id": "x", "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
                      "traces": [{"text": "a"}]},
+    "conflicting_rows": CONFLICTING,
     "empty_prompt": {"id": "x", "question": "  ", "traces": [{"text": "a"}]},
     "no_traces": {"id": "x", "question": "q", "traces": []},
     "empty_trace": {"id": "x", "question": "q", "traces": [{"text": "a"}, {"text": " \n"}]},
     "duplicate_trace": {"id": "x", "question": "q", "traces": [{"text": "same"}, {"text": "same"}]},
     "too_many_traces": {"id": "x", "question": "q", "traces": [{"text": "a"}, {"text": "b"}, {"text": "c"}]},
+    "unknown_characters": {"id": "x", "question": "caf\u00e9?", "traces": [{"text": "a"}]},  # char tokenizer: no é
     "template_error": {"id": "x", "question": "q \ue000ssft0\ue001", "traces": [{"text": "a"}]},
     "prompt_over_budget": {"id": "x", "question": "word " * 80, "traces": [{"text": "a"}]},
     "trace_over_budget": {"id": "x", "question": "q", "traces": [{"text": "word " * 80}]},
@@ -369,36 +378,75 @@ def test_every_reason_has_a_case():
     assert set(BAD_CASES) == set(D.REASONS)
 
 
+def _messages_rows(rec):
+    """A native record as TRL conversational rows, one per trace."""
+    return [{"id": rec["id"], "messages": [{"role": "user", "content": rec["question"]},
+                                           {"role": "assistant", "content": t["text"]}]} for t in rec["traces"]]
+
+
 def _write_jsonl(path, bad):
+    """GOOD, a blank line, the bad case, GOOD2; returns the line the bad record is reported at."""
+    if isinstance(bad, list):  # rows of a per-trace shape: the good records in that shape too
+        good, rows, good2 = _messages_rows(GOOD), [json.dumps(r).encode() for r in bad], _messages_rows(GOOD2)
+        lines = [json.dumps(r).encode() for r in good] + [b""] + rows + [json.dumps(r).encode() for r in good2]
+        return path.write_bytes(b"\n".join(lines) + b"\n") and len(good) + 1 + len(rows)  # the row that disagrees
     lines = [json.dumps(GOOD).encode(), b"", bad if isinstance(bad, bytes) else json.dumps(bad).encode(),
-             json.dumps({**GOOD, "id": "good2"}).encode()]
+             json.dumps(GOOD2).encode()]
     path.write_bytes(b"\n".join(lines) + b"\n")
     return 3  # line number of the bad record
 
 
+@pytest.fixture(scope="module")
+def char_tok(tmp_path_factory):
+    return tk.build_char_tokenizer(tmp_path_factory.mktemp("char_tok"))
+
+
 @pytest.mark.parametrize("reason", sorted(BAD_CASES))
 @pytest.mark.parametrize("mode", ["error", "skip"])
-def test_bad_records_error_or_skip(tok, tmp_path, reason, mode, caplog):
-    tags = tk.ForkingTags.for_tokenizer(tok, 3)
-    cfg = D.LayoutConfig.for_tokenizer(tok, tags, num_traces=2, cost_len=4, max_prompt_len=56, max_trace_len=30,
+def test_bad_records_error_or_skip(tok, char_tok, tmp_path, reason, mode, caplog):
+    # The tiny BPE tokenizer is byte-level: it can encode every character, so unknown characters need the char one.
+    t = char_tok if reason == "unknown_characters" else tok
+    tags = tk.ForkingTags.for_tokenizer(t, 3)
+    cfg = D.LayoutConfig.for_tokenizer(t, tags, num_traces=2, cost_len=4, max_prompt_len=56, max_trace_len=30,
                                        batch_size=1)
     path = tmp_path / "data.jsonl"
     line = _write_jsonl(path, BAD_CASES[reason])
     if mode == "error":
         with pytest.raises(D.DataError) as ei:
-            D.load_questions(path, tok, tags, cfg, overlong="reject")
+            D.load_questions(path, t, tags, cfg, overlong="reject")
         msg = str(ei.value)
         assert f"{path}:{line}" in msg and reason in msg and ei.value.reason == reason
         assert ei.value.where == f"{path}:{line}" and ei.value.count == 1
-        if reason not in ("broken_json", "invalid_utf8"):
+        if reason not in ("broken_json", "invalid_utf8", "non_finite_number"):
             assert "'x'" in msg or "'good'" in msg  # the record id
     else:
         with caplog.at_level(logging.WARNING, logger="ssft_jax.data"):
-            qs, rep = D.load_questions(path, tok, tags, cfg, overlong="reject", on_bad_record="skip")
+            qs, rep = D.load_questions(path, t, tags, cfg, overlong="reject", on_bad_record="skip")
         assert rep.skipped == {reason: 1} and rep.num_records == 3 and rep.num_kept == 2
         assert [q.id for q in qs] == ["good", "good2"] and [q.index for q in qs] == [0, 1]
         assert f"{path}:{line}" in rep.examples[reason][0]
         assert any(reason in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+
+
+def test_new_rejections_say_what_and_where(char_tok, tmp_path):
+    """The details of the reasons this layer added: the NaN's path in the record, the characters the tokenizer
+    lacks, and for a grouped question the row of the trace that is bad."""
+    tags = tk.ForkingTags.for_tokenizer(char_tok, 3)
+    cfg = D.LayoutConfig.for_tokenizer(char_tok, tags, num_traces=2, cost_len=4, max_prompt_len=56,
+                                       max_trace_len=30, batch_size=1)
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"id": "x", "question": "q", "traces": [{"text": "a", "score": -Infinity}]}\n')
+    with pytest.raises(D.DataError, match=r"non_finite_number: traces\[0\]\.score is not a finite number"):
+        D.load_questions(path, char_tok, tags, cfg)
+    lacking = "traces[1] has characters the tokenizer cannot encode: '\u00e9' (U+00E9), '\U0001F600' (U+1F600)"
+    with pytest.raises(D.DataError, match=re.escape(f"records[0]: record 'x': unknown_characters: {lacking}")):
+        D.tokenize_records([{"id": "x", "question": "q", "traces": ["ok", "caf\u00e9 \U0001F600"]}], char_tok, tags,
+                           cfg)
+    rows = [{"prompt": "q", "completion": c} for c in ("a", "")]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(D.DataError) as ei:
+        D.load_questions(path, char_tok, tags, cfg)
+    assert ei.value.where == f"{path}:2" and ei.value.reason == "empty_trace"  # the trace's row, not the question's
 
 
 def test_in_memory_and_parquet_sources_name_the_record(tok, tmp_path):
@@ -471,6 +519,59 @@ def test_resume_yields_identical_batches(tok, threads):
     order = np.concatenate([b["question_index"] for b in ref])
     assert sorted(order[:7]) == list(range(7)) and sorted(order[7:14]) == list(range(7))
     assert list(order[:7]) != list(order[7:14])
+
+
+def _chosen_traces(batch, qs, cfg):
+    """Per batch row: the question index and which of its tokenized traces fill the M train rows."""
+    t0 = cfg.max_prompt_len + cfg.tag_len
+    out = []
+    for b, qi in enumerate(batch["question_index"]):
+        q, tr = qs[int(qi)], batch["train"]
+        picked = []
+        for j in range(cfg.num_traces):
+            if tr["trace_valid"][b, j]:
+                ids = list(tr["tokens"][b, j, t0:t0 + tr["trace_lengths"][b, j]])
+                picked.append(next(k for k, t in enumerate(q.trace_ids) if list(t) == ids))
+        out.append((int(qi), tuple(picked)))
+    return out
+
+
+def test_extra_traces_error_first_and_sample(tok):
+    tags = tk.ForkingTags.for_tokenizer(tok, 3)
+    cfg = D.LayoutConfig.for_tokenizer(tok, tags, num_traces=2, cost_len=4, max_prompt_len=56, max_trace_len=24,
+                                       batch_size=2)
+    recs = [{"id": f"q{k}", "question": f"What is {k}+{k}?", "traces": [f"{TRACES[t % 3][:12]} {k}.{t}" for t in
+                                                                      range(4)]} for k in range(5)]
+    recs += [{"id": f"one{k}", "question": f"What is {k}?", "traces": [f"It is {k}."]} for k in range(2)]
+    with pytest.raises(D.DataError, match=r"too_many_traces: 4 traces > M=2 \(data.extra_traces='first'"):
+        D.tokenize_records(recs, tok, tags, cfg)
+    first, rep = D.tokenize_records(recs, tok, tags, cfg, extra_traces="first")
+    assert rep.questions_over_m == 5 and "5 questions with more than M=2 traces (the first M kept)" in rep.summary()
+    assert [[tok.decode(t[:-1].tolist()) for t in q.trace_ids] for q in first[:1]] == [recs[0]["traces"][:2]]
+
+    qs, rep = D.tokenize_records(recs, tok, tags, cfg, extra_traces="sample")
+    assert [len(q.trace_ids) for q in qs] == [4] * 5 + [1, 1] and rep.questions_over_m == 5
+    table, lengths = D.tag_table(tok, tags)
+    mk = lambda seed=3: D.make_iterator(qs, cfg, table, lengths, seed=seed, epochs=4)  # noqa: E731
+    ref = list(mk())
+    chosen = [c for b in ref for c in _chosen_traces(b, qs, cfg)]
+    assert len(chosen) == 28
+    # M distinct traces for every question that has more, in record order; one-trace questions as they are
+    assert all(len(p) == 2 and p[0] < p[1] for qi, p in chosen if qi < 5)
+    assert {p for qi, p in chosen if qi >= 5} == {(0,)}
+    per_question = {qi: [p for i, p in chosen if i == qi] for qi in range(5)}
+    assert all(len(v) == 4 for v in per_question.values())  # one visit per epoch
+    assert any(len(set(v)) > 1 for v in per_question.values())  # a fresh subset each epoch, not one fixed choice
+    assert chosen == [c for b in mk() for c in _chosen_traces(b, qs, cfg)]  # deterministic given the seed
+    assert chosen != [c for b in mk(seed=4) for c in _chosen_traces(b, qs, cfg)]
+    for cut in (1, 3, 4, 9):  # mid-epoch 1; before and after batch 3 (the last question of epoch 1, the first of 2)
+        it = mk()
+        _take(it, cut)
+        state = json.loads(json.dumps(it.get_state()))
+        it2 = mk()
+        it2.set_state(state)
+        rest = list(it2)
+        assert len(rest) == len(ref) - cut and all(_same(a, b) for a, b in zip(rest, ref[cut:]))
 
 
 def test_sharding_and_static_shapes(tok):

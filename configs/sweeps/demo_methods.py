@@ -8,7 +8,8 @@ arg: seeds=K (seeds 0..K-1, default 2), methods=a+b+... (default all four).
 """
 import itertools
 
-from ssft_jax.config import METHODS, parse_arg
+from ssft_jax.config import parse_arg
+from ssft_jax.losses import METHODS
 
 
 def get_hyper(arg: str = ""):

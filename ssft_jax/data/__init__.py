@@ -1,12 +1,16 @@
 """SSFT data: multi-trace records -> validated, tokenized questions -> static-shape batches with Grain.
 
-Modules: ``records`` (reading, validation, tokenization), ``layout`` (LayoutConfig, the per-question views,
-``fill_tags``, ``cost_matrix_from_token_nll``), ``pipeline`` (Grain); everything is importable from here.
+Modules: ``formats`` (reading sources, detecting and normalising their shapes, ids, the held-out split),
+``records`` (validation, tokenization), ``question`` (TokenizedQuestion, what validation produces and the layout
+consumes), ``layout`` (LayoutConfig, the per-question views, ``fill_tags``, ``cost_matrix_from_token_nll``),
+``pipeline`` (Grain); everything is importable from here.
 
 Pipeline
 --------
-1. ``read_records(sources)``: JSONL files, parquet files and in-memory lists of dicts, each record tagged with where
-   it came from (``file:line`` for JSONL, ``file:row`` for parquet, ``name[index]`` for lists).
+1. ``read_records(sources, format="auto")``: JSONL files, parquet files, ``datasets`` folders, hub dataset ids and
+   in-memory lists of dicts, each record tagged with where it came from (``file:line`` for JSONL, ``file:row N``
+   for parquet and ``datasets``, ``name[index]`` for lists), each source's shape (native, s1K, s1K-1.1 teacher
+   columns, TRL messages or prompt/completion rows) detected and normalised into native records (``formats``).
 2. ``tokenize_records(records, tokenizer, tags, layout)``: validates every record, renders the prompt with the chat
    template (``tokenization.render_example``), tokenizes every trace and appends the end-of-turn token, applies the
    token budgets. Returns ``(questions, ValidationReport)``.
@@ -15,18 +19,25 @@ Pipeline
    plain in-memory list of ``TokenizedQuestion`` whose per-step work is only array layout (cheap, deterministic,
    trivially checkpointable).
 3. ``make_iterator(questions, layout, tag_table, tag_lengths, ...)``: ``grain.MapDataset.source(questions)``
-   -> ``.shuffle(seed)`` -> ``.repeat(epochs)`` -> shard ``[process_index::process_count]`` -> ``.map(layout)``
+   -> ``.shuffle(seed)`` -> ``.repeat(epochs)`` -> (questions with more than M traces: ``TraceSample``, a fresh M
+   each epoch) -> shard ``[process_index::process_count]`` -> ``.map(layout)``
    -> ``.batch(B, drop_remainder=True)`` -> ``.to_iter_dataset(read_options)``. The iterator's ``get_state()`` is a
    small JSON-able dict; ``set_state`` on a fresh iterator resumes with exactly the same batches.
 
-Record format: ``{"id": str|int, "question": str | "messages": [{"role", "content"}, ...] (no final assistant
-turn), "traces": [{"text": str, "source": str?}, ...] (1..M, distinct), "answer": any?}``.
+Record format (native): ``{"id": str|int?, "question": str | "messages": [{"role", "content"}, ...] (no final
+assistant turn), "traces": [str | {"text": str, "source": str?}, ...] (distinct, at least 1), "answer": any?}``.
+A record without an id is named by its prompt (``formats.prompt_id``: a hash of the canonical prompt JSON, stable
+across runs and file orders). More than M traces: ``extra_traces='error'`` rejects the question
+(``too_many_traces``), ``'first'`` keeps its first M, ``'sample'`` keeps all and the pipeline samples M per epoch.
+The other shapes and how they map to this one: ``ssft_jax.data.formats``.
 
 Bad records (``REASONS``) are never dropped silently: with ``on_bad_record='error'`` a ``DataError`` names the
 first bad record in input order (``where``, its id and reason; the message lists others); with ``'skip'`` they are
 counted per reason in the ``ValidationReport`` (logged with ``logging.warning``). A NUL character or a lone surrogate
 is bad whether it is a JSON escape or raw bytes in the file (``nul_byte``, ``lone_surrogate``); other undecodable
-bytes are ``invalid_utf8``. Control-token strings (``<|im_end|>``, ``<think3>``) inside text are valid text and are
+bytes are ``invalid_utf8``; a NaN or Infinity anywhere in a record is ``non_finite_number``; a character the
+tokenizer would turn into its unknown token (the character tokenizer's ``<unk>``) is ``unknown_characters``. Rows
+of one question that disagree on its answer or id are ``conflicting_rows``. Control-token strings (``<|im_end|>``, ``<think3>``) inside text are valid text and are
 encoded as text. Traces longer than T are truncated to T tokens
 (they then lose their end-of-turn token; counted as ``truncated_traces``) or, with ``overlong='reject'``, make the
 record bad (``trace_over_budget``).
@@ -83,14 +94,17 @@ train ``M*(P+Lt+T)``. B is per process: the global batch is ``B * process_count`
 
 from ssft_jax.data.layout import (LayoutConfig, QuestionLayout, batch_token_counts, cost_matrix_from_token_nll,
                                   fill_tags, tag_table)
-from ssft_jax.data.pipeline import make_dataset, make_iterator
-from ssft_jax.data.records import (OVERLONG, ON_BAD_RECORD, REASONS, DataError, RawRecord, TokenizedQuestion,
-                                   ValidationReport, load_questions, read_jsonl, read_parquet, read_records,
+from ssft_jax.data.formats import (FORMATS, DataError, FormatError, RawRecord, heldout_count, prompt_id, read_jsonl,
+                                   read_parquet, read_records, read_source, record_id, split_heldout)
+from ssft_jax.data.pipeline import TraceSample, make_dataset, make_iterator
+from ssft_jax.data.question import TokenizedQuestion
+from ssft_jax.data.records import (EXTRA_TRACES, OVERLONG, ON_BAD_RECORD, REASONS, ValidationReport, load_questions,
                                    tokenize_records)
 
 __all__ = [
     "REASONS", "DataError", "LayoutConfig", "tag_table", "RawRecord", "read_jsonl", "read_parquet", "read_records",
     "TokenizedQuestion", "ValidationReport", "tokenize_records", "load_questions", "QuestionLayout",
     "cost_matrix_from_token_nll", "fill_tags", "make_dataset", "make_iterator", "batch_token_counts", "ON_BAD_RECORD",
-    "OVERLONG",
+    "OVERLONG", "EXTRA_TRACES", "FORMATS", "FormatError", "read_source", "prompt_id", "record_id", "split_heldout",
+    "heldout_count", "TraceSample",
 ]

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
 from ssft_jax import tokenization
-
-if TYPE_CHECKING:
-    from ssft_jax.data.records import TokenizedQuestion
+from ssft_jax.data.question import TokenizedQuestion
 
 log = logging.getLogger("ssft_jax.data")
 

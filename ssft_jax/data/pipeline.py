@@ -2,12 +2,31 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import numpy as np
 
 from ssft_jax.data.layout import LayoutConfig, QuestionLayout
-from ssft_jax.data.records import TokenizedQuestion
+from ssft_jax.data.question import TokenizedQuestion
+
+
+class TraceSample:
+    """A question with more than M traces (``extra_traces='sample'``) -> M of them, afresh each epoch, in their
+    record order. The choice is a pure function of (seed, epoch, question), so the iterator's position alone restores
+    it: ``get_state``/``set_state`` resume the same subsets bit-exactly."""
+
+    def __init__(self, num_questions: int, num_traces: int, seed: int):
+        self.num_questions, self.num_traces, self.seed = num_questions, num_traces, seed
+
+    def __call__(self, index: int, q: TokenizedQuestion) -> TokenizedQuestion:
+        n = len(q.trace_ids)
+        if n <= self.num_traces:
+            return q
+        epoch = index // self.num_questions  # `index` counts over the repeated epochs
+        keep = np.sort(np.random.default_rng([self.seed, epoch, q.index]).choice(n, self.num_traces, replace=False))
+        return dataclasses.replace(q, trace_ids=tuple(q.trace_ids[k] for k in keep),
+                                   truncated=tuple(q.truncated[k] for k in keep))
 
 
 def make_dataset(
@@ -22,11 +41,14 @@ def make_dataset(
     process_index: int | None = None,
     process_count: int | None = None,
 ):
-    """The batched ``grain.MapDataset``: source -> shuffle(seed) -> repeat(epochs) -> shard -> map -> batch.
+    """The batched ``grain.MapDataset``: source -> shuffle(seed) -> repeat(epochs) -> [TraceSample] -> shard -> map
+    -> batch.
 
     Each epoch is shuffled differently (grain reseeds per epoch); batches run across epoch boundaries, and with a
     finite ``epochs`` only the very last incomplete batch is dropped. Sharding is by element after repeat: process
     k gets global elements k, k+count, ... (every process uses the same seed, so the shards are disjoint).
+    Questions with more than M traces (tokenized with ``extra_traces='sample'``) get a fresh M each epoch
+    (``TraceSample``, seeded by `seed`).
     """
     import grain
 
@@ -45,6 +67,8 @@ def make_dataset(
     if shuffle:
         ds = ds.shuffle(seed=seed)
     ds = ds.repeat(epochs)
+    if any(len(q.trace_ids) > layout.num_traces for q in questions):
+        ds = ds.map_with_index(TraceSample(len(questions), layout.num_traces, seed))
     if process_count > 1:
         ds = ds[process_index::process_count]
     ds = ds.map(QuestionLayout(layout, tag_table, tag_lengths))

@@ -11,12 +11,15 @@ so both may import it.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any, Callable, Mapping, Sequence
 
+from ssft_jax.data import formats
 from ssft_jax.datasets import gsm8k, synthetic
 
 Records = Sequence[Any]  # record dicts, or paths / lists of records as `ssft_jax.data.read_records` takes them
+GSM8K_HELDOUT = 200  # data.heldout="auto" for gsm8k: the last 200 test questions, as it always was
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,8 +41,9 @@ class DatasetSpec:
     build: run config -> (train records, held-out records), deterministic in the config (same records, same order).
     checker: the `ssft_jax.checkers` name that judges answers to its questions.
     classifier: names the strategy of a generation, for tasks that have strategies (None: no strategy metrics).
-    has_heldout: False for a dataset that is only the files it is pointed at (`jsonl`): it holds nothing out, and
-        evaluation takes every record of the files it is given instead.
+    has_heldout: False for a dataset that is only the files it is pointed at (`jsonl`): it holds out only what
+        `data.heldout` asks for (nothing by default), so evaluation without the run's config takes every record of
+        the files it is given.
     """
 
     name: str
@@ -76,15 +80,38 @@ def build_records(config) -> tuple[Records, Records]:
     return get_dataset(config.data.name).build(config)
 
 
-def jsonl_sources(config) -> tuple[list[str], list]:
-    """The comma-separated files of `data.path` (JSONL or parquet; read and validated by `ssft_jax.data`), all for
-    training; nothing is held out."""
+def jsonl_sources(config) -> tuple[list, list]:
+    """The comma-separated sources of `data.path` (files, `datasets` folders, hub ids; read and validated by
+    `ssft_jax.data`). With `data.heldout` "auto" or 0 they all train, unread here; otherwise they are read (in their
+    `data.format`) and the questions whose ids hash lowest are held out (`ssft_jax.data.split_heldout`): training
+    gets `RawRecord`s, evaluation record dicts."""
     if not config.data.path:
-        raise ValueError("data.path must name the JSONL/parquet file(s) for data.name='jsonl'")
-    return [p for p in config.data.path.split(",") if p], []
+        raise ValueError("data.path must name the JSONL/parquet file(s), `datasets` folder(s) or hub dataset id(s) "
+                         "for data.name='jsonl'")
+    sources = [p for p in config.data.path.split(",") if p]
+    if config.data.heldout in ("auto", 0):
+        return sources, []
+    train, held = formats.split_heldout(formats.read_records(sources, format=config.data.format), config.data.heldout)
+    # Training validates the RawRecords (errors name file:line); evaluation, in training too, takes record dicts,
+    # named by the id training gives them.
+    return train, [r.record if r.record.get("id") is not None else {**r.record, "id": formats.record_id(r.record)}
+                   for r in held]
+
+
+def gsm8k_splits(config) -> tuple[list[dict], list[dict]]:
+    """`gsm8k.splits_from_config` (the last `data.heldout` test questions held out) with "auto" as GSM8K_HELDOUT
+    and a fraction as that share of the questions, rounded."""
+    held = config.data.heldout
+    if type(held) is int:
+        return gsm8k.splits_from_config(config)
+    config = copy.deepcopy(config)
+    config.data.heldout = 0
+    records, _ = gsm8k.splits_from_config(config)
+    k = GSM8K_HELDOUT if held == "auto" else formats.heldout_count(held, len(records))
+    return records[:-k], records[-k:]
 
 
 register_dataset(DatasetSpec("synthetic", synthetic.splits_from_config, checker="synthetic",
                              classifier=StrategyClassifier(synthetic.STRATEGIES, synthetic.classify_strategy)))
-register_dataset(DatasetSpec("gsm8k", gsm8k.splits_from_config, checker="gsm8k"))
+register_dataset(DatasetSpec("gsm8k", gsm8k_splits, checker="gsm8k"))
 register_dataset(DatasetSpec("jsonl", jsonl_sources, checker="math", has_heldout=False))
