@@ -146,6 +146,24 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
 
+    def state_shape_mismatches(self, step: int, abstract_state: Any) -> list[str]:
+        """The state arrays whose saved shape differs from `abstract_state`'s, as "path: saved -> expected", read
+        from the step's metadata (no array is read). Non-empty means the checkpoint belongs to another model or
+        config, which is a config mismatch, not damage; empty when the metadata cannot be read (restore reports that)."""
+        try:
+            saved = ocp.StandardCheckpointHandler().metadata(self.directory / str(step) / "state")
+            saved = getattr(saved, "tree", saved)
+        except Exception:  # noqa: BLE001  (unreadable metadata: restore's integrity checks name the problem)
+            return []
+        saved_flat = {jax.tree_util.keystr(k): tuple(getattr(v, "shape", ()))
+                      for k, v in jax.tree_util.tree_flatten_with_path(saved)[0]}
+        out = []
+        for k, v in jax.tree_util.tree_flatten_with_path(abstract_state)[0]:
+            key = jax.tree_util.keystr(k)
+            if key in saved_flat and saved_flat[key] != tuple(v.shape):
+                out.append(f"{key}: {saved_flat[key]} -> {tuple(v.shape)}")
+        return out
+
     def restore(self, step: int | None, abstract_state: Any, *, require: tuple[str, ...] = ("state",)
                 ) -> tuple[int, Any, Any, dict | None]:
         """(step, state, data_state, config) of `step` (default: latest), with arrays placed as `abstract_state`

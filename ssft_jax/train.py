@@ -127,6 +127,13 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
     state = train_state.init_state(params, optimizer, config.seed, mesh)
     iterator = data_lib.make_iterator(questions, layout, table, lengths, seed=config.seed, epochs=None)
     start = 0
+    latest = checkpointer.latest_step()
+    mismatched = checkpointer.state_shape_mismatches(latest, state) if latest is not None else []
+    if mismatched:  # another model's checkpoint: say so, never suggest treating it as damaged
+        raise config_lib.ConfigError(
+            f"checkpoint step {latest} in {checkpointer.directory} does not fit the model this config builds (a config "
+            "mismatch, not a damaged checkpoint):\n  " + "\n  ".join(mismatched[:8])
+            + "\nUse the config the run was started with, or a new --workdir")
     restored = checkpointer.restore_latest(ckpt_lib.abstract_like(state), require=("state", "data"),
                                            on_corrupt=config.checkpoint.on_corrupt)
     if restored is not None:

@@ -147,3 +147,12 @@ def test_pyproject_declares_the_runtime_pins_and_console_scripts():
     for name, target in project["scripts"].items():
         module, func = target.split(":")
         assert callable(getattr(__import__(module, fromlist=[func]), func)), name
+
+
+def test_a_checkpoint_of_another_model_is_a_config_mismatch(tmp_path):
+    train.run(tiny(num_steps=2), tmp_path, progress=False)
+    c = tiny(num_steps=2, **{"model.init.intermediate_size": 96, "resume.accept_changes": "*"})
+    with pytest.raises(config_lib.ConfigError, match=r"(?s)does not fit the model.*config mismatch") as e:
+        train.run(c, tmp_path, progress=False)
+    assert "fallback" not in str(e.value)
+    assert "['params']['layers']['up_proj']: (2, 32, 64) -> (2, 32, 96)" in str(e.value)
