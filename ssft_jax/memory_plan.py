@@ -8,6 +8,23 @@ the config's mesh fits the local devices (fake CPU devices via `XLA_FLAGS=--xla_
 or a shrunk model), the real train step is also lowered and compiled on abstract inputs and XLA's
 `memory_analysis()` is printed beside the estimate.
 
+The inputs and every formula of the plan are in `METHOD` below (`pydoc ssft_jax.memory_plan`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import re
+import types
+from typing import Any, Mapping
+
+import numpy as np
+
+# The plan's inputs and formulas (kept out of the module docstring so that --help fits a screen).
+METHOD = """
 Inputs
 ------
 * model: `model.hf_dir`'s config.json when that folder exists here; else `model.preset` from the built-in table
@@ -89,17 +106,6 @@ for the output), temp (everything else) and peak = argument + output - alias + t
 "arguments" (parameters + optimizer + batch) and "temporaries" (the rest) with them. On TPU, leave a margin for
 the runtime and fragmentation: the verdict calls a chip tight below 10% headroom.
 """
-from __future__ import annotations
-
-import dataclasses
-import json
-import math
-import pathlib
-import re
-import types
-from typing import Any, Mapping
-
-import numpy as np
 
 GiB = 1024 ** 3
 
@@ -531,7 +537,7 @@ def format_plan(plan: Plan, xla: Mapping[str, float] | None = None, xla_notes: l
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The compiled step (shared with bench/bench_train_step.py)
+# The compiled step (shared with the step-time benchmark in bench/)
 # ---------------------------------------------------------------------------------------------------------------
 
 def memory_figures(compiled) -> dict[str, float] | None:
