@@ -498,6 +498,19 @@ def _same(a, b):
     return all(jax.tree.leaves(jax.tree.map(lambda x, y: np.array_equal(x, y), a, b)))
 
 
+def _assert_resumes_exactly(mk, ref, cuts):
+    """For each cut: take `cut` batches from a fresh iterator, carry its state through JSON into another fresh one,
+    and the rest must equal the uninterrupted run's batches from there on."""
+    for cut in cuts:
+        it = mk()
+        _take(it, cut)
+        state = json.loads(json.dumps(it.get_state()))
+        it2 = mk()
+        it2.set_state(state)
+        rest = list(it2)
+        assert len(rest) == len(ref) - cut and all(_same(a, b) for a, b in zip(rest, ref[cut:]))
+
+
 @pytest.mark.parametrize("threads", [0, 2])
 def test_resume_yields_identical_batches(tok, threads):
     import grain
@@ -507,14 +520,8 @@ def test_resume_yields_identical_batches(tok, threads):
     mk = lambda: D.make_iterator(qs, cfg, table, lengths, seed=5, epochs=3, read_options=ro)  # noqa: E731
     ref = list(mk())
     assert len(ref) == (7 * 3) // 2  # batches run across epochs; only the final partial batch is dropped
-    for cut in (1, 3, 5):  # mid-epoch 1, across the epoch-1/2 boundary (batch 3 holds elements 6 and 7), epoch 3
-        it = mk()
-        _take(it, cut)
-        state = json.loads(json.dumps(it.get_state()))
-        it2 = mk()
-        it2.set_state(state)
-        rest = list(it2)
-        assert len(rest) == len(ref) - cut and all(_same(a, b) for a, b in zip(rest, ref[cut:]))
+    # mid-epoch 1, across the epoch-1/2 boundary (batch 3 holds elements 6 and 7), epoch 3
+    _assert_resumes_exactly(mk, ref, cuts=(1, 3, 5))
     # each epoch is a permutation of all questions, shuffled differently
     order = np.concatenate([b["question_index"] for b in ref])
     assert sorted(order[:7]) == list(range(7)) and sorted(order[7:14]) == list(range(7))
@@ -564,14 +571,8 @@ def test_extra_traces_error_first_and_sample(tok):
     assert any(len(set(v)) > 1 for v in per_question.values())  # a fresh subset each epoch, not one fixed choice
     assert chosen == [c for b in mk() for c in _chosen_traces(b, qs, cfg)]  # deterministic given the seed
     assert chosen != [c for b in mk(seed=4) for c in _chosen_traces(b, qs, cfg)]
-    for cut in (1, 3, 4, 9):  # mid-epoch 1; before and after batch 3 (the last question of epoch 1, the first of 2)
-        it = mk()
-        _take(it, cut)
-        state = json.loads(json.dumps(it.get_state()))
-        it2 = mk()
-        it2.set_state(state)
-        rest = list(it2)
-        assert len(rest) == len(ref) - cut and all(_same(a, b) for a, b in zip(rest, ref[cut:]))
+    # mid-epoch 1; before and after batch 3 (the last question of epoch 1, the first of 2)
+    _assert_resumes_exactly(mk, ref, cuts=(1, 3, 4, 9))
 
 
 def test_sharding_and_static_shapes(tok):
