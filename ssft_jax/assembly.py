@@ -19,7 +19,6 @@ import tempfile
 from typing import Any, Literal, Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ssft_jax import config as config_lib
@@ -210,22 +209,6 @@ class LoadedModel:
     method: str | None = None  # the run's ssft.method (workdir only)
 
 
-def _infer_tags(tokenizer, num_tags: int | None, tag_mode: str | None) -> tokenization.ForkingTags:
-    """Special mode when the tokenizer carries `<think1>`.. tokens (N = their count unless `num_tags` says
-    otherwise), else text tags with N = num_tags (default 6)."""
-    if tag_mode in (None, "special"):
-        n = 0
-        while tokenization.token_id(tokenizer, tokenization.THINK_TOKEN_FORMAT.format(i=n + 1)) is not None:
-            n += 1
-        if n and tag_mode is None:
-            tag_mode = "special"
-        if tag_mode == "special":
-            if not n and not num_tags:
-                raise ValueError("tag_mode='special' but the tokenizer has no <think1> token")
-            return tokenization.ForkingTags.for_tokenizer(tokenizer, num_tags or n, "special")
-    return tokenization.ForkingTags.for_tokenizer(tokenizer, num_tags or 6, tag_mode or "text")
-
-
 def _vocab_limit(cfg: ModelConfig, tokenizer) -> int | None:
     return len(tokenizer) if len(tokenizer) < cfg.vocab_size else None
 
@@ -235,7 +218,7 @@ def load_hf_for_generation(hf_dir: str | pathlib.Path, *, num_tags: int | None =
     """An HF folder (config.json + safetensors + tokenizer files, e.g. a trainer's `hf_export`)."""
     cfg, params = hf_io.load_hf_params(str(hf_dir), hf_io.load_hf_config(hf_dir), mesh=mesh)
     tok = tokenization.load_tokenizer(hf_dir)
-    tags = _infer_tags(tok, num_tags, tag_mode)
+    tags = hf_io.infer_tags(tok, num_tags, tag_mode)
     return LoadedModel(cfg, params, tok, tags, tokenization.eos_token_ids(tok), _vocab_limit(cfg, tok),
                        f"hf:{hf_dir}")
 
@@ -252,12 +235,6 @@ def read_checkpoint_config(workdir: str | pathlib.Path, step: int | None = None)
         except FileNotFoundError:
             continue
     return None
-
-
-def ckpt_config(workdir: str | pathlib.Path) -> dict | None:
-    """The config JSON saved with the latest checkpoint of a run, or None."""
-    found = read_checkpoint_config(workdir)
-    return found[1] if found else None
 
 
 def _read_summary(workdir: pathlib.Path) -> dict:
@@ -304,7 +281,7 @@ def load_for_generation(*, workdir: str | pathlib.Path | None = None, hf_dir: st
     workdir: prefer="checkpoint" (default) restores the latest Orbax checkpoint (works mid-run, no export needed);
     prefer="hf_export" loads `<workdir>/hf_export` when present (falling back to the checkpoint). Either way the
     run's config (checkpoint item) names the tags and method and summary.json gives the matching statistics.
-    hf_dir: any HF folder; tags inferred from the tokenizer (see `_infer_tags`).
+    hf_dir: any HF folder; tags inferred from the tokenizer (`hf_io.infer_tags`).
     """
     if (workdir is None) == (hf_dir is None):
         raise ValueError("give exactly one of workdir= and hf_dir=")

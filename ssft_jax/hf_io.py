@@ -272,18 +272,26 @@ def save_hf_folder(
            "pad_token_id": cfg.pad_token_id, **(generation_config or {})}
     (folder / "generation_config.json").write_text(json.dumps({k: v for k, v in gen.items() if v is not None}, indent=2))
     if tokenizer is not None:  # after config.json: its model_type decides the class transformers 5 loads
-        tokenization.save_tokenizer(tokenizer, folder, tags=tags or default_tags(tokenizer), verify=verify_tokenizer)
+        tokenization.save_tokenizer(tokenizer, folder, tags=tags or infer_tags(tokenizer), verify=verify_tokenizer)
     logging.info("exported %s model to %s (%d shard(s))", cfg.model_type, folder, len(shards))
     return folder
 
 
-def default_tags(tokenizer) -> tokenization.ForkingTags:
-    """The forking tags an export's chat template takes when the caller names none: special-mode tags if the
-    tokenizer carries `<think1>`.. (N = how many), else N=6 text tags in the tokenizer's format."""
-    n = 0
-    while tokenization.token_id(tokenizer, tokenization.THINK_TOKEN_FORMAT.format(i=n + 1)) is not None:
-        n += 1
-    return tokenization.ForkingTags.for_tokenizer(tokenizer, n or 6, "special" if n else "text")
+def infer_tags(tokenizer, num_tags: int | None = None, tag_mode: str | None = None) -> tokenization.ForkingTags:
+    """The forking tags an HF folder's tokenizer implies: special mode when it carries `<think1>`.. tokens (N = how
+    many, unless `num_tags` says otherwise), else text tags with N = num_tags (default 6). Used for an export's chat
+    template when the caller names no tags, and when a folder is loaded for generation."""
+    if tag_mode in (None, "special"):
+        n = 0
+        while tokenization.token_id(tokenizer, tokenization.THINK_TOKEN_FORMAT.format(i=n + 1)) is not None:
+            n += 1
+        if n and tag_mode is None:
+            tag_mode = "special"
+        if tag_mode == "special":
+            if not n and not num_tags:
+                raise ValueError("tag_mode='special' but the tokenizer has no <think1> token")
+            return tokenization.ForkingTags.for_tokenizer(tokenizer, num_tags or n, "special")
+    return tokenization.ForkingTags.for_tokenizer(tokenizer, num_tags or 6, tag_mode or "text")
 
 
 # ---------------------------------------------------------------------------------------------------------------
