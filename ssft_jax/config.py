@@ -197,13 +197,19 @@ def paper_recipe(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
     """Raise ConfigError for settings that cannot work, before any compute."""
     s = c.ssft
-    choices = [("data.name", c.data.name, datasets.dataset_names()), ("ssft.method", s.method, tuple(losses.METHODS)), ("ssft.matcher", s.matcher, matching.METHODS),
-               ("ssft.cost_layout", s.cost_layout, losses.COST_LAYOUTS),
-               ("ssft.tag_mode", s.tag_mode, tokenization.TAG_MODES),
-               ("data.on_bad_record", c.data.on_bad_record, ON_BAD_RECORD), ("data.overlong", c.data.overlong, OVERLONG),
-               ("data.format", c.data.format, FORMATS), ("data.extra_traces", c.data.extra_traces, EXTRA_TRACES),
-               ("model.remat", c.model.remat, model.REMAT_POLICIES), ("checkpoint.on_corrupt", c.checkpoint.on_corrupt,
-                                                                     ON_CORRUPT)]
+    choices = [
+        ("data.name", c.data.name, datasets.dataset_names()),
+        ("ssft.method", s.method, tuple(losses.METHODS)),
+        ("ssft.matcher", s.matcher, matching.METHODS),
+        ("ssft.cost_layout", s.cost_layout, losses.COST_LAYOUTS),
+        ("ssft.tag_mode", s.tag_mode, tokenization.TAG_MODES),
+        ("data.on_bad_record", c.data.on_bad_record, ON_BAD_RECORD),
+        ("data.overlong", c.data.overlong, OVERLONG),
+        ("data.format", c.data.format, FORMATS),
+        ("data.extra_traces", c.data.extra_traces, EXTRA_TRACES),
+        ("model.remat", c.model.remat, model.REMAT_POLICIES),
+        ("checkpoint.on_corrupt", c.checkpoint.on_corrupt, ON_CORRUPT),
+    ]
     for field, value, allowed in choices:
         if value not in allowed:
             raise ConfigError(f"{field}={value!r}: expected one of {tuple(allowed)}")

@@ -110,8 +110,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
     checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", max_to_keep=config.checkpoint.max_to_keep,
                                          async_save=config.checkpoint.async_save, cleanup_tmp=True)
     check_resumed_config(checkpointer, config)  # a changed method, model, data or schedule refuses here
+    config_json = ckpt_lib.config_to_json(config)  # written at start, saved with every checkpoint, logged as hparams
     if jax.process_index() == 0:
-        (workdir / "config.json").write_text(json.dumps(ckpt_lib.config_to_json(config), indent=2, sort_keys=True))
+        (workdir / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True))
 
     tokenizer, cfg, params, tags, layout, questions, report, table, lengths = build_inputs(config, mesh)
     if jax.process_index() == 0 and not metrics_log.is_remote(workdir):
@@ -157,10 +158,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
     # One record per logged step, in metrics.jsonl, TensorBoard and (optionally) wandb.
     logger = metrics_log.MetricsLogger(workdir, resume_step=start, tensorboard=config.logging.tensorboard,
                                        wandb_project=config.logging.wandb_project,
-                                       wandb_entity=config.logging.wandb_entity, config=ckpt_lib.config_to_json(config))
+                                       wandb_entity=config.logging.wandb_entity, config=config_json)
     histogram = metrics_log.AssignmentHistogram()
     guard = ckpt_lib.PreemptionGuard()
-    config_json = ckpt_lib.config_to_json(config)
     losses: dict[int, float] = {}
     tag_totals = np.zeros(config.ssft.num_tags, np.int64)
     pending = None  # metrics of the previous step, read one step late so dispatch stays asynchronous
