@@ -37,6 +37,8 @@ import re
 from decimal import Decimal, InvalidOperation
 from typing import Any, Iterable, Sequence
 
+from ssft_jax.data import formats
+
 logger = logging.getLogger(__name__)
 
 ENV_VAR = "SSFT_JAX_GSM8K_DIR"
@@ -321,12 +323,20 @@ def load_gsm8k_single(split: str = "train", data_dir: str | os.PathLike | None =
     return out
 
 
+GSM8K_HELDOUT = 200  # data.heldout="auto": the last 200 test questions, as it always was
+
+
 def splits_from_config(config) -> tuple[list[dict], list[dict]]:
     """(train, held-out) for a run config (the ``gsm8k`` dataset of ``ssft_jax.datasets``): multi-trace data exists
-    for GSM8K's test questions only, so the last ``data.heldout`` of them are held out (0: none); ``data.path``
-    (empty: the default folder) names the data folder, ``ssft.max_traces`` caps the traces per question."""
+    for GSM8K's test questions only, so the last ``data.heldout`` of them are held out ("auto": GSM8K_HELDOUT; a
+    fraction: that share, rounded; 0: none); ``data.path`` (empty: the default folder) names the data folder,
+    ``ssft.max_traces`` caps the traces per question."""
     records = load_gsm8k_multitrace("test", data_dir=config.data.path or None, max_traces=config.ssft.max_traces)
     held = config.data.heldout
+    if held == "auto":
+        held = GSM8K_HELDOUT
+    elif type(held) is float:
+        held = formats.heldout_count(held, len(records))
     return (records[:-held], records[-held:]) if held else (records, [])
 
 

@@ -11,7 +11,6 @@ so both may import it.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 from typing import Any, Callable, Mapping, Sequence
 
@@ -19,7 +18,6 @@ from ssft_jax.data import formats
 from ssft_jax.datasets import gsm8k, synthetic
 
 Records = Sequence[Any]  # record dicts, or paths / lists of records as `ssft_jax.data.read_records` takes them
-GSM8K_HELDOUT = 200  # data.heldout="auto" for gsm8k: the last 200 test questions, as it always was
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,20 +96,7 @@ def jsonl_sources(config) -> tuple[list, list]:
                    for r in held]
 
 
-def gsm8k_splits(config) -> tuple[list[dict], list[dict]]:
-    """`gsm8k.splits_from_config` (the last `data.heldout` test questions held out) with "auto" as GSM8K_HELDOUT
-    and a fraction as that share of the questions, rounded."""
-    held = config.data.heldout
-    if type(held) is int:
-        return gsm8k.splits_from_config(config)
-    config = copy.deepcopy(config)
-    config.data.heldout = 0
-    records, _ = gsm8k.splits_from_config(config)
-    k = GSM8K_HELDOUT if held == "auto" else formats.heldout_count(held, len(records))
-    return records[:-k], records[-k:]
-
-
 register_dataset(DatasetSpec("synthetic", synthetic.splits_from_config, checker="synthetic",
                              classifier=StrategyClassifier(synthetic.STRATEGIES, synthetic.classify_strategy)))
-register_dataset(DatasetSpec("gsm8k", gsm8k_splits, checker="gsm8k"))
+register_dataset(DatasetSpec("gsm8k", gsm8k.splits_from_config, checker="gsm8k"))
 register_dataset(DatasetSpec("jsonl", jsonl_sources, checker="math", has_heldout=False))
