@@ -43,7 +43,7 @@ import optax  # noqa: E402
 
 from configs.demo import get_config  # noqa: E402
 from ssft_jax import data as data_lib  # noqa: E402
-from ssft_jax import assembly, datasets, losses, mesh as mesh_lib, train, train_state  # noqa: E402
+from ssft_jax import assembly, datasets, flops, losses, mesh as mesh_lib, train, train_state  # noqa: E402
 from ssft_jax.logprobs import token_logprobs  # noqa: E402
 from ssft_jax.memory_plan import memory_figures  # noqa: E402
 from ssft_jax.model import forward, output_embedding  # noqa: E402
@@ -246,18 +246,18 @@ def main(argv=None) -> int:
     # Prompt shared across the N*M continuations: cost tokens p + N*M*(Lt + L'), train tokens M*(p + Lt + t).
     floor_shared = 1 + (p_avg + N * M * (Lt + l_avg)) / (3 * M * (p_avg + Lt + t_avg))
     floor_slots = 1 + R / (3 * M * Srow)  # what the static shapes actually push through the linear layers
-    # Attention FLOPs (per layer, QK^T + PV, both ~ 2*q*k*heads*dim): dense over the shapes the graph computes.
-    hd = cfg.num_attention_heads * cfg.head_dim
-    att = lambda q, k: 4 * q * k * hd
-    lin_tok = 2 * (nparams - cfg.vocab_size * cfg.hidden_size) / cfg.num_hidden_layers  # per layer per token (approx)
-    head_tok = 2 * cfg.hidden_size * cfg.vocab_size
-    train_f = M * (Srow * lin_tok * cfg.num_hidden_layers + att(Srow, Srow) * cfg.num_hidden_layers + Srow * head_tok)
+    # Forward FLOPs per question over the shapes the graph computes (dense attention), counted by `ssft_jax.flops`,
+    # the same count the trainer's MFU uses.
+    fwd = lambda rows, q, kv=None: flops.forward_flops(cfg, rows, q, kv)  # noqa: E731
+    total = lambda f: f["layers"] + f["head"]  # noqa: E731
+    train_f = total(fwd(M, Srow))
+    blocks = fwd(N * M, Lt + Le, P + Lt + Le)
+    repeated = fwd(N * M, P + Lt + Le)
     cost_f = {
-        "packed": R * lin_tok * cfg.num_hidden_layers + att(R, R) * cfg.num_hidden_layers + R * head_tok,
-        "repeated": N * M * ((P + Lt + Le) * lin_tok + att(P + Lt + Le, P + Lt + Le)) * cfg.num_hidden_layers
-        + N * M * (Lt + Le) * head_tok,
-        "prefix_cache": (P * lin_tok + att(P, P + Lt + Le) + N * M * ((Lt + Le) * lin_tok + att(Lt + Le, P + Lt + Le)))
-        * cfg.num_hidden_layers + N * M * (Lt + Le) * head_tok,
+        "packed": total(fwd(1, R)),
+        # the prompt's positions predict no trace token: only the (Lt + Le) block positions go through the head
+        "repeated": repeated["layers"] + repeated["head"] * (Lt + Le) / (P + Lt + Le),
+        "prefix_cache": fwd(1, P)["layers"] + blocks["layers"] + blocks["head"],
     }
     floor_flops = {k: 1 + v / (3 * train_f) for k, v in cost_f.items()}
 
