@@ -3,6 +3,8 @@
 Two entry points over one jitted core:
 
 * `generate(cfg, params, prompts, ...)`: one continuation per prompt.
+* `generate_rows(cfg, params, prompts, row_suffixes, ...)`: R continuations per prompt, each with its own suffix
+  (GFPO's rollouts: the tags drawn for each question).
 * `generate_forked(cfg, params, prompts, suffixes, num_samples=S, ...)`: for B prompts (questions), T suffixes
   (forking tags) and S samples, B*T*S continuations. Each prompt is prefilled ONCE, into a cache of batch B; its
   cache rows are then repeated to the B*T*S rows (the tags only differ after the prompt), each row's suffix is
@@ -217,25 +219,59 @@ def generate_forked(
     Sampling randomness differs between the two modes for temperature > 0 (rows draw from one key per step either
     way), but both are deterministic in `seed`.
     """
-    _check_prompts(prompts)
     if not suffixes:
         raise ValueError("generate_forked: need at least one suffix (use [[]] for none)")
-    if num_samples < 1 or max_new_tokens < 1:
-        raise ValueError(f"num_samples={num_samples} and max_new_tokens={max_new_tokens} must be >= 1")
-    B, T, S = len(prompts), len(suffixes), num_samples
+    if num_samples < 1:
+        raise ValueError(f"num_samples={num_samples} must be >= 1")
+    T, S = len(suffixes), num_samples
+    per_question = [[suffixes[t] for t in range(T) for _ in range(S)]] * len(prompts)
+    flat = generate_rows(cfg, params, prompts, per_question, max_new_tokens=max_new_tokens,
+                         eos_token_ids=eos_token_ids, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                         vocab_limit=vocab_limit, share_prefix=share_prefix, cache_dtype=cache_dtype)
+    return [[[flat[b][t * S + s] for s in range(S)] for t in range(T)] for b in range(len(prompts))]
+
+
+def generate_rows(
+    cfg: ModelConfig,
+    params: Params,
+    prompts: Sequence[Sequence[int]],
+    row_suffixes: Sequence[Sequence[Sequence[int]]],
+    *,
+    max_new_tokens: int,
+    eos_token_ids: Sequence[int],
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    vocab_limit: int | None = None,
+    share_prefix: bool = True,
+    cache_dtype: str | None = None,
+) -> list[list[Generation]]:
+    """out[b][r]: prompt b continued by its own suffix row_suffixes[b][r]; every prompt has the same number R of rows
+    (e.g. the G tags drawn for question b). Same core, and the same prompt-cache sharing, as `generate_forked`."""
+    _check_prompts(prompts)
+    if len(row_suffixes) != len(prompts) or not row_suffixes[0]:
+        raise ValueError(f"generate_rows: need one non-empty list of suffixes per prompt ({len(prompts)} prompts, "
+                         f"{len(row_suffixes)} lists)")
+    R = len(row_suffixes[0])
+    if any(len(r) != R for r in row_suffixes):
+        raise ValueError(f"generate_rows: every prompt needs the same number of rows, got {[len(r) for r in row_suffixes]}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    B = len(prompts)
     eos = jnp.asarray(list(eos_token_ids), jnp.int32)
     kw = dict(max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_k=int(top_k),
               top_p=float(top_p), vocab_limit=vocab_limit, cache_dtype=cache_dtype)
+    flat_suffixes = [list(s) for rows in row_suffixes for s in rows]
     if share_prefix:
         P = bucket_length(max(len(p) for p in prompts))
-        Ls = _suffix_bucket(max(len(s) for s in suffixes))
-        row_suffixes = [suffixes[t] for _ in range(B) for t in range(T) for _ in range(S)]
+        Ls = _suffix_bucket(max(len(s) for s in flat_suffixes))
         out, done, _ = _generate_core(
             cfg, params, jnp.asarray(_pad(prompts, P)), jnp.asarray([len(p) for p in prompts], jnp.int32),
-            jnp.asarray(_pad(row_suffixes, Ls)), jnp.asarray([len(s) for s in row_suffixes], jnp.int32), eos,
-            jax.random.key(seed), repeats=T * S, **kw)
+            jnp.asarray(_pad(flat_suffixes, Ls)), jnp.asarray([len(s) for s in flat_suffixes], jnp.int32), eos,
+            jax.random.key(seed), repeats=R, **kw)
     else:
-        rows = [list(prompts[b]) + list(suffixes[t]) for b in range(B) for t in range(T) for _ in range(S)]
+        rows = [list(prompts[b]) + flat_suffixes[b * R + r] for b in range(B) for r in range(R)]
         P = bucket_length(max(len(r) for r in rows))
         out, done, _ = _generate_core(
             cfg, params, jnp.asarray(_pad(rows, P)), jnp.asarray([len(r) for r in rows], jnp.int32),
@@ -243,7 +279,7 @@ def generate_forked(
             repeats=1, **kw)
     stops = set(int(e) for e in eos_token_ids)
     flat = [_cut(row, stops) for row in np.asarray(out).tolist()]
-    return [[[flat[(b * T + t) * S + s] for s in range(S)] for t in range(T)] for b in range(B)]
+    return [flat[b * R: (b + 1) * R] for b in range(B)]
 
 
 def generate(
