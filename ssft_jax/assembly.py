@@ -165,7 +165,9 @@ def build(config, *, mesh=None, params: ParamsMode = "load", remat: str | None =
 
 
 def make_optimizer(config, num_steps: int):
-    return train_state.make_optimizer(config.optim, num_steps)
+    """The stage's optimizer: `optim` for SSFT, `gfpo.optim` for a GFPO run (so a checkpoint of either restores)."""
+    optim = config.gfpo.optim if config.get("stage", "ssft") == "gfpo" else config.optim
+    return train_state.make_optimizer(optim, num_steps)
 
 
 def make_step(config, cfg: ModelConfig, layout: data_lib.LayoutConfig, optimizer, state, batch_example, mesh):
@@ -242,7 +244,8 @@ def _read_summary(workdir: pathlib.Path) -> dict:
     return json.loads(p.read_text()) if p.is_file() else {}
 
 
-def load_checkpoint_for_generation(workdir: str | pathlib.Path, *, step: int | None = None) -> LoadedModel:
+def load_checkpoint_for_generation(workdir: str | pathlib.Path, *, step: int | None = None,
+                                   mesh=None) -> LoadedModel:
     """Restore the params of a training run's Orbax checkpoint (`<workdir>/checkpoints`, latest step by default)
     on one device: the run's config (saved with the checkpoint) rebuilds the abstract train state through `build`,
     the whole state is restored into it, and only the params are kept. The run's saved tokenizer
@@ -257,7 +260,8 @@ def load_checkpoint_for_generation(workdir: str | pathlib.Path, *, step: int | N
     config = config_lib.from_saved(config_json)
     saved_tokenizer = workdir / "tokenizer"
     tok = tokenization.load_tokenizer(saved_tokenizer) if (saved_tokenizer / "tokenizer.json").is_file() else None
-    mesh = mesh_lib.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    if mesh is None:  # one device unless the caller places the weights on its own mesh (GFPO)
+        mesh = mesh_lib.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     pieces = build(config, mesh=mesh, params="abstract", remat="none", tokenizer=tok)
     optimizer = make_optimizer(config, max(int(config.num_steps or 1), 1))
     abstract = train_state.abstract_state(pieces.params, optimizer, mesh)

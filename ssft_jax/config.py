@@ -126,7 +126,46 @@ def base_config() -> ml_collections.ConfigDict:
     # Test-only fault injection, read when the step is traced (empty: nothing is added to the step). The syntax
     # ("cost:2,loss:3,grad:4:inf,loss:10+") is `faults.parse_inject_nonfinite`'s.
     c.debug = ml_collections.ConfigDict(dict(inject_nonfinite=""))
+
+    # Which stage this config runs: "ssft" (`ssft_jax.train`) or "gfpo" (`ssft_jax.gfpo`, RL on the forking token
+    # after SSFT). Each CLI refuses the other's configs, and a checkpoint says which optimizer state it holds.
+    c.stage = "ssft"
+    c.gfpo = gfpo_defaults()
     return c
+
+
+GFPO_ESTIMATORS = ("grpo", "enumerate")
+GFPO_DATA = ("init", "config")
+
+
+def gfpo_defaults() -> ml_collections.ConfigDict:
+    """Global Forking Policy Optimization (`ssft_jax.gfpo`): only the tag choice pi(tag | x) is trained."""
+    return ml_collections.ConfigDict(dict(
+        # The SSFT model to start from: a training workdir (its latest checkpoint) or an HF folder. The CLI's
+        # --init_from sets it. From a workdir, the model, tokenizer and tag sections of its config replace this
+        # config's, so the GFPO run describes the model it trains.
+        init_from="",
+        data="init",          # init: the questions of the SSFT run's data section | config: this config's data section
+        estimator="grpo",     # grpo: G tags sampled from pi per question (the paper) | enumerate: every valid tag
+                              # rolled out samples_per_tag times, the exact gradient of sum_i pi_i r_i
+        questions_per_step=8,  # B: questions per RL step (global)
+        group_size=6,         # G: tags drawn per question (grpo)
+        samples_per_tag=1,    # k: rollouts per valid tag (enumerate)
+        num_steps=20,
+        updates_per_batch=1,  # optimizer updates per batch of rollouts (> 1: PPO-style ratio clipping matters)
+        clip_eps=0.2,
+        kl_coef=0.0,          # weight of the exact KL(pi || pi_SSFT) over the N tags
+        normalize_std=True,   # GRPO: divide the group-centred rewards by the group's std
+        adv_eps=1e-6,
+        # Rollouts: the answer after the tag is sampled with these settings (the tag itself comes from pi).
+        temperature=1.0, top_p=1.0, top_k=0,
+        max_new_tokens=0,     # 0 = data.max_trace_len
+        format_penalty=0.0,   # subtracted from the reward of a rollout whose answer cannot be extracted
+        valid_tags="used",    # all | used (tags the SSFT matching ever assigned; all when unknown) | "0,2,3"
+        optim=ml_collections.ConfigDict(dict(
+            learning_rate=1e-5, warmup_frac=0.0, end_lr_frac=1.0, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0,
+            grad_clip=1.0)),
+    ))
 
 
 def load_config(name: str, arg: str = "") -> ml_collections.ConfigDict:
@@ -210,6 +249,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
         ("model.remat", c.model.remat, model.REMAT_POLICIES),
         ("checkpoint.on_corrupt", c.checkpoint.on_corrupt, ON_CORRUPT),
     ]
+    choices += [("stage", c.stage, ("ssft", "gfpo")), ("gfpo.estimator", c.gfpo.estimator, GFPO_ESTIMATORS),
+                ("gfpo.data", c.gfpo.data, GFPO_DATA)]
     for field, value, allowed in choices:
         if value not in allowed:
             raise ConfigError(f"{field}={value!r}: expected one of {tuple(allowed)}")
@@ -235,6 +276,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
         faults.parse_inject_nonfinite(c.debug.inject_nonfinite)
     except faults.FaultSpecError as e:
         raise ConfigError(str(e)) from None
+    if c.stage == "gfpo":
+        validate_gfpo(c.gfpo, c.ssft.num_tags)
     if num_devices is not None:
         if c.mesh.num_devices:
             if c.mesh.num_devices > num_devices:
@@ -257,6 +300,37 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
             raise ConfigError(
                 f"batch_size/micro_batches = {per_micro} questions is not divisible by the data-parallel size "
                 f"{dp} (mesh data*fsdp)")
+
+
+def parse_valid_tags(spec: str, num_tags: int) -> list[int] | None:
+    """`gfpo.valid_tags` -> explicit tag indices, or None for "all" / "used" (resolved against the SSFT run)."""
+    if spec in ("all", "used"):
+        return None
+    try:
+        tags = sorted({int(t) for t in str(spec).split(",") if t.strip()})
+    except ValueError:
+        raise ConfigError(f"gfpo.valid_tags={spec!r}: expected 'all', 'used' or tag indices like '0,2,3'") from None
+    if not tags or tags[0] < 0 or tags[-1] >= num_tags:
+        raise ConfigError(f"gfpo.valid_tags={spec!r}: tag indices must lie in 0..{num_tags - 1}")
+    return tags
+
+
+def validate_gfpo(g: ml_collections.ConfigDict, num_tags: int) -> None:
+    """The GFPO stage's own impossible settings."""
+    positive = ("questions_per_step", "samples_per_tag", "num_steps", "updates_per_batch")
+    for name in positive:
+        if g[name] < 1:
+            raise ConfigError(f"gfpo.{name}={g[name]} must be >= 1")
+    if g.estimator == "grpo" and g.group_size < 2:
+        raise ConfigError(f"gfpo.group_size={g.group_size}: GRPO needs >= 2 rollouts per question (a group of one "
+                          "has advantage 0 and teaches nothing)")
+    if not g.clip_eps > 0 or g.kl_coef < 0 or g.temperature < 0 or g.max_new_tokens < 0 or g.adv_eps < 0:
+        raise ConfigError(f"gfpo: need clip_eps > 0, kl_coef >= 0, temperature >= 0, max_new_tokens >= 0 and "
+                          f"adv_eps >= 0 (got {g.clip_eps}, {g.kl_coef}, {g.temperature}, {g.max_new_tokens}, "
+                          f"{g.adv_eps})")
+    if not 0 < g.top_p <= 1 or g.top_k < 0:
+        raise ConfigError(f"gfpo.top_p={g.top_p} must lie in (0, 1] and gfpo.top_k={g.top_k} be >= 0")
+    parse_valid_tags(g.valid_tags, num_tags)
 
 
 # Fields a resumed run may change without changing what the run is: how it is logged, checkpointed, evaluated on the

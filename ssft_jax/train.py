@@ -102,6 +102,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
     # Before anything touches the JAX backend (even device_count): jax.distributed.initialize must come first.
     mesh_lib.maybe_initialize_distributed()
     workdir = epath.Path(workdir)
+    if config.get("stage", "ssft") != "ssft":
+        raise config_lib.ConfigError(f"stage={config.stage!r}: a GFPO config runs with `python -m ssft_jax.gfpo`, "
+                                     "not the SSFT trainer")
     config_lib.validate(config, jax.device_count())
     m = config.mesh
     mesh = mesh_lib.make_mesh(m.data, m.fsdp, m.tensor, devices=jax.devices()[: m.num_devices or None])
