@@ -25,6 +25,9 @@ Metrics (arXiv 2510.05132 and its released evaluation code; all accuracies in [0
                     0..N-1, then sample 1 of slots 0..N-1, ...); the n = N*S samples are cut into floor(n/k)
                     consecutive groups and the score is averaged over them (cons@N is exactly the native cons@N).
   pass@k            the unbiased estimator 1 - C(n-c, k) / C(n, k) over all n = N*S samples of a question, c correct.
+  tag choice        with forking tags: Pass@1 under the model's own tag choice (greedy argmax pi(tag | x), and pi
+                    sampled), the best fixed tag, and the per-question oracle (best tag per question): what GFPO
+                    optimises and its upper bound (`tag_choice_metrics`).
   per-tag           accuracy, answer rate, finished (stopped) rate, generated length (tokens) mean/median/p90/max.
   strategies        for a dataset with a strategy classifier (the synthetic task: `synthetic.classify_strategy`):
                     the strategy of every generation, the N x (num_strategies + 1) tag -> strategy count matrix (last
@@ -237,6 +240,49 @@ def compute_metrics(generations: Sequence[Mapping[str, Any]], num_tags: int, sam
     return m
 
 
+def tag_choice_metrics(generations: Sequence[Mapping[str, Any]], log_pi: Mapping[int, Sequence[float]],
+                       valid: Sequence[bool]) -> dict[str, Any]:
+    """What choosing the tag per question is worth (GFPO's metrics), from the per-tag generations and the model's
+    own policy pi(tag | x) (`log_pi[question_index]`, [N], -inf for invalid tags):
+
+      self_chosen_greedy   mean over questions of the accuracy under argmax_t pi(t | x);
+      self_chosen_sampled  mean over questions of sum_t pi(t | x) acc(x, t) (a tag drawn from pi, then decoded);
+      best_fixed_tag       the single valid tag with the highest mean accuracy (chosen on these questions, so an
+                           optimistic bar) and its accuracy;
+      oracle               mean over questions of max_t acc(x, t) over valid tags: the best any tag choice can do.
+    acc(x, t) is the mean correctness of the generations of question x under tag t (its S samples)."""
+    valid = np.asarray(valid, bool)
+    N = valid.size
+    acc: dict[int, np.ndarray] = {}
+    cnt: dict[int, np.ndarray] = {}
+    for g in generations:
+        q = g["question_index"]
+        acc.setdefault(q, np.zeros(N))[g["tag"]] += float(bool(g["correct"]))
+        cnt.setdefault(q, np.zeros(N))[g["tag"]] += 1
+    qs = sorted(acc)
+    if not qs or any(q not in log_pi for q in qs):
+        raise ValueError("tag_choice_metrics: need the policy of every evaluated question")
+    A = np.stack([acc[q] / np.maximum(cnt[q], 1) for q in qs])  # [Q, N]
+    lp = np.asarray([log_pi[q] for q in qs], np.float64)
+    lp = np.where(valid, lp, -np.inf)
+    pi = np.exp(lp - lp.max(-1, keepdims=True))
+    pi /= pi.sum(-1, keepdims=True)
+    greedy = np.argmax(lp, -1)
+    per_tag = np.where(valid, A.mean(0), -np.inf)
+    best = int(np.argmax(per_tag))
+    ent = -np.sum(np.where(pi > 0, pi * np.log(np.where(pi > 0, pi, 1.0)), 0.0), -1)
+    return {
+        "self_chosen_greedy": float(A[np.arange(len(qs)), greedy].mean()),
+        "self_chosen_sampled": float(np.sum(pi * A, -1).mean()),
+        "best_fixed_tag": {"tag": best, "value": float(per_tag[best])},
+        "oracle": float(np.where(valid, A, -np.inf).max(-1).mean()),
+        "valid_tags": np.flatnonzero(valid).tolist(),
+        "policy_mean": pi.mean(0).tolist(),
+        "policy_entropy_nats": float(ent.mean()),
+        "greedy_tag_counts": np.bincount(greedy, minlength=N).tolist(),
+    }
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Sampling + checking
 # ---------------------------------------------------------------------------------------------------------------
@@ -262,13 +308,16 @@ def evaluate_model(cfg, params, tokenizer, tags, questions: Sequence[Mapping[str
                    tag_counts: Sequence[int] | None = None, pass_ks: Sequence[int] | None = None,
                    cons_ks: Sequence[int] | None = None, batch_questions: int = 8,
                    eos_token_ids: Sequence[int] | None = None, vocab_limit: int | None = None,
-                   share_prefix: bool = True, progress: bool = False) -> EvalResult:
+                   share_prefix: bool = True, progress: bool = False,
+                   tag_choice: bool = True) -> EvalResult:
     """Sample N tags x S samples per question (or N*S under tag 0 with shared_tag), check, compute the metrics.
 
     questions: records with 'question' (or 'messages') and 'answer' (optional 'id'). checker: a `checkers.CHECKERS`
     name or a Checker. classifier: the dataset's strategy classifier (`DatasetSpec.classifier`), for the strategy
     metrics; None: no strategies. Questions go through in batches of `batch_questions` (the last batch is padded by
     repeating a question, so a run compiles once). Generation seeds: seed + batch index.
+    tag_choice: with forking tags, also read the model's own policy over the tags (`tag_policy`) and report what
+    choosing the tag per question is worth (`tag_choice_metrics`; valid tags: those with tag_counts > 0, else all).
     """
     from ssft_jax import sampling, tokenization
 
@@ -327,6 +376,18 @@ def evaluate_model(cfg, params, tokenizer, tags, questions: Sequence[Mapping[str
     metrics = compute_metrics(gens, N, S, pass1_tag=pass1_tag, tag_counts=tag_counts, pass_ks=pass_ks,
                               cons_ks=cons_ks, strategy_names=classifier.names if classifier is not None else None,
                               greedy=temperature == 0.0)
+    if tag_choice and not shared_tag and N > 1:
+        from ssft_jax import tag_policy
+
+        try:
+            choice = tag_policy.TagChoice.for_tags(tokenizer, tags)
+        except tag_policy.TagPolicyError as e:  # e.g. 10+ text tags under a digit tokenizer: no one-token choice
+            metrics["tag_choice"] = {"unavailable": str(e)}
+        else:
+            valid = (np.asarray(tag_counts) > 0 if tag_counts is not None and len(tag_counts) == N
+                     and any(tag_counts) else np.ones(N, bool))
+            lp = tag_policy.TagPolicy(cfg, params, choice, valid, batch=B).log_probs(prompts)
+            metrics["tag_choice"] = tag_choice_metrics(gens, dict(enumerate(lp.tolist())), valid)
     metrics["seconds"] = seconds
     metrics["generated_tokens"] = new_tokens
     settings = dict(checker=checker.name, num_tags=N, samples_per_tag=S, shared_tag=shared_tag,
@@ -553,6 +614,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "pass@1_coverage" in m:
         line += f"  pass@1[coverage tag {m['pass@1_coverage']['tag']}]={m['pass@1_coverage']['value']}"
     print(line)
+    if "self_chosen_greedy" in m.get("tag_choice", {}):
+        tc = m["tag_choice"]
+        print(f"pass@1[self-chosen tag] greedy={tc['self_chosen_greedy']:.3f} sampled={tc['self_chosen_sampled']:.3f}"
+              f"  best fixed tag {tc['best_fixed_tag']['tag']}={tc['best_fixed_tag']['value']:.3f}"
+              f"  per-question oracle={tc['oracle']:.3f}")
     if "strategy" in m:
         st = m["strategy"]
         print(f"tag->strategy MI {st['mutual_information_nats']:.3f} nats ({st['mutual_information_frac_logM']:.2f} "

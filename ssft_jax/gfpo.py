@@ -29,7 +29,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 import pathlib
 import time
 from typing import Any, Callable, Mapping, Sequence
@@ -42,7 +41,8 @@ import optax
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ssft_jax import assembly, checkers, datasets, metrics_log, sampling, tag_policy, tokenization, train_state
+from ssft_jax import assembly, checkers, datasets, metrics_log, run_common, sampling, tag_policy, tokenization
+from ssft_jax import train_state
 from ssft_jax import checkpoint as ckpt_lib
 from ssft_jax import config as config_lib
 from ssft_jax import mesh as mesh_lib
@@ -341,8 +341,6 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
         stop_after: int | None = None, reward_fn: RewardFn | None = None) -> dict[str, Any]:
     """Run (or resume) GFPO and return its summary. reward_fn replaces the checker's 1/0 reward (it receives the
     record, the generated text and the checker's result)."""
-    from ssft_jax import train as train_lib  # prepare_workdir, check_resumed_config, export_hf, TrainingDivergedError
-
     mesh_lib.maybe_initialize_distributed()
     if jax.process_count() > 1:
         raise config_lib.ConfigError("GFPO runs in one process (any number of local devices); multi-host rollouts "
@@ -364,10 +362,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
     with config.unlocked():
         if not g.max_new_tokens:
             g.max_new_tokens = int(config.data.max_trace_len)
-    train_lib.prepare_workdir(workdir)
+    run_common.prepare_workdir(workdir)
     checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", max_to_keep=config.checkpoint.max_to_keep,
                                          async_save=config.checkpoint.async_save, cleanup_tmp=True)
-    train_lib.check_resumed_config(checkpointer, config)
+    run_common.check_resumed_config(checkpointer, config)
     config_json = ckpt_lib.config_to_json(config)
     (workdir / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True))
 
@@ -468,8 +466,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
             nonfinite_rewards = int((~np.isfinite(ro.rewards)).sum())
             consecutive_skips = consecutive_skips + 1 if metrics["step_skipped"] else 0
             skipped_steps += int(metrics["step_skipped"])
-            rewards_log[step] = float(np.nanmean(np.where(np.isfinite(ro.rewards), ro.rewards, np.nan))) \
-                if np.isfinite(ro.rewards).any() else float("nan")
+            finite = ro.rewards[np.isfinite(ro.rewards)]
+            rewards_log[step] = float(finite.mean()) if finite.size else float("nan")
             record = {k: v for k, v in metrics.items() if k != "pi"}
             record.update(
                 reward=rewards_log[step], accuracy=float(ro.correct.mean()), answer_rate=float(ro.answered.mean()),
@@ -482,14 +480,15 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
                     (step - 1) * int(g.updates_per_batch))))
             for t in range(N):
                 sel = row_tags == t
-                if sel.any():
-                    record[f"reward_tag{t}"] = float(np.nanmean(ro.rewards[sel]))
+                finite = ro.rewards[sel][np.isfinite(ro.rewards[sel])]
+                if finite.size:  # tags without a (finite) rollout this step get no point, not a NaN
+                    record[f"reward_tag{t}"] = float(finite.mean())
             metrics_logger.write(step, record)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(reward=f"{rewards_log[step]:.3f}", H=f"{metrics['entropy']:.2f}")
             if consecutive_skips > config.max_consecutive_skips:
-                raise train_lib.TrainingDivergedError(
+                raise run_common.TrainingDivergedError(
                     f"GFPO diverged: {consecutive_skips} consecutive steps (up to step {step}) had a non-finite "
                     f"reward, loss or gradient, more than max_consecutive_skips={config.max_consecutive_skips}; none "
                     f"changed the weights. The latest checkpoint is step {checkpointer.latest_step()}; check the "
@@ -515,7 +514,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
 
     export_dir = None
     if config.export_hf and not stopped_early:
-        export_dir = train_lib.export_hf(workdir / "hf_export", cfg, state["params"], tokenizer, tags)
+        export_dir = run_common.export_hf(workdir / "hf_export", cfg, state["params"], tokenizer, tags)
     summary = {
         "stage": "gfpo", "method": config.ssft.method, "estimator": g.estimator, "init_from": g.init_from,
         "start_step": start, "final_step": step, "stopped_early": stopped_early,
@@ -526,12 +525,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
         "rollout_tokens": rollout_tokens, "compiles": update.compiles, "questions": len(questions),
         "skipped_records": questions.skipped, "export_dir": str(export_dir) if export_dir else None,
     }
-    text = json.dumps(summary, indent=2, default=str)
-    if metrics_log.is_remote(workdir):
-        (workdir / "summary.json").write_text(text)
-    else:
-        (workdir / "summary.json.tmp").write_text(text)
-        os.replace(str(workdir / "summary.json.tmp"), str(workdir / "summary.json"))
+    run_common.write_summary(workdir, summary)
     checkpointer.close()
     return {**summary, "state": state, "model_config": cfg, "tokenizer": tokenizer, "tags": tags}
 

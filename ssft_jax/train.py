@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import pathlib
 import time
 from typing import Any, NamedTuple
@@ -26,18 +25,11 @@ from ssft_jax import checkpoint as ckpt_lib
 from ssft_jax import config as config_lib
 from ssft_jax import data as data_lib
 from ssft_jax import datasets
-from ssft_jax import hf_io, mesh as mesh_lib, metrics_log, model as model_lib, run_monitor, tokenization
+from ssft_jax import mesh as mesh_lib, metrics_log, model as model_lib, run_monitor, tokenization
 from ssft_jax import losses as losses_lib, train_state
-
-
-class TrainingDivergedError(RuntimeError):
-    """Too many consecutive steps had non-finite loss or gradients."""
-
-
-def prepare_workdir(workdir: epath.Path) -> None:
-    """Create the workdir and check it is writable before any compute (a clear error, not a crash at step 200)."""
-    if jax.process_index() == 0:
-        ckpt_lib.ensure_writable(workdir, "workdir")
+# Shared with the GFPO stage; re-exported here, where callers have always found them.
+from ssft_jax.run_common import (TrainingDivergedError, check_resumed_config, export_hf, prepare_workdir,  # noqa: F401
+                                 write_summary)
 
 
 class RunInputs(NamedTuple):
@@ -65,20 +57,6 @@ def build_inputs(config, mesh) -> RunInputs:
         questions = questions[: config.data.num_questions]
     return RunInputs(pieces.tokenizer, pieces.model_config, pieces.params, pieces.tags, pieces.layout, questions,
                      report, pieces.tag_table, pieces.tag_lengths)
-
-
-def check_resumed_config(checkpointer: ckpt_lib.Checkpointer, config) -> None:
-    """Compare the config saved with the latest checkpoint with this one (`config.check_resume`): refuse a change of
-    the run's meaning unless accepted, log the rest."""
-    step = checkpointer.latest_step()
-    if step is None:
-        return
-    try:
-        saved = ckpt_lib.read_json_item(checkpointer.directory / str(step) / "config")
-    except FileNotFoundError:  # a damaged step: restore_latest reports it with its own message
-        return
-    for line in config_lib.check_resume(saved, config):
-        logging.info("resume from step %d: %s", step, line)
 
 
 def to_global(batch: dict, mesh) -> dict:
@@ -263,30 +241,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
         "export_dir": str(export_dir) if export_dir else None,
     }
     if jax.process_index() == 0:
-        text = json.dumps(summary, indent=2, default=str)
-        if metrics_log.is_remote(workdir):
-            (workdir / "summary.json").write_text(text)
-        else:  # atomic: a kill mid-write leaves the previous summary, never half of one
-            (workdir / "summary.json.tmp").write_text(text)
-            os.replace(str(workdir / "summary.json.tmp"), str(workdir / "summary.json"))
+        write_summary(workdir, summary)
     checkpointer.close()
     return {**summary, "state": state, "model_config": cfg, "tokenizer": tokenizer, "tags": tags}
-
-
-def export_hf(dest, cfg, params, tokenizer, tags):
-    """HF folder at `dest` (local, or gs:// via a local staging folder: safetensors writes local files only)."""
-    eos = tokenization.eos_token_ids(tokenizer)
-    if not metrics_log.is_remote(dest):
-        return hf_io.save_hf_folder(dest, cfg, params, tokenizer=tokenizer, eos_token_ids=eos, tags=tags)
-    import tempfile
-    with tempfile.TemporaryDirectory() as tmp:
-        local = hf_io.save_hf_folder(pathlib.Path(tmp) / "hf_export", cfg, params, tokenizer=tokenizer, eos_token_ids=eos,
-                                     tags=tags)
-        if jax.process_index() == 0:
-            dest.mkdir(parents=True, exist_ok=True)
-            for f in local.iterdir():
-                (dest / f.name).write_bytes(f.read_bytes())
-    return dest
 
 
 def main(argv):

@@ -91,7 +91,7 @@ def test_no_import_cycle():
 
 
 @pytest.mark.parametrize("module", ["ssft_jax.sampling", "ssft_jax.evaluate", "ssft_jax.memory_plan",
-                                    "ssft_jax.checkers"])
+                                    "ssft_jax.checkers", "ssft_jax.gfpo", "ssft_jax.tag_policy"])
 def test_generation_evaluation_and_planning_do_not_import_the_trainer(module):
     direct = GRAPH[module] & {"ssft_jax.train", "ssft_jax.train_step"}
     assert not direct, f"{module} imports {direct}"

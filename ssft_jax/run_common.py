@@ -1,0 +1,65 @@
+"""What every stage's run loop shares (the SSFT trainer, `ssft_jax.train`, and GFPO, `ssft_jax.gfpo`): the
+workdir check, the resume-config check, the atomic summary, the HF export and the divergence error."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+
+import jax
+from etils import epath
+
+from ssft_jax import checkpoint as ckpt_lib
+from ssft_jax import config as config_lib
+from ssft_jax import hf_io, metrics_log, tokenization
+
+
+class TrainingDivergedError(RuntimeError):
+    """Too many consecutive steps had non-finite loss or gradients."""
+
+
+def prepare_workdir(workdir: epath.Path) -> None:
+    """Create the workdir and check it is writable before any compute (a clear error, not a crash at step 200)."""
+    if jax.process_index() == 0:
+        ckpt_lib.ensure_writable(workdir, "workdir")
+
+
+def check_resumed_config(checkpointer: ckpt_lib.Checkpointer, config) -> None:
+    """Compare the config saved with the latest checkpoint with this one (`config.check_resume`): refuse a change of
+    the run's meaning unless accepted, log the rest."""
+    step = checkpointer.latest_step()
+    if step is None:
+        return
+    try:
+        saved = ckpt_lib.read_json_item(checkpointer.directory / str(step) / "config")
+    except FileNotFoundError:  # a damaged step: restore_latest reports it with its own message
+        return
+    for line in config_lib.check_resume(saved, config):
+        logging.info("resume from step %d: %s", step, line)
+
+
+def write_summary(workdir: epath.Path, summary: dict) -> None:
+    """summary.json; atomic on a local disk (a kill mid-write leaves the previous summary, never half of one)."""
+    text = json.dumps(summary, indent=2, default=str)
+    if metrics_log.is_remote(workdir):
+        (workdir / "summary.json").write_text(text)
+    else:
+        (workdir / "summary.json.tmp").write_text(text)
+        os.replace(str(workdir / "summary.json.tmp"), str(workdir / "summary.json"))
+
+
+def export_hf(dest, cfg, params, tokenizer, tags):
+    """HF folder at `dest` (local, or gs:// via a local staging folder: safetensors writes local files only)."""
+    eos = tokenization.eos_token_ids(tokenizer)
+    if not metrics_log.is_remote(dest):
+        return hf_io.save_hf_folder(dest, cfg, params, tokenizer=tokenizer, eos_token_ids=eos, tags=tags)
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        local = hf_io.save_hf_folder(pathlib.Path(tmp) / "hf_export", cfg, params, tokenizer=tokenizer, eos_token_ids=eos,
+                                     tags=tags)
+        if jax.process_index() == 0:
+            dest.mkdir(parents=True, exist_ok=True)
+            for f in local.iterdir():
+                (dest / f.name).write_bytes(f.read_bytes())
+    return dest
