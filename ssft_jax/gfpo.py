@@ -284,6 +284,20 @@ def draw_row_tags(estimator: str, p_old: np.ndarray, valid: np.ndarray, *, group
     return tags.astype(np.int32)
 
 
+def policy_reward(estimator: str, rewards: np.ndarray, row_tags: np.ndarray, logp_old: np.ndarray) -> float:
+    """The mean reward of the policy the rollouts came from: the rollouts' mean under grpo (they were drawn from
+    it); sum_t pi_old(t) rbar_t under enumerate (whose rollouts cover every tag evenly, so their plain mean is the
+    uniform policy's reward)."""
+    if not np.isfinite(rewards).all():
+        return float("nan")
+    if estimator == "grpo":
+        return float(rewards.mean())
+    n = logp_old.shape[-1]
+    onehot = np.eye(n)[row_tags]  # [B, R, N]
+    rbar = np.einsum("brn,br->bn", onehot, rewards) / np.maximum(onehot.sum(1), 1)
+    return float(np.mean(np.sum(np.exp(logp_old) * rbar, -1)))
+
+
 class Rollouts:
     """Rollouts of one step: the generated continuations, their rewards and counts."""
 
@@ -470,7 +484,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
             rewards_log[step] = float(finite.mean()) if finite.size else float("nan")
             record = {k: v for k, v in metrics.items() if k != "pi"}
             record.update(
-                reward=rewards_log[step], accuracy=float(ro.correct.mean()), answer_rate=float(ro.answered.mean()),
+                reward=rewards_log[step], policy_reward=policy_reward(g.estimator, ro.rewards, row_tags, logp_old), accuracy=float(ro.correct.mean()), answer_rate=float(ro.answered.mean()),
                 rewards_nonfinite=nonfinite_rewards, steps_skipped_total=skipped_steps,
                 rollout_tag_counts=np.bincount(row_tags.ravel(), minlength=N),
                 greedy_tag_counts=np.bincount(np.argmax(np.where(valid, logp_old, -np.inf), -1), minlength=N),

@@ -19,6 +19,7 @@ SCRIPTS = [p for p in FILES if MAIN_BLOCK.search(p.read_text())]
 EXPECTED = {
     "bench_data.py": r"\[pipeline\] \d+ batches after the first .* batches/s",
     "bench_decode.py": r"demo +shared +rows=.* decode +[\d.]+ tok/s",
+    "bench_gfpo.py": r"(?s)\[timing\] grpo .* tok/s.*\| 6 \| enumerate \| [\d.e+-]+ \| [\d.-]+ \|",
     "bench_forward.py": r"\| SmolLM2-135M \| 1 x \w+ \| 1 x 32 \| float32 \| [\d.]+ \| [\d.]+ \| \d+ \|",
     "bench_matching.py": r"\| 6x4 \| hungarian \| [\d.]+ \| [\d.]+ \| .* \| 100\.0% \| 100\.0% \|",
     # the headline step, and the two cost layouts the step variants trace agreeing with the trainer's
