@@ -41,7 +41,8 @@ def base_config() -> ml_collections.ConfigDict:
         dtype="float32",      # compute dtype; parameters stay float32 (master weights)
         param_dtype="float32",
         remat="none",         # none | full | dots | dots_no_batch
-        logprob_chunk=1024,   # tokens per chunk of the output head (chunked log-sum-exp)
+        logprob_chunk=0,      # tokens per chunk of the output head (chunked log-sum-exp); 0: one chunk when the
+                              # logits fit in 64 MiB (small vocabularies), else 1024
         attention_chunk=0,    # query block size of memory-efficient attention for long rows (0 = dense)
     ))
     c.tokenizer = ""          # tokenizer folder; empty: the model's hf_dir

@@ -9,6 +9,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+# chunk_size <= 0 computes the head in one chunk when its fp32 logits fit in this many bytes (a small vocabulary).
+AUTO_ONE_CHUNK_BYTES = 64 << 20
+
 
 def token_logprobs(hidden: jax.Array, w_out: jax.Array, targets: jax.Array, *, chunk_size: int = 1024) -> jax.Array:
     """log p(targets[b, t] | hidden[b, t]) in fp32, shape [B, T].
@@ -18,6 +21,8 @@ def token_logprobs(hidden: jax.Array, w_out: jax.Array, targets: jax.Array, *, c
     """
     B, T, D = hidden.shape
     n = B * T
+    if chunk_size <= 0:  # auto: the whole head at once when its logits are small (a char vocabulary), else 1024
+        chunk_size = n if n * w_out.shape[-1] * 4 <= AUTO_ONE_CHUNK_BYTES else 1024
     chunk = max(1, min(chunk_size, n))
     n_chunks = -(-n // chunk)
     pad = n_chunks * chunk - n
@@ -32,6 +37,8 @@ def token_logprobs(hidden: jax.Array, w_out: jax.Array, targets: jax.Array, *, c
         picked = jnp.take_along_axis(logits, t_c[:, None], axis=-1)[:, 0]
         return picked - lse
 
+    if n_chunks == 1:  # no scan around a single chunk: XLA fuses the head with what follows
+        return one_chunk(h[0], tgt[0])[:n].reshape(B, T)
     _, out = jax.lax.scan(lambda c, xs: (c, one_chunk(*xs)), None, (h, tgt))
     return out.reshape(-1)[:n].reshape(B, T)
 

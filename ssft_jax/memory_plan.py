@@ -372,7 +372,9 @@ def make_plan(config, *, num_devices: int | None = None, tag_len: int | None = N
         return r * Ht * q_len(n) * n * (4 * fp32_copies + a) + r * q_len(n) * n
 
     def head(r, n, copies):
-        return min(lchunk, r * n) * Vt * 4 * copies + r * n * D * a
+        # lchunk 0: logprobs.token_logprobs' auto rule (one chunk when the logits fit in 64 MiB, else 1024)
+        c = lchunk if lchunk > 0 else (r * n if r * n * V * 4 <= 64 << 20 else 1024)
+        return min(c, r * n) * Vt * 4 * copies + r * n * D * a
 
     for label, n in (("cost row", R), ("train row", S)):
         if not _chunked(chunk, n) and n >= 8192:

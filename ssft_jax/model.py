@@ -283,11 +283,21 @@ def rope_inverse_frequencies(cfg: ModelConfig) -> jnp.ndarray:
     return inv
 
 
+def rope_tables(cfg: ModelConfig, positions) -> tuple[jax.Array, jax.Array]:
+    """(cos, sin) [B, T, 1, Dh/2] in fp32 for the rows' positions: computed once per forward, before the layer scan
+    (every layer rotates by the same angles)."""
+    angles = positions.astype(jnp.float32)[..., None] * rope_inverse_frequencies(cfg)  # [B, T, Dh/2]
+    return jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+
+
 def apply_rope(x, positions, inv_freq):
     """Rotate-half RoPE in fp32. x: [B, T, heads, Dh]; positions: [B, T]."""
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, Dh/2]
-    cos = jnp.cos(angles)[:, :, None, :]
-    sin = jnp.sin(angles)[:, :, None, :]
+    return rotate(x, jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :])
+
+
+def rotate(x, cos, sin):
+    """Rotate-half RoPE of x [B, T, heads, Dh] by precomputed tables (`rope_tables`), in fp32."""
     xf = x.astype(jnp.float32)
     x1, x2 = jnp.split(xf, 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -312,19 +322,42 @@ def attention_mask(q_segment_ids, kv_segment_ids, q_slots, kv_slots, q_prefix_id
     return (visible & causal)[:, None, None, :, :]
 
 
-def _attention(cfg: ModelConfig, lp: Params, h, positions, q_seg, kv_seg_full, q_slots, kv_slots, cache_kv, dtype,
-               q_prefix=None):
+def mask_bias(q_segment_ids, kv_segment_ids, q_slots, kv_slots, q_prefix_ids=None) -> jax.Array:
+    """`attention_mask` as an additive fp32 bias [B, 1, 1, Tq, Tk] (0 visible, float32 min hidden): built once per
+    forward before the layer scan and added to every layer's scores, instead of a select per layer and head."""
+    mask = attention_mask(q_segment_ids, kv_segment_ids, q_slots, kv_slots, q_prefix_ids)
+    return jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
+
+
+def _fused_projections() -> bool:
+    """Concatenate q/k/v (and gate/up) weights into one matmul each, unless heads / the MLP are split over a
+    'tensor' mesh axis: there the concatenation would mix differently sharded weights and cost collectives."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return mesh.empty or "tensor" not in mesh.axis_names or mesh.shape["tensor"] == 1
+
+
+def _qkv(cfg: ModelConfig, lp: Params, h, dtype):
+    H, K, Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    if not _fused_projections():
+        return tuple(jnp.einsum("btd,dhk->bthk", h, lp[n].astype(dtype)) for n in ("q_proj", "k_proj", "v_proj"))
+    D = h.shape[-1]
+    w = jnp.concatenate([lp["q_proj"].reshape(D, H * Dh), lp["k_proj"].reshape(D, K * Dh),
+                         lp["v_proj"].reshape(D, K * Dh)], axis=1).astype(dtype)
+    qkv = jnp.einsum("btd,de->bte", h, w)
+    q, k, v = jnp.split(qkv, [H * Dh, (H + K) * Dh], axis=-1)
+    B, T = h.shape[:2]
+    return q.reshape(B, T, H, Dh), k.reshape(B, T, K, Dh), v.reshape(B, T, K, Dh)
+
+
+def _attention(cfg: ModelConfig, lp: Params, h, rope, q_seg, kv_seg_full, q_slots, kv_slots, cache_kv, dtype,
+               q_prefix=None, bias=None):
     B, T, _ = h.shape
-    K, G = cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads
-    q = jnp.einsum("btd,dhk->bthk", h, lp["q_proj"].astype(dtype))
-    k = jnp.einsum("btd,dhk->bthk", h, lp["k_proj"].astype(dtype))
-    v = jnp.einsum("btd,dhk->bthk", h, lp["v_proj"].astype(dtype))
+    q, k, v = _qkv(cfg, lp, h, dtype)
     if cfg.attention_bias:
         q, k, v = q + lp["q_bias"].astype(dtype), k + lp["k_bias"].astype(dtype), v + lp["v_bias"].astype(dtype)
     if cfg.qk_norm:
         q, k = rms_norm(q, lp["q_norm"], cfg.rms_norm_eps), rms_norm(k, lp["k_norm"], cfg.rms_norm_eps)
-    inv_freq = rope_inverse_frequencies(cfg)
-    q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+    q, k = rotate(q, *rope), rotate(k, *rope)
 
     new_cache_kv = None
     if cache_kv is not None:
@@ -335,41 +368,58 @@ def _attention(cfg: ModelConfig, lp: Params, h, positions, q_seg, kv_seg_full, q
         new_cache_kv = (ck, cv)
         k, v = ck.astype(dtype), cv.astype(dtype)
 
-    q = q.reshape(B, T, K, G, cfg.head_dim)
     chunk = cfg.attention_chunk
     if chunk and T > chunk:
         # Query blocks one at a time (rematerialised in the backward pass): scores are [chunk, S] per head instead of
         # [T, S], which is what makes 32k-token rows fit. Exact: every block still sees all keys. A row that is not a
         # multiple of the block (the trainer's P + Lt + T rarely is) gets padding queries of segment 0, which attend
-        # to nothing (output exactly 0) and are cut off again.
+        # to nothing (output exactly 0) and are cut off again. Each block builds its own [chunk, S] mask bias (a
+        # whole-row bias would be the [T, S] array the blocks exist to avoid).
         pad = -T % chunk
         Tp = T + pad
         padded = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)) if pad else x
         blocks = lambda x: jnp.moveaxis(padded(x).reshape(B, Tp // chunk, chunk, *x.shape[2:]), 1, 0)
         qs = (blocks(q), blocks(q_seg), blocks(q_slots), blocks(q_prefix) if q_prefix is not None else None)
-        block_fn = jax.checkpoint(lambda xs: _attend(cfg, *xs[:3], kv_seg_full, kv_slots, xs[3], k, v, dtype))
-        out = jnp.moveaxis(jax.lax.map(block_fn, qs), 0, 1).reshape(B, Tp, cfg.num_attention_heads, cfg.head_dim)
-        out = out[:, :T]
+
+        def block_fn(xs):
+            q_b, seg_b, slots_b, prefix_b = xs
+            return _attend(cfg, q_b, seg_b, k, v, mask_bias(seg_b, kv_seg_full, slots_b, kv_slots, prefix_b), dtype)
+
+        out = jnp.moveaxis(jax.lax.map(jax.checkpoint(block_fn), qs), 0, 1)
+        out = out.reshape(B, Tp, cfg.num_attention_heads, cfg.head_dim)[:, :T]
     else:
-        out = _attend(cfg, q, q_seg, q_slots, kv_seg_full, kv_slots, q_prefix, k, v, dtype)
+        if bias is None:
+            bias = mask_bias(q_seg, kv_seg_full, q_slots, kv_slots, q_prefix)
+        out = _attend(cfg, q, q_seg, k, v, bias, dtype)
     return jnp.einsum("bthk,hkd->btd", out, lp["o_proj"].astype(dtype)), new_cache_kv
 
 
-def _attend(cfg, q, q_seg, q_slots, kv_seg, kv_slots, q_prefix, k, v, dtype):
-    """Softmax attention of q [B, T, K, G, Dh] over k, v [B, S, K, Dh] under the segment/causal mask."""
-    B, T = q.shape[:2]
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(cfg.head_dim)
-    mask = attention_mask(q_seg, kv_seg, q_slots, kv_slots, q_prefix)
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1)
-    # Rows with no visible key (padding) would average all values: zero them so padding outputs are exactly 0.
-    probs = jnp.where(mask, probs, 0.0).astype(dtype)
-    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(B, T, cfg.num_attention_heads, cfg.head_dim)
+def _attend(cfg, q, q_seg, k, v, bias, dtype):
+    """Softmax attention of q [B, T, H, Dh] over k, v [B, S, K, Dh] with an additive mask bias [B, 1, 1, T, S].
+
+    Grouped-query attention with the G = H/K query heads of each KV head folded into the query axis: scores are
+    [B, K, G*T, S] from one batched matmul per KV head, and k/v are never repeated G times."""
+    B, T, H, Dh = q.shape
+    S, K = k.shape[1], k.shape[2]
+    G = H // K
+    qf = q.reshape(B, T, K, G, Dh).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, Dh)
+    kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, Dh]
+    scores = jnp.einsum("bkqd,bksd->bkqs", qf, kt, preferred_element_type=jnp.float32) / math.sqrt(Dh)
+    scores = scores.reshape(B, K, G, T, S) + bias
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype).reshape(B, K, G * T, S)
+    out = jnp.einsum("bkqs,bksd->bkqd", probs, vt).reshape(B, K, G, T, Dh).transpose(0, 3, 1, 2, 4)
+    # A query with no visible key (padding, segment 0) gets uniform weights over hidden keys: zero its output, so
+    # padding outputs are exactly 0 (one select on [B, T, H, Dh], not on the scores).
+    return jnp.where((q_seg != 0)[:, :, None, None], out.reshape(B, T, H, Dh), 0).astype(dtype)
 
 
 def _mlp(lp: Params, h, dtype):
-    gate = jnp.einsum("btd,df->btf", h, lp["gate_proj"].astype(dtype))
-    up = jnp.einsum("btd,df->btf", h, lp["up_proj"].astype(dtype))
+    if _fused_projections():
+        w = jnp.concatenate([lp["gate_proj"], lp["up_proj"]], axis=-1).astype(dtype)
+        gate, up = jnp.split(jnp.einsum("btd,df->btf", h, w), 2, axis=-1)
+    else:
+        gate = jnp.einsum("btd,df->btf", h, lp["gate_proj"].astype(dtype))
+        up = jnp.einsum("btd,df->btf", h, lp["up_proj"].astype(dtype))
     return jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, lp["down_proj"].astype(dtype))
 
 
@@ -437,13 +487,17 @@ def forward(
 
     h = jnp.take(params["embedding"], tokens, axis=0).astype(dtype)
     layers = params["layers"]
+    # Shared by every layer, so built once outside the scan: the RoPE tables and (dense attention) the mask bias.
+    rope = rope_tables(cfg, positions)
+    dense = not (cfg.attention_chunk and T > cfg.attention_chunk)
+    bias = mask_bias(segment_ids, kv_seg, q_slots, kv_slots, prefix_segment_ids) if dense else None
 
     def layer(h, xs):
         lp, ck, cv = xs
         h = constrain_rows(h)  # rows stay split over data*fsdp under FSDP (see mesh.constrain_rows)
         cache_kv = (ck, cv, start) if ck is not None else None
-        a, new_kv = _attention(cfg, lp, rms_norm(h, lp["attn_norm"], cfg.rms_norm_eps), positions,
-                               segment_ids, kv_seg, q_slots, kv_slots, cache_kv, dtype, prefix_segment_ids)
+        a, new_kv = _attention(cfg, lp, rms_norm(h, lp["attn_norm"], cfg.rms_norm_eps), rope,
+                               segment_ids, kv_seg, q_slots, kv_slots, cache_kv, dtype, prefix_segment_ids, bias)
         h = h + a
         h = h + _mlp(lp, rms_norm(h, lp["mlp_norm"], cfg.rms_norm_eps), dtype)
         return h, new_kv

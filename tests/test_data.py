@@ -612,3 +612,29 @@ def test_prefix_cache_cost_layout_equals_packed(tok):
     assert np.ptp(packed[fin]) > 1e-2  # costs that differ: the comparison means something
     with pytest.raises(ValueError, match="prompt_len"):
         losses.cost_matrix(mcfg, params, cv, N, M, layout="prefix_cache", prompt_len=cfg.max_prompt_len, block_len=1)
+
+
+def test_l_advisor_on_hand_made_traces():
+    from ssft_jax.data import divergence_report, first_divergence
+    assert first_divergence([1, 2, 3, 4], [1, 2, 9, 4]) == 2
+    assert first_divergence([1, 2], [1, 2, 3]) == 2 and first_divergence([5], [5]) is None
+    # question 1: three traces; two agree on their first 13 tokens (differ at 13), one differs at 0
+    a = list(range(20))
+    b = list(range(13)) + [99] * 7
+    c = [7] + list(range(1, 20))
+    rep = divergence_report([[a, b, c], [[1, 2, 3], [1, 2, 3]]], cost_len=12)
+    assert sorted(rep.points.tolist()) == [0, 0, 13] and rep.identical_pairs == 1
+    assert rep.share_unseparated == pytest.approx(1 / 3) and rep.warn
+    assert rep.suggested_cost_len == 14 and "L=14" in rep.warning() and "33%" in rep.warning()
+    assert not divergence_report([[a, b, c]], cost_len=14).warn
+
+
+def test_the_validation_report_carries_the_l_advice(char_tok, caplog):
+    tags = tk.ForkingTags.for_tokenizer(char_tok, 4, "text")
+    layout = D.LayoutConfig(num_tags=4, num_traces=2, cost_len=3, max_prompt_len=64, max_trace_len=32, tag_len=16,
+                            batch_size=1)
+    recs = [{"id": "q", "question": "1+1?", "traces": ["so 1+1=2", "so 2"]}]
+    with caplog.at_level("WARNING"):
+        _, report = D.tokenize_records(recs, char_tok, tags, layout)
+    assert report.divergence.points.tolist() == [3] and "cost_prefix_len L=3" in report.summary()
+    assert any("cannot tell those traces apart" in r.message for r in caplog.records)

@@ -92,6 +92,7 @@ Token budget per question: cost ``P + N*M*(Lt+Le)`` (shared prompt) vs ``N*M*(P+
 train ``M*(P+Lt+T)``. B is per process: the global batch is ``B * process_count``.
 """
 
+from ssft_jax.data.divergence import DivergenceReport, divergence_report, first_divergence
 from ssft_jax.data.layout import (LayoutConfig, QuestionLayout, batch_token_counts, cost_matrix_from_token_nll,
                                   fill_tags, tag_table)
 from ssft_jax.data.formats import (FORMATS, DataError, FormatError, RawRecord, heldout_count, prompt_id, read_jsonl,
@@ -102,6 +103,7 @@ from ssft_jax.data.records import (EXTRA_TRACES, OVERLONG, ON_BAD_RECORD, REASON
                                    tokenize_records)
 
 __all__ = [
+    "DivergenceReport", "divergence_report", "first_divergence",
     "REASONS", "DataError", "LayoutConfig", "tag_table", "RawRecord", "read_jsonl", "read_parquet", "read_records",
     "TokenizedQuestion", "ValidationReport", "tokenize_records", "load_questions", "QuestionLayout",
     "cost_matrix_from_token_nll", "fill_tags", "make_dataset", "make_iterator", "batch_token_counts", "ON_BAD_RECORD",

@@ -13,6 +13,7 @@ import numpy as np
 from ssft_jax import tokenization
 from ssft_jax.data.formats import (BadRecord, DataError, RawRecord, as_messages, check_text, native_prompt, prompt_id,
                                    read_records, record_id)
+from ssft_jax.data.divergence import divergence_report
 from ssft_jax.data.layout import LayoutConfig
 from ssft_jax.data.question import TokenizedQuestion
 
@@ -66,6 +67,7 @@ class ValidationReport:
     extra_traces: str = "error"
     questions_over_m: int = 0  # kept questions that had more than M traces (extra_traces 'first' or 'sample')
     max_traces: int = 0  # M
+    divergence: Any = None  # divergence.DivergenceReport: where trace pairs first differ, against L (the L advisor)
 
     @property
     def num_skipped(self) -> int:
@@ -82,6 +84,8 @@ class ValidationReport:
             kept = "the first M kept" if self.extra_traces == "first" else "a fresh M of them sampled each epoch"
             parts.append(f"{self.questions_over_m} questions with more than M={self.max_traces} traces ({kept})")
         lines = ["; ".join(parts)]
+        if self.divergence is not None:
+            lines.append(self.divergence.warning() or self.divergence.summary())
         for reason, ex in sorted(self.examples.items()):
             lines.extend(f"  {reason}: {e}" for e in ex)
         return "\n".join(lines)
@@ -272,6 +276,9 @@ def tokenize_records(
         if len(ex_list) < _MAX_EXAMPLES:
             ex_list.append(f"{where}: record {rid!r}: {detail}")
     report.num_kept = len(questions)
+    report.divergence = divergence_report([q.trace_ids for q in questions], layout.cost_len)
+    if report.divergence.warn:
+        log.warning("SSFT data: %s", report.divergence.warning())
     if report.skipped or report.truncated_traces:
         log.warning("SSFT data: %s", report.summary())
     else:

@@ -54,6 +54,27 @@ class DatasetSpec:
 DATASETS: dict[str, DatasetSpec] = {}
 
 
+def load_classifier(spec: str) -> StrategyClassifier:
+    """`module:attribute` -> a StrategyClassifier: the attribute is one, or a function `(record, text) -> name or
+    None` carrying its strategy names as `fn.names` (a tuple), e.g. for `--classifier mytask:classify`."""
+    import importlib
+
+    module, sep, attr = spec.partition(":")
+    if not sep or not module or not attr:
+        raise ValueError(f"--classifier {spec!r}: expected module:function (e.g. mytask.strategies:classify)")
+    try:
+        obj = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"--classifier {spec!r}: {e}") from None
+    if isinstance(obj, StrategyClassifier):
+        return obj
+    names = getattr(obj, "names", None)
+    if not callable(obj) or not names:
+        raise ValueError(f"--classifier {spec!r}: expected a StrategyClassifier, or a function (record, text) -> "
+                         "strategy name or None with its names in a `names` attribute (fn.names = ('a', 'b', ...))")
+    return StrategyClassifier(tuple(str(n) for n in names), obj)
+
+
 def register_dataset(spec: DatasetSpec) -> None:
     """Add `spec` under `spec.name` (a name already registered is refused: two specs for one name would make the
     records a run trains on depend on import order)."""
