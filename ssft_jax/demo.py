@@ -9,6 +9,12 @@ every generation, which gives the tag -> strategy matrix and the mutual informat
     python -m ssft_jax.demo                      # ~15 minutes on 2 CPU cores; writes demo_out/
     python -m ssft_jax.demo --quick              # a smoke run (what the tests run)
     python -m ssft_jax.demo --real               # SmolLM2-135M on GSM8K multi-trace, a few steps: training diagnostics
+    python -m ssft_jax.demo --seeds 0,1,2        # the table as mean [min, max] over seeds
+    python -m ssft_jax.demo --dataset NAME       # any registered dataset with a checker and a strategy classifier
+    python -m ssft_jax.demo --data FILE.jsonl --classifier mytask:classify   # a user's multi-trace records
+
+Every run also gets an ssft+gfpo row (GFPO on the forking tag from the ssft model; --no-gfpo drops it), and its
+prompt/trace budgets and L are fitted to the task's data (`fit_budgets`, the L advisor).
 """
 from __future__ import annotations
 
@@ -23,15 +29,49 @@ import numpy as np
 
 METHODS = ("sft_mixed", "random", "ssft")
 TEMPERATURES = (0.0, 0.5, 1.0)
+GFPO_ROW = "ssft+gfpo"
 
 
-def demo_config(quick: bool, steps: int | None):
+def demo_config(quick: bool, steps: int | None, *, dataset: str | None = None, data: str | None = None,
+                heldout: int | None = None, seed: int = 0):
+    """The demo's run config: configs/demo.py (its 'tiny' variant with quick), on its synthetic task, a registered
+    `dataset`, or a user's JSONL `data` file (with `heldout` questions held out for evaluation)."""
     from ssft_jax.config import load_config
     c = load_config("demo", "tiny" if quick else "")
     c.mesh.update(data=1, fsdp=1, tensor=1, num_devices=1)  # one CPU device: fake devices would only slow it down
+    c.seed = seed
+    if data:
+        c.data.update(name="jsonl", path=data, heldout=heldout or (8 if quick else 64))
+    elif dataset:
+        c.data.name = dataset
     if steps:
         c.num_steps = steps
     return c
+
+
+def fit_budgets(config) -> dict[str, Any]:
+    """Set the prompt and trace budgets (P, T) to what the task's training questions need, so rows carry no more
+    padding than the longest question, and L from the L advisor: at least where 95% of trace pairs first differ
+    (`data.divergence`), never above T. Returns what was measured, for the report."""
+    from ssft_jax import assembly, data as data_lib, datasets
+
+    tokenizer = assembly.build_tokenizer(config)
+    tags = assembly.build_tags(config, tokenizer)
+    wide = config.copy_and_resolve_references()
+    wide.data.update(max_prompt_len=4096, max_trace_len=4096)
+    layout = assembly.build_layout(wide, tags.max_tag_len(tokenizer), num_processes=1)
+    train_records, _ = datasets.build_records(config)
+    questions, report = data_lib.tokenize_records(train_records, tokenizer, tags, layout,
+                                                  on_bad_record=config.data.on_bad_record, overlong=config.data.overlong,
+                                                  extra_traces=config.data.extra_traces, format=config.data.format)
+    P = max(len(q.prompt_ids) for q in questions)
+    T = max(len(t) for q in questions for t in q.trace_ids)
+    advice = report.divergence
+    L = min(T, max(int(config.ssft.cost_prefix_len), advice.suggested_cost_len))
+    config.data.update(max_prompt_len=int(P), max_trace_len=int(T))
+    config.ssft.cost_prefix_len = int(L)
+    return {"max_prompt_len": int(P), "max_trace_len": int(T), "cost_prefix_len": int(L),
+            "divergence": advice.as_dict()}
 
 
 def distinct_strategies(generations: list[dict], num_tags: int) -> float:
@@ -45,23 +85,28 @@ def distinct_strategies(generations: list[dict], num_tags: int) -> float:
     return float(np.mean([len(s) for s in by_q.values()]))
 
 
-def evaluate_method(run: dict, method: str, dataset, heldout: list[dict], *, temperatures, max_new_tokens: int,
-                    seed: int):
-    """`dataset`: the run's `datasets.DatasetSpec` (its checker, and its strategy classifier for the matrices)."""
+def evaluate_method(run: dict, method: str, checker, classifier, heldout: list[dict], *, temperatures,
+                    max_new_tokens: int, seed: int):
+    """Greedy and sampled evaluation of one trained model (`run`: train.run's or gfpo.run's result)."""
     from ssft_jax import evaluate
 
     per_temp = {}
     for temp in temperatures:
         res = evaluate.evaluate_model(
-            run["model_config"], run["state"]["params"], run["tokenizer"], run["tags"], heldout, dataset.checker,
-            classifier=dataset.classifier, num_samples_per_tag=1, temperature=temp, top_p=1.0,
+            run["model_config"], run["state"]["params"], run["tokenizer"], run["tags"], heldout, checker,
+            classifier=classifier, num_samples_per_tag=1, temperature=temp, top_p=1.0,
             max_new_tokens=max_new_tokens, seed=seed, shared_tag=method == "sft_mixed", tag_counts=run["tag_counts"])
         m = res.metrics
+        tc = m.get("tag_choice", {})
         per_temp[temp] = {
             "pass@1_think1": m["pass@1"]["value"],
             # The paper's alternative: the tag matched most often in training (for sft_mixed, its one tag).
             "pass@1_coverage": m["pass@1_coverage"]["value"],
             "coverage_tag": m["pass@1_coverage"]["tag"],
+            # The model's own tag choice (GFPO's target) and the best single tag; none for sft_mixed's one tag.
+            "pass@1_self_chosen": tc.get("self_chosen_greedy"),
+            "pass@1_best_fixed_tag": tc.get("best_fixed_tag", {}).get("value"),
+            "pass@1_oracle": tc.get("oracle"),
             "cons@N_native": m["cons@N_native"],
             "pass@N": m["pass@k"][str(run["tags"].n)],
             "distinct_strategies": distinct_strategies(res.generations, run["tags"].n),
@@ -75,17 +120,38 @@ def evaluate_method(run: dict, method: str, dataset, heldout: list[dict], *, tem
     return per_temp
 
 
+def aggregate(values) -> str:
+    """One table cell over seeds: the mean, and [min, max] when there is more than one seed."""
+    v = [x for x in values if x is not None]
+    if not v:
+        return "-"
+    if len(v) == 1:
+        return f"{v[0]:.3f}"
+    return f"{np.mean(v):.3f} [{min(v):.2f}, {max(v):.2f}]"
+
+
+COLUMNS = (  # (header, evaluation temperature: 'greedy' or 'T', key)
+    ("Pass@1 `<think1>` greedy", "greedy", "pass@1_think1"),
+    ("Pass@1 `<think1>` T=%.1f", "T", "pass@1_think1"),
+    ("Pass@1 coverage tag greedy", "greedy", "pass@1_coverage"),
+    ("Pass@1 self-chosen tag greedy", "greedy", "pass@1_self_chosen"),
+    ("Pass@1 best fixed tag greedy", "greedy", "pass@1_best_fixed_tag"),
+    ("Cons@N (native) greedy", "greedy", "cons@N_native"),
+    ("Pass@N greedy", "greedy", "pass@N"),
+    ("distinct strategies / %d (greedy)", "greedy", "distinct_strategies"),
+    ("MI / log M (greedy)", "greedy", "mutual_information_frac_logM"),
+)
+
+
 def markdown_table(results: dict[str, Any], num_traces: int, temp: float) -> str:
-    head = ("| method | Pass@1 `<think1>` greedy | Pass@1 T=%.1f | Pass@1 coverage tag greedy | Cons@N (native) greedy | "
-            "Pass@N greedy | distinct strategies / %d (greedy) | MI(tag; strategy) nats | MI / log M | final train loss |"
-            % (temp, num_traces))
-    lines = [head, "|" + "---|" * 10]
+    """Rows: methods; cells: the mean over seeds [min, max]; the last column the final train loss."""
+    heads = [h % temp if "%.1f" in h else (h % num_traces if "%d" in h else h) for h, _, _ in COLUMNS]
+    lines = ["| method | " + " | ".join(heads) + " | final train loss |", "|" + "---|" * (len(COLUMNS) + 2)]
     for method, r in results.items():
-        g, t = r["eval"][0.0], r["eval"][temp]
-        lines.append(f"| {method} | {g['pass@1_think1']:.3f} | {t['pass@1_think1']:.3f} | "
-                     f"{g['pass@1_coverage']:.3f} (`<think{g['coverage_tag'] + 1}>`) | {g['cons@N_native']:.3f} | "
-                     f"{g['pass@N']:.3f} | {g['distinct_strategies']:.2f} | {g['mutual_information_nats']:.3f} | "
-                     f"{g['mutual_information_frac_logM']:.3f} | {r['final_loss']:.3f} |")
+        seeds = list(r["seeds"].values())
+        cells = [aggregate([s["eval"][0.0 if which == "greedy" else temp][key] for s in seeds])
+                 for _, which, key in COLUMNS]
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {aggregate([s['final_loss'] for s in seeds])} |")
     return "\n".join(lines)
 
 
@@ -99,24 +165,27 @@ def matrix_markdown(method: str, ev: dict) -> str:
 
 
 def plot(results: dict[str, Any], temperatures, path: pathlib.Path) -> None:
+    """Heat maps of the first seed's tag -> strategy matrices, and diversity / accuracy over temperature."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     methods = list(results)
+    first = {m: next(iter(results[m]["seeds"].values())) for m in methods}
     fig, axes = plt.subplots(1, len(methods) + 2, figsize=(4.2 * (len(methods) + 2), 3.8))
     for ax, method in zip(axes, methods):
-        ev = results[method]["eval"][0.0]
+        ev = first[method]["eval"][0.0]
         mat = np.asarray(ev["tag_strategy_counts"], float)
         mat = mat / np.maximum(mat.sum(1, keepdims=True), 1)
         ax.imshow(mat, vmin=0, vmax=1, cmap="viridis", aspect="auto")
         ax.set_title(f"{method}\nMI/logM = {ev['mutual_information_frac_logM']:.2f}")
-        ax.set_xticks(range(len(ev["strategy_names"])), [n.replace("_", "\n") for n in ev["strategy_names"]], fontsize=7)
+        ax.set_xticks(range(len(ev["strategy_names"])), [n.replace("_", "\n") for n in ev["strategy_names"]],
+                      fontsize=7)
         ax.set_yticks(range(mat.shape[0]), [f"slot {i + 1}" for i in range(mat.shape[0])], fontsize=7)
     for ax, key, label in ((axes[-2], "distinct_strategies", "distinct strategies among N generations"),
                            (axes[-1], "pass@1_think1", "Pass@1 (<think1>)")):
         for method in methods:
-            ax.plot(temperatures, [results[method]["eval"][t][key] for t in temperatures], marker="o", label=method)
+            ax.plot(temperatures, [first[method]["eval"][t][key] for t in temperatures], marker="o", label=method)
         ax.set_xlabel("temperature")
         ax.set_title(label, fontsize=9)
         ax.legend(fontsize=7)
@@ -125,54 +194,102 @@ def plot(results: dict[str, Any], temperatures, path: pathlib.Path) -> None:
     plt.close(fig)
 
 
+def _gfpo_run(args, ssft_workdir: pathlib.Path, workdir: pathlib.Path, seed: int) -> dict:
+    from ssft_jax import config as config_lib, gfpo
+
+    g = config_lib.load_config("gfpo_demo", "tiny" if args.quick else "")
+    g.mesh.update(data=1, fsdp=1, tensor=1, num_devices=1)
+    g.seed = seed
+    g.export_hf = False
+    g.gfpo.init_from = str(ssft_workdir)
+    if args.gfpo_steps:
+        g.gfpo.num_steps = args.gfpo_steps
+    return gfpo.run(g, workdir, progress=not args.quiet)
+
+
 def run_synthetic(args) -> dict[str, Any]:
-    from ssft_jax import datasets, train
+    """The comparison on the synthetic task, a registered dataset (--dataset) or a JSONL file (--data), per seed."""
+    from ssft_jax import checkers, datasets, train
 
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {}
-    config = None
-    for method in args.methods:
-        config = demo_config(args.quick, args.steps)
-        config.ssft.method = method
-        workdir = out / method
-        if workdir.exists() and not args.resume:
-            shutil.rmtree(workdir)
-        t0 = time.perf_counter()
-        run = train.run(config, workdir, progress=not args.quiet)
-        train_s = time.perf_counter() - t0
+    config = budgets = None
+    rows = list(args.methods) + ([GFPO_ROW] if args.gfpo and "ssft" in args.methods else [])
+    t_start = time.perf_counter()
+    for seed in args.seeds:
+        config = demo_config(args.quick, args.steps, dataset=args.dataset, data=args.data, heldout=args.heldout,
+                             seed=seed)
+        spec = datasets.get_dataset(config.data.name)
+        classifier = datasets.load_classifier(args.classifier) if args.classifier else spec.classifier
+        if classifier is None:
+            raise SystemExit(f"dataset {config.data.name!r} has no strategy classifier: pass --classifier "
+                             "module:function (a function (record, text) -> strategy name or None, with fn.names)")
+        checker = checkers.get_checker(args.checker or spec.checker)
+        budgets = fit_budgets(config)
         _, heldout = datasets.build_records(config)
-        t0 = time.perf_counter()
-        ev = evaluate_method(run, method, datasets.get_dataset(config.data.name), heldout,
-                             temperatures=args.temperatures, max_new_tokens=config.data.max_trace_len, seed=config.seed)
-        results[method] = {"final_loss": run["losses"][max(run["losses"])], "train_seconds": train_s,
-                           "eval_seconds": time.perf_counter() - t0, "steps": run["final_step"],
-                           "tag_counts": run["tag_counts"], "assignment_patterns": run["assignment_patterns"][:8],
-                           "eval": ev}
-        print(f"[{method}] {run['final_step']} steps in {train_s:.0f}s, loss {results[method]['final_loss']:.3f}, "
-              f"greedy MI/logM {ev[0.0]['mutual_information_frac_logM']:.3f}, "
-              f"distinct {ev[0.0]['distinct_strategies']:.2f}")
+        if not heldout:
+            raise SystemExit(f"dataset {config.data.name!r} holds no questions out for evaluation")
+        runs = {}
+        for method in rows:
+            workdir = out / f"seed{seed}" / method
+            if workdir.exists() and not args.resume:
+                shutil.rmtree(workdir)
+            t0 = time.perf_counter()
+            if method == GFPO_ROW:
+                run = _gfpo_run(args, out / f"seed{seed}" / "ssft", workdir, seed)
+                final_loss = None
+            else:
+                c = config.copy_and_resolve_references()
+                c.ssft.method = method
+                run = train.run(c, workdir, progress=not args.quiet)
+                final_loss = run["losses"][max(run["losses"])]
+            runs[method] = run
+            train_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            ev = evaluate_method(run, "ssft" if method == GFPO_ROW else method, checker, classifier, heldout,
+                                 temperatures=args.temperatures, max_new_tokens=config.data.max_trace_len, seed=seed)
+            r = results.setdefault(method, {"seeds": {}})
+            r["seeds"][seed] = {"final_loss": final_loss, "train_seconds": train_s,
+                                "eval_seconds": time.perf_counter() - t0, "steps": run["final_step"],
+                                "tag_counts": run["tag_counts"], "eval": ev}
+            g = ev[0.0]
+            print(f"[seed {seed} {method}] {run['final_step']} steps in {train_s:.0f}s, greedy MI/logM "
+                  f"{g['mutual_information_frac_logM']:.3f}, distinct {g['distinct_strategies']:.2f}, "
+                  f"Pass@1 coverage {g['pass@1_coverage']:.3f}, self-chosen {g['pass@1_self_chosen']}")
+    seconds = time.perf_counter() - t_start
 
     temp = args.temperatures[-1]
     M = config.ssft.max_traces
+    task = (f"synthetic multi-strategy arithmetic ({config.data.synthetic.difficulty})" if config.data.name ==
+            "synthetic" else f"dataset {config.data.name}" + (f" ({config.data.path})" if args.data else ""))
+    steps = next(iter(results[args.methods[0]]["seeds"].values()))["steps"]
+    d = budgets["divergence"]
     report = ["# SSFT demo: mode collapse vs mode preservation", "",
-              f"Synthetic multi-strategy arithmetic ({config.data.synthetic.difficulty}), M={M} strategies, "
-              f"N={config.ssft.num_tags} tags, {config.model.init.num_hidden_layers}-layer d={config.model.init.hidden_size} "
-              f"decoder from scratch, {results[args.methods[0]]['steps']} steps x {config.batch_size} questions per method, "
-              f"{config.data.synthetic.heldout} held-out questions.", "",
+              f"{task}, M={M} traces, N={config.ssft.num_tags} tags, {config.model.init.num_hidden_layers}-layer "
+              f"d={config.model.init.hidden_size} decoder from scratch, {steps} steps x {config.batch_size} questions "
+              f"per method, {len(heldout)} held-out questions, seeds {list(args.seeds)} (cells: mean [min, max] over "
+              f"seeds), {seconds:.0f}s in all.",
+              f"Budgets fitted to the data: P={budgets['max_prompt_len']}, T={budgets['max_trace_len']}, "
+              f"L={budgets['cost_prefix_len']} (trace pairs first differ at median {d['median']}, p90 {d['p90']}, "
+              f"max {d['max']}; the L advisor suggests L >= {d['suggested_cost_len']})."
+              + (f" {GFPO_ROW}: {args.gfpo_steps or 'configs/gfpo_demo.py'} GFPO steps from the ssft model."
+                 if GFPO_ROW in results else ""), "",
               markdown_table(results, M, temp), ""]
     for method in results:
-        report += [matrix_markdown(method, results[method]["eval"][0.0]), ""]
-    report += ["Across temperatures (N parallel generations per question):", "",
+        report += [matrix_markdown(method, next(iter(results[method]["seeds"].values()))["eval"][0.0]), ""]
+    report += ["Across temperatures (N parallel generations per question; first seed):", "",
                "| method | " + " | ".join(f"T={t}: distinct / Pass@1" for t in args.temperatures) + " |",
                "|---|" + "---|" * len(args.temperatures)]
     for method in results:
-        cells = [f"{results[method]['eval'][t]['distinct_strategies']:.2f} / {results[method]['eval'][t]['pass@1_think1']:.3f}"
-                 for t in args.temperatures]
+        ev = next(iter(results[method]["seeds"].values()))["eval"]
+        cells = [f"{ev[t]['distinct_strategies']:.2f} / {ev[t]['pass@1_think1']:.3f}" for t in args.temperatures]
         report.append(f"| {method} | " + " | ".join(cells) + " |")
     (out / "results.md").write_text("\n".join(report) + "\n")
-    serialisable = {m: {**r, "eval": {str(t): v for t, v in r["eval"].items()}} for m, r in results.items()}
-    (out / "results.json").write_text(json.dumps(serialisable, indent=2, default=str))
+    serialisable = {m: {"seeds": {str(s): {**v, "eval": {str(t): e for t, e in v["eval"].items()}}
+                                  for s, v in r["seeds"].items()}} for m, r in results.items()}
+    (out / "results.json").write_text(json.dumps({"budgets": budgets, "seconds": seconds, "results": serialisable},
+                                                 indent=2, default=str))
     plot(results, args.temperatures, out / "results.png")
     print("\n".join(report))
     print(f"\nwrote {out / 'results.md'}, {out / 'results.json'}, {out / 'results.png'}")
@@ -218,6 +335,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--real", action="store_true", help="SmolLM2-135M + GSM8K multi-trace instead of the synthetic task")
     p.add_argument("--steps", type=int, default=None, help="override the number of training steps")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS + ("fixed",))
+    p.add_argument("--seeds", type=lambda x: [int(v) for v in x.split(",")], default=[0],
+                   help="comma-separated seeds; the table reports mean [min, max] over them (e.g. 0,1,2)")
+    p.add_argument("--gfpo", action=argparse.BooleanOptionalAction, default=True,
+                   help="add the ssft+gfpo row (GFPO from each seed's ssft model, configs/gfpo_demo.py)")
+    p.add_argument("--gfpo_steps", type=int, default=None, help="GFPO steps (default: configs/gfpo_demo.py's)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--dataset", default=None, help="a registered dataset with a checker and a strategy classifier")
+    src.add_argument("--data", default=None, help="a JSONL file of multi-trace records (held out: 64 questions)")
+    p.add_argument("--heldout", type=int, default=None, help="--data: questions held out for evaluation (default 64)")
+    p.add_argument("--classifier", default=None,
+                   help="module:function naming a generation's strategy (fn(record, text) -> name or None, with "
+                        "fn.names); default: the dataset's")
+    p.add_argument("--checker", default=None, help="an ssft_jax.checkers name (default: the dataset's)")
     p.add_argument("--temperatures", nargs="+", type=float, default=list(TEMPERATURES))
     p.add_argument("--resume", action="store_true", help="continue existing runs in --out instead of starting over")
     p.add_argument("--quiet", action="store_true")

@@ -551,6 +551,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="data.path: the file(s) to evaluate for jsonl (comma separated), or the GSM8K data folder")
     p.add_argument("--split", default="heldout", choices=["heldout", "train"])
     p.add_argument("--checker", default=None, choices=sorted(checkers.CHECKERS), help="default: the dataset's")
+    p.add_argument("--classifier", default=None,
+                   help="module:function naming a generation's strategy (fn(record, text) -> name or None, with "
+                        "fn.names), for the tag -> strategy matrix; default: the dataset's")
     p.add_argument("--num_questions", type=int, default=0, help="0 = all")
     p.add_argument("--samples_per_tag", type=int, default=1)
     p.add_argument("--temperature", type=float, default=0.7)
@@ -593,7 +596,8 @@ def main(argv: Sequence[str] | None = None) -> int:
              if scored == "train" and a.split == "heldout" else ""))
     shared = a.tags_mode == "shared" or (a.tags_mode == "auto" and lm.method == "sft_mixed")
     result = evaluate_model(lm.cfg, lm.params, lm.tokenizer, lm.tags, questions, a.checker or spec.checker,
-                            classifier=spec.classifier, num_samples_per_tag=a.samples_per_tag,
+                            classifier=datasets.load_classifier(a.classifier) if a.classifier else spec.classifier,
+                            num_samples_per_tag=a.samples_per_tag,
                             temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
                             max_new_tokens=a.max_new_tokens, seed=a.seed, shared_tag=shared,
                             pass1_tag=a.pass1_tag, tag_counts=lm.tag_counts, pass_ks=_ints(a.pass_k),

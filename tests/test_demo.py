@@ -1,10 +1,11 @@
-"""The main job at CI size: three methods trained and evaluated, the table, matrices, JSON and plot written."""
+"""The main job at CI size: the methods trained and evaluated per seed, GFPO from the ssft model, the table with its
+seed aggregation, matrices, JSON and plot written; --data/--classifier reach the table."""
 import json
 
 import numpy as np
 import pytest
 
-from ssft_jax import demo
+from ssft_jax import datasets, demo
 
 pytestmark = pytest.mark.slow
 
@@ -12,39 +13,78 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def quick_demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    results = demo.main(["--quick", "--out", str(out), "--quiet", "--temperatures", "0", "1.0"])
-    assert results == 0
+    code = demo.main(["--quick", "--out", str(out), "--quiet", "--temperatures", "0", "1.0", "--seeds", "0,1",
+                      "--methods", "sft_mixed", "ssft", "--gfpo_steps", "2"])
+    assert code == 0
     return out, json.loads((out / "results.json").read_text())
 
 
-def test_outputs_and_table_structure(quick_demo):
-    out, results = quick_demo
-    assert list(results) == ["sft_mixed", "random", "ssft"]
+def test_outputs_table_and_seed_aggregation(quick_demo):
+    out, saved = quick_demo
+    results = saved["results"]
+    assert list(results) == ["sft_mixed", "ssft", "ssft+gfpo"] and all(list(r["seeds"]) == ["0", "1"]
+                                                                        for r in results.values())
     md = (out / "results.md").read_text()
-    table = [l for l in md.splitlines() if l.startswith("| sft_mixed |") or l.startswith("| random |")
-             or l.startswith("| ssft |")]
-    assert len(table) == 6  # main table + temperature table, one row per method each
-    assert md.count("| slot |") == 3  # one N x strategies matrix per method
-    assert (out / "results.png").stat().st_size > 10_000
+    rows = {l.split("|")[1].strip(): l for l in md.splitlines() if l.startswith("| ss") or l.startswith("| sft_")}
+    main = [l for l in md.splitlines() if l.startswith("| ssft |")][0]
+    assert md.count("| slot |") == 3 and (out / "results.png").stat().st_size > 10_000
+    assert len(rows) == 3
+    # every cell of the main table is the mean [min, max] of the two seeds' values
+    cells = [c.strip() for c in main.split("|")[2:-1]]
+    for (_, which, key), cell in zip(demo.COLUMNS, cells):
+        vals = [results["ssft"]["seeds"][s]["eval"]["0.0" if which == "greedy" else "1.0"][key] for s in ("0", "1")]
+        assert cell == f"{np.mean(vals):.3f} [{min(vals):.2f}, {max(vals):.2f}]"
+    b = saved["budgets"]  # fitted to the data: the tiny task's longest prompt and trace, L from the advisor
+    assert b["max_trace_len"] <= 72 and b["cost_prefix_len"] >= b["divergence"]["suggested_cost_len"]
     for method, r in results.items():
-        for temp in ("0.0", "1.0"):
-            ev = r["eval"][temp]
-            counts = np.asarray(ev["tag_strategy_counts"])
-            assert counts.shape == (6, 5)  # N tags x (4 strategies + none)
-            assert counts.sum() == 8 * 6  # 8 held-out questions x 6 parallel generations
-            assert 0.0 <= ev["mutual_information_frac_logM"] <= 1.0 + 1e-9
-            assert 0.0 <= ev["pass@1_think1"] <= ev["pass@N"] <= 1.0
-            assert 0.0 <= ev["pass@1_coverage"] <= ev["pass@N"] and 0 <= ev["coverage_tag"] < 6
-            assert ev["coverage_tag"] == int(np.argmax(r["tag_counts"]))  # the tag matched most often in training
-            assert 0.0 <= ev["distinct_strategies"] <= 4.0
+        for s in r["seeds"].values():
+            for temp in ("0.0", "1.0"):
+                ev = s["eval"][temp]
+                counts = np.asarray(ev["tag_strategy_counts"])
+                assert counts.shape == (6, 5) and counts.sum() == 8 * 6  # N x (4 + none); 8 questions x 6 slots
+                assert 0.0 <= ev["mutual_information_frac_logM"] <= 1.0 + 1e-9
+                assert 0.0 <= ev["pass@1_think1"] <= ev["pass@N"] <= 1.0
+                assert ev["coverage_tag"] == int(np.argmax(s["tag_counts"]))  # the tag matched most in training
+                if method == "sft_mixed":
+                    assert ev["pass@1_self_chosen"] is None  # one shared tag: nothing to choose
+                else:
+                    assert 0.0 <= ev["pass@1_self_chosen"] <= ev["pass@1_oracle"] <= 1.0
 
 
 def test_sft_mixed_greedy_generations_are_identical(quick_demo):
     """One shared tag + greedy decoding: the N 'parallel' generations must be the same text."""
-    _, results = quick_demo
-    examples = results["sft_mixed"]["eval"]["0.0"]["examples"]
+    _, saved = quick_demo
+    examples = saved["results"]["sft_mixed"]["seeds"]["0"]["eval"]["0.0"]["examples"]
     assert len(examples) == 6 and len({g["text"] for g in examples}) == 1
     assert all(g["tag"] == 0 for g in examples)
+
+
+def test_a_users_jsonl_and_classifier_reach_the_table(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).parent))
+    train, _ = datasets.build_splits(24, 0, seed=5, difficulty="tiny")
+    path = tmp_path / "mine.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in train))
+    out = tmp_path / "out"
+    assert demo.main(["--quick", "--out", str(out), "--quiet", "--temperatures", "0", "--methods", "ssft",
+                      "--no-gfpo", "--data", str(path), "--heldout", "8", "--classifier", "demo_classifier:classify",
+                      "--checker", "synthetic"]) == 0
+    md = (out / "results.md").read_text()
+    assert f"dataset jsonl ({path})" in md and "| ssft |" in md
+    ev = json.loads((out / "results.json").read_text())["results"]["ssft"]["seeds"]["0"]["eval"]["0.0"]
+    assert ev["strategy_names"] == list(datasets.STRATEGIES) + ["none"] and sum(map(sum, ev["tag_strategy_counts"])) == 48
+    # the evaluate CLI takes the same classifier
+    from ssft_jax import evaluate
+    assert evaluate.main(["--workdir", str(out / "seed0" / "ssft"), "--classifier", "demo_classifier:classify",
+                          "--checker", "synthetic", "--max_new_tokens", "16", "--no_plots",
+                          "--out", str(tmp_path / "ev")]) == 0
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())["metrics"]
+    assert m["strategy"]["names"][:4] == list(datasets.STRATEGIES) and m["num_questions"] == 8
+    with pytest.raises(ValueError, match="expected module:function"):
+        datasets.load_classifier("demo_classifier")
+    with pytest.raises(ValueError, match="names"):
+        datasets.load_classifier("json:dumps")
+    with pytest.raises(SystemExit, match="no strategy classifier"):
+        demo.main(["--quick", "--out", str(out), "--quiet", "--methods", "ssft", "--no-gfpo", "--data", str(path)])
 
 
 def test_distinct_strategies_counts_per_question():
