@@ -18,12 +18,15 @@ Tables:
     the same assignments;
  2. the share of the step spent in matching;
  3. compiled memory (`memory_analysis()`) of the ssft and sft_mixed steps;
- 4. tokens/s of our jitted SFT step vs transformers' PyTorch Qwen2ForCausalLM + AdamW on the same rows.
+ 4. tokens/s of our jitted SFT step vs transformers' PyTorch Qwen2ForCausalLM + AdamW on the same rows and
+    weights, each framework in a process of its own (in one process their thread pools contend), back to back in
+    pairs, with the machine load printed before each process.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import pathlib
 import platform
@@ -199,7 +202,17 @@ def main(argv=None) -> int:
     ap.add_argument("--torch-steps", type=int, default=0, help="timed rounds for table 4 (default: --steps)")
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--tiny-model", action="store_true", help="the 2-layer/32-wide test model instead of the demo's")
+    # Internal: section 4 runs each framework's step in a process of its own (see torch_vs_jax).
+    ap.add_argument("--worker", choices=["jax", "torch"], help=argparse.SUPPRESS)
+    ap.add_argument("--worker-dir", help=argparse.SUPPRESS)
+    ap.add_argument("--worker-steps", type=int, default=5, help=argparse.SUPPRESS)
+    ap.add_argument("--worker-warmup", type=int, default=2, help=argparse.SUPPRESS)
+    ap.add_argument("--worker-chunk", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--remat", default="none", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.worker:
+        worker(args)
+        return 0
     if args.quick:
         args.steps, args.warmup, args.batch, args.batches, args.questions = 3, 1, 2, 1, 32
         args.torch_steps = args.torch_steps or 1
@@ -421,106 +434,120 @@ def main(argv=None) -> int:
 
 
 def torch_vs_jax(S, rows, args, torch):
-    import transformers
-    from transformers import Qwen2ForCausalLM
+    """Each framework timed in its own process (two runtimes' thread pools in one process slow each other down,
+    measured 0.71x even on a quiet machine), back to back in pairs, jax then torch; the machine load is printed
+    before each process. The rows and the weights (an HF folder of ours) are written once and read by both."""
+    import json
+    import subprocess
 
     from ssft_jax import hf_io
 
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
     cfg = S["cfg"]
-    torch.set_num_threads(2)
-    torch.manual_seed(0)
     cr = V.compact_rows(jax.device_get(rows))  # sft_mixed-style rows of batch 0, contiguous, right-padded
     keep = cr["attention"].sum(1) > 0
     cr = {k: v[keep] for k, v in cr.items()}
     nrows, S_len = cr["tokens"].shape
     real, loss_tok = int(cr["attention"].sum()), int(cr["loss"].sum())
-    lr, wd = 1e-3, 0.01
-
-    # Same weights on both sides: export ours as an HF folder, load it with transformers.
-    folder = hf_io.save_hf_folder(pathlib.Path(tempfile.mkdtemp(prefix="bench_hf_")), cfg, S["params"])
-    tm = Qwen2ForCausalLM.from_pretrained(str(folder), dtype=torch.float32, attn_implementation="sdpa")
-    tm.train()
-    topt = torch.optim.AdamW(tm.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=wd)
-    ids = torch.tensor(cr["tokens"], dtype=torch.long)
-    am = torch.tensor(cr["attention"], dtype=torch.long)
-    labels = torch.full_like(ids, -100)
-    lbl = np.where(np.concatenate([np.zeros((nrows, 1), bool), cr["loss"][:, :-1] > 0], 1), cr["tokens"], -100)
-    labels = torch.tensor(lbl, dtype=torch.long)
-    assert int((labels != -100).sum()) == loss_tok
-
-    def torch_step():
-        out = tm(input_ids=ids, attention_mask=am, labels=labels, use_cache=False)
-        out.loss.backward()
-        topt.step()
-        topt.zero_grad(set_to_none=True)
-        return float(out.loss.detach())
-
-    # Ours: forward + chunked log-probs, value_and_grad, optax adamw (same hyperparameters), one jit.
-    opt = optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=wd)
+    work = pathlib.Path(tempfile.mkdtemp(prefix="bench_torch_vs_jax_"))
+    hf_io.save_hf_folder(work / "hf", cfg, S["params"])
+    np.savez(work / "rows.npz", **cr)
+    # >= 2 warm-up calls: the second call sees the first one's output layouts (one more compile in JAX)
+    steps, warmup = args.torch_steps, (2 if args.quick else max(args.warmup, 3))
+    pairs = 1 if args.quick else 3
+    remats = [cfg.remat] + (["none"] if cfg.remat != "none" and not args.quick else [])
     chunk = S["config"].model.logprob_chunk
-    jrows = {k: jnp.asarray(v) for k, v in cr.items()}
+    results: dict[str, list[dict]] = {}
+    loads = []
+    for _ in range(pairs):
+        for who, extra in [*((f"jax (remat={r})", ["--remat", r]) for r in remats), ("torch", [])]:
+            loads.append(os.getloadavg()[0])
+            cmd = [sys.executable, os.path.abspath(__file__), "--worker", who.split()[0], "--worker-dir", str(work),
+                   "--worker-steps", str(steps), "--worker-warmup", str(warmup), "--worker-chunk", str(chunk), *extra]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ,
+                                                                                        "XLA_FLAGS": ""}).stdout
+            results.setdefault(who, []).append(json.loads(out.strip().splitlines()[-1]))
+    print(f"rows: {nrows} contiguous right-padded rows x {S_len} slots (batch 0's sft_mixed rows); {real} real tokens, "
+          f"{loss_tok} loss tokens; AdamW lr 1e-3 betas (0.9, 0.999) eps 1e-8 wd 0.01; fp32; 2 threads each; "
+          f"sdpa attention in torch; {pairs} pairs of processes, each {warmup} warm-up + {steps} timed steps "
+          f"(compile excluded); load average before each process: {', '.join(f'{x:.2f}' for x in loads)}")
+    first = {k: v[0]["first_loss"] for k, v in results.items()}
+    print("same weights: initial loss " + ", ".join(f"{k} {v:.6f}" for k, v in first.items())
+          + ("" if cfg.attention_bias else "; transformers' Qwen2 always has q/k/v biases, our config has none: "
+             "torch's start at zero (hence the equal losses) and are trained, a negligible extra") + "\n")
+    print("| framework | step ms (median over processes of each one's median) | loss tokens/s | real tokens/s | "
+          "slot tokens/s | throughput / torch (median of per-pair ratios) |")
+    print("|---|---|---|---|---|---|")
+    torch_ms = [r["median_ms"] for r in results["torch"]]
+    for k, rs in results.items():
+        t = med([r["median_ms"] for r in rs]) / 1e3
+        per_pair = [b / a for a, b in zip([r["median_ms"] for r in rs], torch_ms)]
+        label = "PyTorch transformers Qwen2 eager" if k == "torch" else f"JAX (ours, jitted), {k[5:-1]}"
+        print(f"| {label} | {t * 1e3:.1f} | {loss_tok / t:,.0f} | {real / t:,.0f} | {nrows * S_len / t:,.0f} | "
+              f"{med(per_pair):.2f}x |")
 
-    def make_jax_step(cfg):
+
+def worker(args) -> None:
+    """One framework's SFT step on the saved rows, in this process alone; prints one JSON line."""
+    import json
+
+    d = pathlib.Path(args.worker_dir)
+    cr = dict(np.load(d / "rows.npz"))
+    lr, wd = 1e-3, 0.01
+    times, first = [], None
+    if args.worker == "torch":
+        import torch
+        import transformers
+        from transformers import Qwen2ForCausalLM
+        transformers.logging.set_verbosity_error()
+        torch.set_num_threads(2)
+        torch.manual_seed(0)
+        tm = Qwen2ForCausalLM.from_pretrained(str(d / "hf"), dtype=torch.float32, attn_implementation="sdpa")
+        tm.train()
+        topt = torch.optim.AdamW(tm.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=wd)
+        ids = torch.tensor(cr["tokens"], dtype=torch.long)
+        am = torch.tensor(cr["attention"], dtype=torch.long)
+        n = ids.shape[0]
+        lbl = np.where(np.concatenate([np.zeros((n, 1), bool), cr["loss"][:, :-1] > 0], 1), cr["tokens"], -100)
+        labels = torch.tensor(lbl, dtype=torch.long)
+
+        def step():
+            out = tm(input_ids=ids, attention_mask=am, labels=labels, use_cache=False)
+            out.loss.backward()
+            topt.step()
+            topt.zero_grad(set_to_none=True)
+            return float(out.loss.detach())
+    else:
+        from ssft_jax import hf_io
+        cfg, params = hf_io.load_hf_params(str(d / "hf"), hf_io.load_hf_config(d / "hf"))
+        cfg = cfg.replace(remat=args.remat)
+        opt = optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=wd)
+        jrows = {k: jnp.asarray(v) for k, v in cr.items()}
+
         def loss_fn(p, r):
             h = forward(cfg, p, r["tokens"], r["attention"], r["positions"], return_hidden=True)
-            logp = token_logprobs(h, output_embedding(cfg, p), r["targets"], chunk_size=chunk)
+            logp = token_logprobs(h, output_embedding(cfg, p), r["targets"], chunk_size=args.worker_chunk)
             m = r["loss"].astype(jnp.float32)
             return -(logp * m).sum() / jnp.maximum(m.sum(), 1.0)
 
-        @jax.jit
+        @functools.partial(jax.jit, donate_argnums=(0, 1))
         def jax_step(p, o, r):
             loss, g = jax.value_and_grad(loss_fn)(p, r)
             u, o = opt.update(g, o, p)
             return optax.apply_updates(p, u), o, loss
-        return jax_step
 
-    # Two of ours: the config's remat policy (what the trainer runs) and no remat (the same work as torch, which
-    # stores every activation for the backward pass).
-    variants = {f"jax (remat={cfg.remat})": cfg}
-    if cfg.remat != "none" and not args.quick:  # --quick: one compile of the same code is enough
-        variants["jax (remat=none)"] = cfg.replace(remat="none")
-    losses_first = {}
-    runners, jcompile = {}, {}
-    for name, vcfg in variants.items():
-        box = {"p": jax.tree.map(jnp.copy, S["params"])}
-        box["o"] = opt.init(box["p"])
+        box = {"p": params, "o": opt.init(params)}
+
+        def step():
+            box["p"], box["o"], loss = jax_step(box["p"], box["o"], jrows)
+            return float(block(loss))
+    for i in range(args.worker_warmup + args.worker_steps):
         t0 = time.perf_counter()
-        compiled = make_jax_step(vcfg).lower(box["p"], box["o"], jrows).compile()
-        jcompile[name] = time.perf_counter() - t0
-
-        def jrun(box=box, compiled=compiled, name=name):
-            box["p"], box["o"], loss = compiled(box["p"], box["o"], jrows)
-            block(box["p"])
-            losses_first.setdefault(name, float(loss))
-        runners[name] = jrun
-
-    def trun():
-        loss = torch_step()
-        losses_first.setdefault("torch", loss)
-
-    # Blocks of 3 calls per framework per round: the two runtimes' thread pools hand over the 2 cores less often.
-    per = 1 if args.quick else 3
-    times = interleaved({**runners, "torch": trun}, args.torch_steps,
-                        args.warmup if args.quick else max(args.warmup, 3), per_round=per)
-    first = next(iter(variants))
-    print(f"rows: {nrows} contiguous right-padded rows x {S_len} slots (batch 0's sft_mixed rows); {real} real tokens, "
-          f"{loss_tok} loss tokens; AdamW lr {lr} betas (0.9, 0.999) eps 1e-8 wd {wd}; fp32; torch threads "
-          f"{torch.get_num_threads()}, sdpa attention; JAX compile "
-          + ", ".join(f"{k} {v:.1f}s" for k, v in jcompile.items()) + " (excluded)")
-    print(f"same weights: initial loss jax {losses_first[first]:.6f} vs torch {losses_first['torch']:.6f}"
-          + ("" if cfg.attention_bias else "; transformers' Qwen2 always has q/k/v biases, our config has none: "
-             "torch's start at zero (hence the equal losses) and are trained, a negligible extra")
-          + "\n")
-    print(f"| framework | step ms (median of {args.torch_steps} rounds x {per}) | loss tokens/s | real tokens/s | "
-          "slot tokens/s | throughput / torch (median per-round ratio) |")
-    print("|---|---|---|---|---|---|")
-    for k in (*variants, "torch"):
-        t = med(times[k])
-        label = "PyTorch transformers Qwen2 eager" if k == "torch" else f"JAX (ours, jitted), {k[5:-1]}"
-        print(f"| {label} | {t * 1e3:.1f} | {loss_tok / t:,.0f} | {real / t:,.0f} | {nrows * S_len / t:,.0f} | "
-              f"{ratio(times['torch'], times[k]):.2f}x |")
+        loss = step()
+        if i == 0:
+            first = loss
+        if i >= args.worker_warmup:
+            times.append(time.perf_counter() - t0)
+    print(json.dumps({"median_ms": med(times) * 1e3, "first_loss": first}))
 
 
 if __name__ == "__main__":
