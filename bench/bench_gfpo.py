@@ -34,7 +34,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ssft_jax import assembly, checkers, config as config_lib, datasets, gfpo, metrics_log  # noqa: E402
-from ssft_jax import sampling, tag_policy, tokenization  # noqa: E402
+from ssft_jax import sampling, tag_policy  # noqa: E402
 
 
 def machine_load() -> str:
@@ -66,10 +66,10 @@ def time_steps(init_from: pathlib.Path, estimator: str, steps: int, questions: i
             "tokens_per_s": med("rollout_tokens_per_s"), "tokens": med("rollout_tokens")}
 
 
-def success_table(lm, questions: gfpo.Questions, idx, valid, samples: int, max_new: int, temperature: float):
+def success_table(lm, questions: gfpo.Questions, idx, valid, samples: int, max_new: int, temperature: float,
+                  checker):
     """acc[q, t]: the fraction of `samples` rollouts under tag t that the checker accepts."""
     choice = tag_policy.TagChoice.for_tags(lm.tokenizer, lm.tags)
-    checker = checkers.get_checker(datasets.get_dataset("synthetic").checker)
     tags = [t for t in range(lm.tags.n) if valid[t]]
     acc = np.zeros((len(idx), lm.tags.n))
     prompts = [questions.prompts[i] for i in idx]
@@ -168,7 +168,9 @@ def main(argv=None):
     idx = np.arange(min(a.questions, len(questions)))
     valid = gfpo.valid_tags("used", lm.tags.n, lm.tag_counts)
     t0 = time.perf_counter()
-    acc = success_table(lm, questions, idx, valid, a.acc_samples, config.data.max_trace_len, temperature=0.7)
+    checker = checkers.get_checker(datasets.get_dataset(config.data.name).checker)  # the SSFT run's task's checker
+    acc = success_table(lm, questions, idx, valid, a.acc_samples, config.data.max_trace_len, temperature=0.7,
+                        checker=checker)
     pi, K = gram_of_log_policy(lm, questions, idx, valid)
     budgets = [int(b) for b in a.budgets.split(",")]
     exact = np.where(valid, pi * (acc - np.sum(pi * acc, -1, keepdims=True)), 0.0).ravel()

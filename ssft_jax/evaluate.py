@@ -384,8 +384,7 @@ def evaluate_model(cfg, params, tokenizer, tags, questions: Sequence[Mapping[str
         except tag_policy.TagPolicyError as e:  # e.g. 10+ text tags under a digit tokenizer: no one-token choice
             metrics["tag_choice"] = {"unavailable": str(e)}
         else:
-            valid = (np.asarray(tag_counts) > 0 if tag_counts is not None and len(tag_counts) == N
-                     and any(tag_counts) else np.ones(N, bool))
+            valid = tag_policy.used_tags(tag_counts, N)
             lp = tag_policy.TagPolicy(cfg, params, choice, valid, batch=B).log_probs(prompts)
             metrics["tag_choice"] = tag_choice_metrics(gens, dict(enumerate(lp.tolist())), valid)
     metrics["seconds"] = seconds

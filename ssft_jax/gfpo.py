@@ -109,9 +109,7 @@ def valid_tags(spec: str, num_tags: int, tag_counts: Sequence[int] | None) -> np
         valid = np.zeros(num_tags, bool)
         valid[explicit] = True
         return valid
-    if spec == "used" and tag_counts is not None and len(tag_counts) == num_tags and any(tag_counts):
-        return np.asarray(tag_counts) > 0
-    return np.ones(num_tags, bool)
+    return tag_policy.used_tags(tag_counts, num_tags) if spec == "used" else np.ones(num_tags, bool)
 
 
 class Questions:
@@ -277,10 +275,9 @@ def draw_row_tags(estimator: str, p_old: np.ndarray, valid: np.ndarray, *, group
     p /= p.sum(-1, keepdims=True)
     cdf = np.cumsum(p, -1)
     u = rng.random((p.shape[0], group_size)) * cdf[:, -1:]
+    # tag = the number of cdf entries <= u: a zero-probability tag repeats its predecessor's cdf value, so no u
+    # (0 <= u < total) stops on it
     tags = np.minimum((cdf[:, None, :] <= u[:, :, None]).sum(-1), p.shape[-1] - 1)
-    # a zero-probability tag can only be hit by rounding at the boundary: move it to the nearest valid tag below
-    for b, r in zip(*np.nonzero(~valid[tags])):
-        tags[b, r] = np.flatnonzero(valid)[np.searchsorted(np.flatnonzero(valid), tags[b, r], side="right") - 1]
     return tags.astype(np.int32)
 
 
@@ -299,12 +296,12 @@ def policy_reward(estimator: str, rewards: np.ndarray, row_tags: np.ndarray, log
 
 
 class Rollouts:
-    """Rollouts of one step: the generated continuations, their rewards and counts."""
+    """Rollouts of one step: the tag of each, its reward, whether it was correct / answered, and the token count."""
 
     def __init__(self, row_tags: np.ndarray, rewards: np.ndarray, correct: np.ndarray, answered: np.ndarray,
-                 tokens: int, texts: list[list[str]]):
+                 tokens: int):
         self.row_tags, self.rewards, self.correct, self.answered = row_tags, rewards, correct, answered
-        self.tokens, self.texts = tokens, texts
+        self.tokens = tokens
 
 
 def roll_out(cfg, params, tokenizer, choice: tag_policy.TagChoice, questions: Questions, idx: np.ndarray,
@@ -319,7 +316,6 @@ def roll_out(cfg, params, tokenizer, choice: tag_policy.TagChoice, questions: Qu
     rewards = np.zeros((B, R), np.float32)
     correct = np.zeros((B, R), bool)
     answered = np.zeros((B, R), bool)
-    texts: list[list[str]] = [[] for _ in range(B)]
     n_tokens = 0
     chunk = max(1, min(chunk, B))
     for c, start in enumerate(range(0, B, chunk)):
@@ -343,8 +339,7 @@ def roll_out(cfg, params, tokenizer, choice: tag_policy.TagChoice, questions: Qu
                     rewards[b, r] = float(reward_fn(rec, text, res))
                 else:
                     rewards[b, r] = float(res.correct) - (0.0 if res.answer is not None else float(g.format_penalty))
-                texts[b].append(text)
-    return Rollouts(row_tags, rewards, correct, answered, n_tokens, texts)
+    return Rollouts(row_tags, rewards, correct, answered, n_tokens)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -409,6 +404,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
     logp_ref_all = ref.log_probs(questions.prompts)
 
     optimizer = assembly.make_optimizer(config, int(g.num_steps) * int(g.updates_per_batch))
+    schedule = train_state.learning_rate_schedule(g.optim, int(g.num_steps) * int(g.updates_per_batch))
     state = train_state.init_state(lm.params, optimizer, config.seed, mesh)
     del lm.params, ref
     start = 0
@@ -449,7 +445,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
         from tqdm import tqdm
         bar = tqdm(total=int(g.num_steps), initial=start, desc=f"gfpo/{g.estimator}", dynamic_ncols=True)
     t0, stopped_early, step = time.perf_counter(), False, start
-    try:
+    with run_common.loop_cleanup(checkpointer, guard, metrics_logger, bar):
         while step < g.num_steps:
             if guard.should_stop(step) or (stop_after is not None and step - start >= stop_after):
                 stopped_early = True
@@ -463,8 +459,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
             row_tags = draw_row_tags(g.estimator, np.exp(logp_old), valid, group_size=int(g.group_size),
                                      samples_per_tag=int(g.samples_per_tag), rng=rng)
             ro = roll_out(cfg, state["params"], tokenizer, choice, questions, idx, row_tags, checker, g,
-                          eos_token_ids=tokenization.eos_token_ids(tokenizer),
-                          vocab_limit=assembly._vocab_limit(cfg, tokenizer), seed=int(config.seed) * 100_003 + step,
+                          eos_token_ids=lm.eos_token_ids, vocab_limit=lm.vocab_limit,
+                          seed=int(config.seed) * 100_003 + step,
                           reward_fn=reward_fn)
             t_upd = time.perf_counter()
             batch = {"tokens": tokens, "lengths": lengths, "valid": np.broadcast_to(valid, (B, N)),
@@ -490,8 +486,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
                 greedy_tag_counts=np.bincount(np.argmax(np.where(valid, logp_old, -np.inf), -1), minlength=N),
                 pi_mean=metrics["pi"], rollout_seconds=t_upd - t_roll, update_seconds=t_end - t_upd,
                 rollout_tokens=ro.tokens, rollout_tokens_per_s=ro.tokens / max(t_upd - t_roll, 1e-9),
-                lr=float(train_state.learning_rate_schedule(g.optim, int(g.num_steps) * int(g.updates_per_batch))(
-                    (step - 1) * int(g.updates_per_batch))))
+                lr=float(schedule((step - 1) * int(g.updates_per_batch))))
             for t in range(N):
                 sel = row_tags == t
                 finite = ro.rewards[sel][np.isfinite(ro.rewards[sel])]
@@ -513,17 +508,6 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
         checkpointer.save(step, state, data_state={"step": step, "questions": len(questions)}, config=config_json,
                           force=True)
         checkpointer.wait()
-    except BaseException:
-        try:
-            checkpointer.close()
-        except Exception as e:  # noqa: BLE001
-            logging.error("while stopping: %s", e)
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
-        guard.restore_handlers()
-        metrics_logger.close()
     elapsed = time.perf_counter() - t0
 
     export_dir = None

@@ -290,12 +290,6 @@ def rope_tables(cfg: ModelConfig, positions) -> tuple[jax.Array, jax.Array]:
     return jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
 
 
-def apply_rope(x, positions, inv_freq):
-    """Rotate-half RoPE in fp32. x: [B, T, heads, Dh]; positions: [B, T]."""
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, Dh/2]
-    return rotate(x, jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :])
-
-
 def rotate(x, cos, sin):
     """Rotate-half RoPE of x [B, T, heads, Dh] by precomputed tables (`rope_tables`), in fp32."""
     xf = x.astype(jnp.float32)

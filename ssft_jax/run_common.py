@@ -2,6 +2,7 @@
 workdir check, the resume-config check, the atomic summary, the HF export and the divergence error."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -37,6 +38,27 @@ def check_resumed_config(checkpointer: ckpt_lib.Checkpointer, config) -> None:
         return
     for line in config_lib.check_resume(saved, config):
         logging.info("resume from step %d: %s", step, line)
+
+
+@contextlib.contextmanager
+def loop_cleanup(checkpointer: ckpt_lib.Checkpointer, guard: ckpt_lib.PreemptionGuard,
+                 logger: metrics_log.MetricsLogger, bar=None):
+    """Around a stage's step loop. On any failure (a crash, Ctrl-C) let an in-flight checkpoint write of an earlier
+    step finish, so the next start has it (its own failure is secondary: logged); always close the progress bar,
+    restore the signal handlers and close the metrics logger."""
+    try:
+        yield
+    except BaseException:
+        try:
+            checkpointer.close()
+        except Exception as e:  # noqa: BLE001
+            logging.error("while stopping: %s", e)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+        guard.restore_handlers()
+        logger.close()
 
 
 def write_summary(workdir: epath.Path, summary: dict) -> None:

@@ -141,6 +141,14 @@ def clipped_surrogate(logp_sel: jax.Array, logp_old_sel: jax.Array, advantages: 
 # Host side: prompts -> policy inputs -> log-probs
 # ---------------------------------------------------------------------------------------------------------------
 
+def used_tags(tag_counts: Sequence[int] | None, num_tags: int) -> np.ndarray:
+    """[N] bool: the tags an SSFT run's matching ever assigned (`summary.json` tag_counts > 0); all N when the
+    statistics are unknown or empty. The other tags never trained on a trace, so choosing them wastes samples."""
+    if tag_counts is not None and len(tag_counts) == num_tags and any(tag_counts):
+        return np.asarray(tag_counts) > 0
+    return np.ones(num_tags, bool)
+
+
 def policy_rows(prompts: Sequence[Sequence[int]], prefix_ids: Sequence[int], width: int) -> tuple[np.ndarray, np.ndarray]:
     """(tokens [B, width], lengths [B]): each prompt followed by the tags' shared prefix, right-padded with 0."""
     out = np.zeros((len(prompts), width), np.int32)

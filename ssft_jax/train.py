@@ -28,8 +28,8 @@ from ssft_jax import datasets
 from ssft_jax import mesh as mesh_lib, metrics_log, model as model_lib, run_monitor, tokenization
 from ssft_jax import losses as losses_lib, train_state
 # Shared with the GFPO stage; re-exported here, where callers have always found them.
-from ssft_jax.run_common import (TrainingDivergedError, check_resumed_config, export_hf, prepare_workdir,  # noqa: F401
-                                 write_summary)
+from ssft_jax.run_common import (TrainingDivergedError, check_resumed_config, export_hf, loop_cleanup,  # noqa: F401
+                                 prepare_workdir, write_summary)
 
 
 class RunInputs(NamedTuple):
@@ -179,7 +179,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
         bar = tqdm(total=num_steps, initial=start, desc=f"{config.ssft.method}", dynamic_ncols=True)
     t0, stopped_early = time.perf_counter(), False
     step = start
-    try:
+    with loop_cleanup(checkpointer, guard, logger, bar):
         while step < num_steps:
             if guard.should_stop(step) or (stop_after is not None and step - start >= stop_after):
                 stopped_early = True
@@ -209,18 +209,6 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
         logger.log_histogram("assignment_patterns", dict(histogram.top(20)), step)
         checkpointer.save(step, state, data_state=iterator.get_state(), config=config_json, force=True)
         checkpointer.wait()
-    except BaseException:
-        # Let an in-flight write of an earlier step finish, so the next start has it; its own failure is secondary.
-        try:
-            checkpointer.close()
-        except Exception as e:  # noqa: BLE001
-            logging.error("while stopping: %s", e)
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
-        guard.restore_handlers()
-        logger.close()
     elapsed = time.perf_counter() - t0
 
     export_dir = None
