@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench clean accel-wheels
 
 $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,25 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
+
+# Wheels of the runtime dependencies the GPU machine's image lacks (it has jax 0.11.x + CUDA, flax, optax, orbax,
+# transformers, torch; no internet), for its Python 3.12: bench/run_on_gpu.sh installs them with --no-index.
+# --no-deps: each one named, so nothing the image already has (numpy, protobuf, ...) is shadowed by our copy.
+# grain's array-record dependency is compiled: its cp312 manylinux wheel. (datasets, only for hub/save_to_disk
+# record sources, is left out: the check does not read data.)
+ACCEL_WHEELS_DIR ?= bench/wheels
+ACCEL_WHEELS := grain==0.2.18 array-record==0.8.6 ml-collections==1.1.0 tensorboardX==2.6.5 math-verify==0.9.0 \
+	latex2sympy2_extended==1.11.0 antlr4-python3-runtime==4.13.2 portpicker==1.6.0 gguf==0.19.0
+accel-wheels:
+	mkdir -p $(ACCEL_WHEELS_DIR)
+	$(PYTHON) -m pip download --only-binary=:all: --no-deps --python-version 3.12 --implementation cp --abi cp312 \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		--abi none --platform any -d $(ACCEL_WHEELS_DIR) $(ACCEL_WHEELS)
+	# Only if the image's flax cannot import nnx (flax 0.12.8, our pin, fails on jax 0.11: jax.experimental.hijax
+	# changed); run_on_gpu.sh installs it then and only then. 0.12.12 runs our tests on jax 0.11.2.
+	$(PYTHON) -m pip download --only-binary=:all: --no-deps --python-version 3.12 --abi none --platform any \
+		-d $(ACCEL_WHEELS_DIR)/fallback flax==0.12.12
+	ls -lR $(ACCEL_WHEELS_DIR)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

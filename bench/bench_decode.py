@@ -42,10 +42,11 @@ def _time(fn, repeats):
     return best
 
 
-def bench(name, cfg, params, prompts, tag_ids, *, samples, new_tokens, repeats):
+def bench(name, cfg, params, prompts, tag_ids, *, samples, new_tokens, repeats, modes=(True, False)):
+    """Prints a line per mode (share_prefix True / False) and returns {share: (prefill_s, total_s, decode_tok_s)}."""
     rows = len(prompts) * len(tag_ids) * samples
     results = {}
-    for share in (True, False):
+    for share in modes:
         def run(n, share=share):
             out = sampling.generate_forked(cfg, params, prompts, tag_ids, num_samples=samples, max_new_tokens=n,
                                            eos_token_ids=[-1], temperature=0.7, top_p=0.95, seed=0,
@@ -62,9 +63,12 @@ def bench(name, cfg, params, prompts, tag_ids, *, samples, new_tokens, repeats):
               f"tag<={max(map(len, tag_ids))} prefill {prefill * 1e3:8.1f} ms  total {total:6.2f} s  "
               f"decode {decode_tps:8.1f} tok/s  end-to-end {rows * new_tokens / total:8.1f} tok/s  "
               f"(warm-up incl. compile {compile_s:.1f} s)", flush=True)
+    if len(results) < 2:
+        return results
     (ps, ts, ds), (pu, tu, du) = results[True], results[False]
     print(f"{name:8s} shared-prefix effect: prefill x{pu / ps:.2f} faster, total x{tu / ts:.2f}, decode tok/s "
           f"x{ds / du:.2f}", flush=True)
+    return results
 
 
 def single_stream(name, cfg, params, prompt, *, new_tokens, repeats):

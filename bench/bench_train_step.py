@@ -30,7 +30,6 @@ import functools
 import os
 import pathlib
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -51,41 +50,12 @@ from ssft_jax.logprobs import token_logprobs  # noqa: E402
 from ssft_jax.memory_plan import memory_figures  # noqa: E402
 from ssft_jax.model import forward, output_embedding  # noqa: E402
 import train_step_variants as V  # noqa: E402
+from timing_helpers import block, interleaved, med, ratio  # noqa: E402
 
 
 def cores() -> str:
     aff = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     return f"{os.cpu_count()} logical CPUs ({aff} usable by this process)"
-
-
-def block(x):
-    return jax.block_until_ready(x)
-
-
-def interleaved(fns: dict, rounds: int, warmup: int, per_round: int = 1) -> dict[str, list[float]]:
-    """Each round calls every fn `per_round` times in a row (same order); `warmup` untimed rounds first. Returns
-    seconds per call, one entry per round (the median of that round's calls)."""
-    for _ in range(warmup):
-        for f in fns.values():
-            f()
-    out = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, f in fns.items():
-            ts = []
-            for _ in range(per_round):
-                t0 = time.perf_counter()
-                f()
-                ts.append(time.perf_counter() - t0)
-            out[k].append(statistics.median(ts))
-    return out
-
-
-def med(xs):
-    return statistics.median(xs)
-
-
-def ratio(a, b):
-    return med([x / y for x, y in zip(a, b)])
 
 
 def mb(n):

@@ -28,7 +28,7 @@ METHOD = """
 Inputs
 ------
 * model: `model.hf_dir`'s config.json when that folder exists here; else `model.preset` from the built-in table
-  `PRESETS` (the Qwen2.5-0.5B/7B/32B-Instruct config.json values), so the plan works offline before the weights are
+  `PRESETS` (the Qwen2.5-0.5B/1.5B/7B/32B-Instruct config.json values), so the plan works offline before the weights are
   staged; else (`hf_dir` empty) the from-scratch `model.init` with the tokenizer's vocabulary. compute dtype, param
   dtype, remat and attention_chunk come from `config.model` (`assembly.model_overrides`). Special-token tags
   grow the vocabulary to len(tokenizer) + N when the embedding has no room (`assembly.vocab_for_tags`).
@@ -122,6 +122,8 @@ _QWEN25_COMMON = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", hi
 PRESETS: dict[str, dict[str, Any]] = {
     "qwen2.5-0.5b": dict(_QWEN25_COMMON, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                          num_attention_heads=14, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "qwen2.5-1.5b": dict(_QWEN25_COMMON, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                         num_attention_heads=12, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
     "qwen2.5-7b": dict(_QWEN25_COMMON, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                        num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
     "qwen2.5-32b": dict(_QWEN25_COMMON, hidden_size=5120, intermediate_size=27648, num_hidden_layers=64,

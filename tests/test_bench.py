@@ -28,6 +28,10 @@ EXPECTED = {
 }
 
 
+# Scripts whose quick run a test file of their own makes (and checks more closely); not run twice.
+OWN_TESTS = {"accelerator.py": "tests/test_accelerator.py"}
+
+
 def test_the_benchmarks_are_found():
     names = {p.name for p in SCRIPTS}
     assert {"bench_train_step.py", "bench_matching.py", "bench_data.py"} <= names
@@ -49,7 +53,7 @@ def quick_runs(request):
     selected = {item.callspec.params["script"] for item in request.session.items
                 if getattr(item, "originalname", None) == "test_bench_quick_mode_runs"}
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
-        futures = {p.name: pool.submit(_run, p) for p in SCRIPTS if p in selected}
+        futures = {p.name: pool.submit(_run, p) for p in SCRIPTS if p in selected and p.name not in OWN_TESTS}
         yield futures
         for f in futures.values():
             f.cancel()
@@ -59,6 +63,8 @@ def quick_runs(request):
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 def test_bench_quick_mode_runs(script, quick_runs):
     assert "--quick" in script.read_text(), f"{script.name} has no --quick mode"
+    if script.name in OWN_TESTS:
+        pytest.skip(f"run by {OWN_TESTS[script.name]}")
     proc = quick_runs[script.name].result()
     assert proc.returncode == 0, f"{script.name} --quick failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     expected = EXPECTED.get(script.name, r"^\|.*\d.*\|$")

@@ -27,3 +27,19 @@ def test_chunked_equals_full_log_softmax(chunk):
 def test_masked_mean_of_empty_mask_is_zero():
     loss, count = masked_mean_nll(jnp.ones((2, 3)), jnp.zeros((2, 3)))
     assert float(loss) == 0.0 and float(count) == 0.0
+
+
+def test_one_chunk_head_past_the_rows_where_jax_39103_miscompiles():
+    """jax issue 39103: XLA:CPU in jaxlib 0.10.2 (our pin) returns wrong values for a jitted matmul followed by a
+    reduction once the rows pass 2^14 (f64) / 2^15 (f32). Our head is such a pattern (logits, then log-sum-exp over
+    the vocabulary) and runs as one chunk for a small vocabulary: every row agrees with a float64 reference."""
+    n, D, V = 32769, 128, 104
+    rs = np.random.RandomState(0)
+    h = rs.randn(1, n, D).astype(np.float32)
+    w = (rs.randn(D, V) / 8).astype(np.float32)
+    t = rs.randint(0, V, (1, n))
+    got = np.asarray(jax.jit(lambda a, b, c: token_logprobs(a, b, c, chunk_size=0))(h, w, t))[0]
+    logits = h[0].astype(np.float64) @ w.astype(np.float64)
+    top = logits.max(1)
+    ref = logits[np.arange(n), t[0]] - (np.log(np.exp(logits - top[:, None]).sum(1)) + top)
+    np.testing.assert_allclose(got, ref, atol=2e-5)

@@ -44,7 +44,8 @@ def test_parameter_count_and_bytes_equal_the_abstract_params():
 def test_presets_are_the_published_qwen25_sizes():
     counts = {k: mp.parameter_bytes(model_lib.ModelConfig.from_hf(v), dict(data=1, fsdp=1, tensor=1))["count"]
               for k, v in mp.PRESETS.items()}
-    assert counts == {"qwen2.5-0.5b": 494_032_768, "qwen2.5-7b": 7_615_616_512, "qwen2.5-32b": 32_763_876_352}
+    assert counts == {"qwen2.5-0.5b": 494_032_768, "qwen2.5-1.5b": 1_543_714_304, "qwen2.5-7b": 7_615_616_512,
+                      "qwen2.5-32b": 32_763_876_352}
     assert mp.PRESETS["qwen2.5-0.5b"]["tie_word_embeddings"] and not mp.PRESETS["qwen2.5-7b"]["tie_word_embeddings"]
 
 
