@@ -231,6 +231,22 @@ def test_heldout_split_disjoint():
         synthetic.build_records(37, seed=0, difficulty=SyntheticDifficulty(2, 2, 1, 1))
 
 
+def test_digits_split_reorders_but_never_leaks_a_heldout_multiset():
+    """'digits' (one-digit operands) has only 246 operand multisets, so training questions may repeat a multiset in
+    another order; no held-out multiset may appear in training in any order, and held-out multisets are distinct."""
+    train, held = synthetic.build_splits(1024, 64, seed=0, difficulty="digits")
+    key = lambda r: tuple(sorted(synthetic.parse_question(r["question"])))  # noqa: E731
+    assert len(train) == 1024 and len(held) == 64
+    assert len({key(r) for r in held}) == 64
+    assert not {key(r) for r in train} & {key(r) for r in held}
+    assert len({r["id"] for r in train}) == 1024  # an order is a question: ids stay unique
+    assert len({key(r) for r in train}) < 1024    # multisets do repeat, in other orders
+    assert all(1 <= o <= 9 for r in train + held for o in synthetic.parse_question(r["question"]))
+    assert synthetic.build_splits(1024, 64, seed=0, difficulty="digits") == (train, held)
+    with pytest.raises(ValueError, match="distinct questions"):  # 246 - 64 multisets cannot give 4000 orders
+        synthetic.build_splits(4000, 64, seed=0, difficulty="digits")
+
+
 def test_charset_covers_everything(all_records):
     used = set()
     for _, records in all_records:

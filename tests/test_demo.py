@@ -28,6 +28,7 @@ def test_outputs_table_and_seed_aggregation(quick_demo):
     rows = {l.split("|")[1].strip(): l for l in md.splitlines() if l.startswith("| ss") or l.startswith("| sft_")}
     main = [l for l in md.splitlines() if l.startswith("| ssft |")][0]
     assert md.count("| slot |") == 3 and (out / "results.png").stat().st_size > 10_000
+    assert (out / "seed0.log").is_file() and (out / "seed1.log").is_file()  # two seeds: one worker process each
     assert len(rows) == 3
     # every cell of the main table is the mean [min, max] of the two seeds' values
     cells = [c.strip() for c in main.split("|")[2:-1]]
@@ -65,9 +66,11 @@ def test_a_users_jsonl_and_classifier_reach_the_table(tmp_path, monkeypatch):
     path = tmp_path / "mine.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in train))
     out = tmp_path / "out"
+    # two seeds: each in a worker process, which must import the classifier from this test's folder too
     assert demo.main(["--quick", "--out", str(out), "--quiet", "--temperatures", "0", "--methods", "ssft",
                       "--no-gfpo", "--data", str(path), "--heldout", "8", "--classifier", "demo_classifier:classify",
-                      "--checker", "synthetic"]) == 0
+                      "--checker", "synthetic", "--seeds", "0,1"]) == 0
+    assert (out / "seed1.log").is_file()
     md = (out / "results.md").read_text()
     assert f"dataset jsonl ({path})" in md and "| ssft |" in md
     ev = json.loads((out / "results.json").read_text())["results"]["ssft"]["seeds"]["0"]["eval"]["0.0"]
@@ -85,6 +88,11 @@ def test_a_users_jsonl_and_classifier_reach_the_table(tmp_path, monkeypatch):
         datasets.load_classifier("json:dumps")
     with pytest.raises(SystemExit, match="no strategy classifier"):
         demo.main(["--quick", "--out", str(out), "--quiet", "--methods", "ssft", "--no-gfpo", "--data", str(path)])
+
+
+def test_workers_get_the_command_line_without_seeds():
+    argv = ["--quick", "--seeds", "0,1", "--out", "x", "--workers=2", "--seeds=3", "--workers", "4", "--no-gfpo"]
+    assert demo._strip_seeds(argv) == ["--quick", "--out", "x", "--no-gfpo"]
 
 
 def test_distinct_strategies_counts_per_question():

@@ -75,6 +75,9 @@ class SyntheticDifficulty:
     max_operands: int = 4
     min_digits: int = 2
     max_digits: int = 3
+    # Allow the same operand multiset in several orders within a split (one-digit operands have only a few hundred
+    # multisets); held-out multisets still never occur in the training split, in any order.
+    reorders: bool = False
 
     def __post_init__(self):
         if not 2 <= self.min_operands <= self.max_operands:
@@ -84,6 +87,9 @@ class SyntheticDifficulty:
 
 
 DIFFICULTIES: dict[str, SyntheticDifficulty] = {
+    # One-digit operands: every sum a tiny model needs is in a small table it memorises within a few hundred steps,
+    # so the demo's budget goes to the strategies, not to learning carrying arithmetic (see configs/demo.py).
+    "digits": SyntheticDifficulty(2, 4, 1, 1, reorders=True),
     "tiny": SyntheticDifficulty(2, 2, 1, 2),
     "easy": SyntheticDifficulty(2, 3, 2, 2),
     "medium": SyntheticDifficulty(2, 4, 2, 3),
@@ -224,13 +230,14 @@ def _strategies(num_strategies: int) -> tuple[str, ...]:
 def _unique_operand_tuples(n: int, rng: random.Random, difficulty: SyntheticDifficulty,
                            exclude: set | None = None) -> list[tuple[int, ...]]:
     """n operand tuples whose operand multisets are pairwise different (and not in ``exclude``)."""
-    seen = set() if exclude is None else set(exclude)
+    excluded = frozenset(exclude or ())  # operand multisets (sorted tuples) no question may be a reordering of
+    seen: set[tuple[int, ...]] = set()
     out: list[tuple[int, ...]] = []
     misses, max_misses = 0, 1000 + 50 * n
     while len(out) < n:
         _, ops = make_question(rng, difficulty)
-        key = tuple(sorted(ops))
-        if key in seen:
+        key = ops if difficulty.reorders else tuple(sorted(ops))
+        if key in seen or tuple(sorted(ops)) in excluded:
             misses += 1
             if misses > max_misses:
                 raise ValueError(f"could only draw {len(out)} of {n} distinct questions at {difficulty}; "
@@ -255,9 +262,15 @@ def build_splits(n_train: int, n_heldout: int, *, seed: int, num_strategies: int
                  difficulty: SyntheticDifficulty | str = SyntheticDifficulty()) -> tuple[list[dict], list[dict]]:
     """(train, heldout) with disjoint questions: no held-out operand multiset occurs in train (so a held-out
     question is not even a reordering of a training one). Deterministic in ``seed``."""
-    records = build_records(n_train + n_heldout, seed=seed, num_strategies=num_strategies,
-                            difficulty=difficulty)
-    return records[:n_train], records[n_train:]
+    d = _as_difficulty(difficulty)
+    if not d.reorders:
+        records = build_records(n_train + n_heldout, seed=seed, num_strategies=num_strategies, difficulty=d)
+        return records[:n_train], records[n_train:]
+    # Held-out multisets first, then training questions that are no reordering of any of them.
+    strategies, rng = _strategies(num_strategies), random.Random(seed)
+    held = _unique_operand_tuples(n_heldout, rng, dataclasses.replace(d, reorders=False))
+    train = _unique_operand_tuples(n_train, rng, d, exclude={tuple(sorted(o)) for o in held})
+    return [make_record(o, strategies) for o in train], [make_record(o, strategies) for o in held]
 
 
 def splits_from_config(config) -> tuple[list[dict], list[dict]]:
