@@ -102,10 +102,18 @@ def build_layout(config, tag_len: int, *, num_processes: int | None = None) -> d
     if config.batch_size % processes:
         raise config_lib.ConfigError(f"batch_size={config.batch_size} is not divisible by {processes} processes")
     s, d = config.ssft, config.data
+    pack_rows = 0
+    if d.packed:
+        groups = data_lib.packing.pack_groups(config.micro_batches, processes) * processes
+        if d.pack_rows % groups:
+            raise config_lib.ConfigError(f"data.pack_rows={d.pack_rows} is not a multiple of lcm(micro_batches, "
+                                         f"processes) = {groups}")
+        pack_rows = d.pack_rows // processes
     return data_lib.LayoutConfig(
         num_tags=s.num_tags, num_traces=s.max_traces, cost_len=s.cost_prefix_len, max_prompt_len=d.max_prompt_len,
         max_trace_len=d.max_trace_len, tag_len=tag_len, batch_size=config.batch_size // processes,
-        allow_more_traces_than_tags=not losses.get_method(s.method).distinct_tags)
+        allow_more_traces_than_tags=not losses.get_method(s.method).distinct_tags,
+        pack_rows=pack_rows, pack_len=d.pack_len if d.packed else 0, pack_micro_batches=config.micro_batches)
 
 
 def abstract_params(cfg: ModelConfig, mesh) -> Params:
@@ -187,8 +195,15 @@ def abstract_batch(layout: data_lib.LayoutConfig, batch_size: int, mesh) -> dict
     q = data_lib.TokenizedQuestion(index=0, id="abstract", where="abstract", prompt_ids=np.ones(1, np.int32),
                                    trace_ids=tuple(np.ones(1, np.int32) for _ in range(M)), truncated=(False,) * M)
     one = data_lib.QuestionLayout(layout, np.ones((N, Lt), np.int32), np.full((N,), Lt, np.int32))(q)
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct((batch_size, *np.shape(x)), np.asarray(x).dtype,
-                                                       sharding=mesh_lib.batch_sharding(mesh, np.ndim(x) + 1)), one)
+    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct((batch_size, *np.shape(x)), np.asarray(x).dtype,
+                                                        sharding=mesh_lib.batch_sharding(mesh, np.ndim(x) + 1)), one)
+    if layout.packed:  # rows scale with the batch like questions do: pack_rows per process's batch_size questions
+        train = data_lib.packing.PackedTrainLayout(layout)([q] * layout.batch_size)
+        scale = batch_size // layout.batch_size
+        batch["train"] = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct((x.shape[0] * scale, *x.shape[1:]), x.dtype,
+                                           sharding=mesh_lib.batch_sharding(mesh, x.ndim)), train)
+    return batch
 
 
 # ---------------------------------------------------------------------------------------------------------------

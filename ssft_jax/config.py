@@ -81,6 +81,14 @@ def base_config() -> ml_collections.ConfigDict:
         # (a fresh M each epoch, from the seed; restored with the data iterator's position)
         extra_traces="error",
         num_questions=0,      # 0 = all
+        # Packed train rows (README "Training"; ssft_jax.data.packing): the batch's matched prompt+tag+trace
+        # sequences placed first-fit decreasing into pack_rows rows (per global batch, static) of pack_len slots
+        # (0: P + Lt + T), each attending only to itself: the same losses, computed on real tokens instead of
+        # M * (P + Lt + T) slots per question. A question that does not fit is deferred to the next batch (counted:
+        # questions_deferred). False: one row of P + Lt + T per trace (the reference layout).
+        packed=False,
+        pack_rows=0,          # with packed: a multiple of micro_batches * data-parallel size (and of the processes)
+        pack_len=0,
         synthetic=ml_collections.ConfigDict(dict(num_questions=512, heldout=64, difficulty="easy")),
         # questions held out of training, which evaluation scores by default: "auto" (the dataset's default:
         # gsm8k the last 200 test questions; jsonl none, so a run trains on every question of its files and
@@ -271,6 +279,13 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
             f"data.max_trace_len={c.data.max_trace_len}")
     if c.batch_size < 1 or c.micro_batches < 1 or c.batch_size % c.micro_batches:
         raise ConfigError(f"batch_size={c.batch_size} is not divisible by micro_batches={c.micro_batches}")
+    d = c.data
+    if d.pack_rows < 0 or d.pack_len < 0 or (d.packed and d.pack_rows < 1):
+        raise ConfigError(f"data.pack_rows={d.pack_rows} and data.pack_len={d.pack_len}: with data.packed=True "
+                          "pack_rows must be >= 1 (rows per global batch), pack_len >= 0 (0: P + Lt + T)")
+    if d.packed and d.pack_len and d.pack_len < d.max_prompt_len + 1:
+        raise ConfigError(f"data.pack_len={d.pack_len} is shorter than a prompt of data.max_prompt_len="
+                          f"{d.max_prompt_len} tokens plus its tag and trace")
     if c.checkpoint.every_steps < 1:
         raise ConfigError(f"checkpoint.every_steps={c.checkpoint.every_steps} must be >= 1")
     try:
@@ -301,6 +316,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
             raise ConfigError(
                 f"batch_size/micro_batches = {per_micro} questions is not divisible by the data-parallel size "
                 f"{dp} (mesh data*fsdp)")
+        if c.data.packed and c.data.pack_rows % (c.micro_batches * dp):
+            raise ConfigError(f"data.pack_rows={c.data.pack_rows} is not a multiple of micro_batches * data-parallel "
+                              f"size = {c.micro_batches} * {dp}: each micro-batch's rows are split over the devices")
 
 
 def parse_valid_tags(spec: str, num_tags: int) -> list[int] | None:

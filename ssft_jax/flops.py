@@ -85,7 +85,10 @@ def step_flops(cfg: ModelConfig, layout, batch_size: int, *, needs_costs: bool, 
         else:
             f = forward_flops(cfg, batch_size, layout.cost_row_len)
             cost = f["layers"] + f["head"]
-    t = forward_flops(cfg, batch_size * layout.num_traces, layout.train_row_len)
+    if layout.packed:  # pack_rows rows of pack_len per process batch, scaled to the global batch
+        t = forward_flops(cfg, layout.pack_rows * batch_size // layout.batch_size, layout.pack_row_len)
+    else:
+        t = forward_flops(cfg, batch_size * layout.num_traces, layout.train_row_len)
     train = 3 * (t["layers"] + t["head"])
     recompute = t["head"] + (t["layers"] if remat != "none" else 0.0)
     return StepFlops(cost, train, recompute)

@@ -58,8 +58,8 @@ optimizer       2 * parameters (AdamW's mu and nu in the parameter dtype, sharde
 gradients       2 * parameters: the micro-batch `lax.scan` carries the accumulated gradients and each micro-step
                 produces a fresh set before the add (fp32, sharded like the parameters).
 update          1 * parameters: the optimizer's `updates` tree, alive while new parameters and moments are written.
-batch           the step's input rows, all micro-batches: micro_batches * b * (7*R + 4*M*S) int32 (+ small masks),
-                plus `fill_tags`' rebuilt train rows for one micro-batch: 5 * b*M*S int32.
+batch           the step's input rows, all micro-batches: micro_batches * (7*b*R + 4*r*S) int32 (+ small masks),
+                plus `fill_tags`' rebuilt train rows for one micro-batch: 5 * r*S int32 (r, S: below).
 gathered        FSDP all-gathers each layer's weights before use: 2 * (one layer's parameters / t) * a (the layer in
                 use and the next one, prefetched), one layer's weight gradients before the reduce-scatter
                 (layer / t) * w, and the output head gathered for the logits V_t * D * a.
@@ -82,7 +82,9 @@ head(r, n, c)   the chunked log-softmax (`logprobs.token_logprobs`): min(logprob
                 + head(b, R, 2)
                 with ssft.cost_layout='prefix_cache', over b*N*M rows of W = Lt + Le queries reading P + W keys: the
                 KV cache 2*nl*b*N*M*(P + W)*K_t*Dh*a + the same terms with b*N*M*W tokens, scores of [q, P + W]
-(b) train pass  forward + backward over r = b*M rows of S tokens:
+(b) train pass  forward + backward over r = b*M rows of S tokens (packed, `data.packed`: r = pack_rows /
+                (micro_batches * dp) rows of S = pack_len, 0 meaning P + Lt + T; its memory and FLOPs are those of
+                the rows, so what a length distribution needs is the pack_rows that fits it):
                 saved + stored + max(r*S*(H_t + 2*K_t)*Dh*a + scores(r, S, 3), r*S*(mlp_tok + D*(a + 4)))
                 + r*S*D*(a + 4) (the residual's cotangent) + head(r, S, 3), with, by `model.remat`:
                 full            saved = nl*r*S*D*a + r*S*D*a (each layer's input, kept by the layer scan, and the
@@ -402,8 +404,11 @@ def make_plan(config, *, num_devices: int | None = None, tag_len: int | None = N
                 f"layer peak ({'attention' if cost_attn >= cost_mlp else 'MLP'} phase)": max(cost_attn, cost_mlp),
                 "head (log-softmax chunk)": head(b, R, 2)}
     cost["total"] = sum(cost.values())
-    # (b) the train rows: forward + backward, one layer's backward live at a time.
+    # (b) the train rows: forward + backward, one layer's backward live at a time. Packed (data.packed): the
+    # device's share of the micro-batch's pack_rows rows of pack_len slots instead of b*M rows of S.
     r = b * M
+    if d.packed:
+        r, S = d.pack_rows // (mb * dp), d.pack_len or S
     remat = cfg.remat
     carry = nl * r * S * D * a + r * S * D * a  # every layer's input (the scan's saved carry) + the final hidden
     bwd_attn = r * S * (Ht + 2 * Kt) * Dh * a + scores(r, S, 3)
@@ -432,7 +437,7 @@ def make_plan(config, *, num_devices: int | None = None, tag_len: int | None = N
 
     layer = params["layer_elems_gathered"]
     gathered = 2 * layer * a + layer * w + Vt * D * a
-    batch_in = mb * b * (7 * R + 4 * M * S) * 4 + mb * b * (N + 6 * M)
+    batch_in = mb * (b * 7 * R + 4 * r * S) * 4 + mb * b * (N + 6 * M)
     fill = 5 * r * S * 4
     rows = [
         ("parameters", pb, f"exact per-device shards of {_count(params['count'])} params x {w} B"),
@@ -444,6 +449,7 @@ def make_plan(config, *, num_devices: int | None = None, tag_len: int | None = N
         ("fill_tags rows", fill, "one micro-batch's rebuilt train rows"),
     ]
     dims = dict(N=N, M=M, L=L, Le=Le, P=P, T=T, Lt=Lt, R=R, S=S, b=b, micro_batches=mb, dp=dp,
+                packed=bool(d.packed), train_rows=r,
                 batch_size=config.batch_size, remat=remat, attention_chunk=chunk, logprob_chunk=lchunk,
                 cost_attention="chunked" if _chunked(chunk, R) else "dense",
                 train_attention="chunked" if _chunked(chunk, S) else "dense",
@@ -487,8 +493,10 @@ def format_plan(plan: Plan, xla: Mapping[str, float] | None = None, xla_notes: l
     out.append(f"batch {d['batch_size']} questions / {d['micro_batches']} micro-batch(es) / dp {d['dp']} = "
                f"{d['b']} per device per micro-batch; N={d['N']} M={d['M']} L={d['L']} P={d['P']} T={d['T']} "
                f"Lt={d['Lt']}")
-    out.append(f"rows: cost R = P + N*M*(Lt+Le) = {d['R']} tokens ({d['cost_attention']} attention); train "
-               f"S = P + Lt + T = {d['S']} tokens x M ({d['train_attention']} attention); remat={d['remat']}, "
+    train_rows = (f"train {d['train_rows']} packed rows of S' = {d['S']} per device per micro-batch"
+                  if d.get("packed") else f"train S = P + Lt + T = {d['S']} tokens x M")
+    out.append(f"rows: cost R = P + N*M*(Lt+Le) = {d['R']} tokens ({d['cost_attention']} attention); "
+               f"{train_rows} ({d['train_attention']} attention); remat={d['remat']}, "
                f"attention_chunk={d['attention_chunk']}, logprob_chunk={d['logprob_chunk']}, compute {d['dtype']}, "
                f"params {d['param_dtype']}")
     for n in plan.notes:

@@ -54,8 +54,8 @@ def make_train_step(model_cfg: ModelConfig, ssft, optimizer: optax.GradientTrans
             first = (jnp.arange(cost.size).reshape(cost.shape) == 0) & (micro_index == 0)
             cost = inject("cost", step_no, cost, at=first)
         tag_of_trace, ok, status = losses.assign(method, cost, tag_valid, trace_valid, rng, ssft.matcher)
-        rows = data_lib.fill_tags(mb["train"], tag_of_trace, tag_table, tag_lengths)
-        rows = jax.tree.map(lambda x: x.reshape(-1, x.shape[-1]), rows)  # [B, M, S] -> [B*M, S]
+        # [B*M, S] rows, or the packed view's [rows, S'] (data.packing): the same loss either way
+        rows = data_lib.packing.fill_train_rows(mb["train"], tag_of_trace, tag_table, tag_lengths)
 
         def loss_sum(p):
             s, n = losses.set_loss_sums(model_cfg, p, rows, logprob_chunk)

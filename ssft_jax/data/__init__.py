@@ -88,6 +88,12 @@ Batch layout (numpy, static shapes, produced by the Grain iterator)::
                prompt_lengths, trace_lengths, tag_slot_start [B, M] int32, truncated [B, M] bool},
      "question_index": [B] int32 (index into the tokenized question list)}
 
+Packed train view (``data.packed``; ``packing``): the same sequences ``prompt + tag + trace`` placed first-fit
+decreasing into ``pack_rows`` rows of ``pack_len`` slots per batch, one segment id per sequence, the tag slot's place
+in ``tag_row``/``tag_slot_start [B, M]``, filled by ``packing.fill_packed_tags`` (the step calls
+``packing.fill_train_rows``, which picks the view's). A question that
+does not fit is deferred to the next batch (``PackedIterator``, counted).
+
 Token budget per question: cost ``P + N*M*(Lt+Le)`` (shared prompt) vs ``N*M*(P+Lt+Le)`` (repeated);
 train ``M*(P+Lt+T)``. B is per process: the global batch is ``B * process_count``.
 """
@@ -97,6 +103,8 @@ from ssft_jax.data.layout import (LayoutConfig, QuestionLayout, batch_token_coun
                                   fill_tags, tag_table)
 from ssft_jax.data.formats import (FORMATS, DataError, FormatError, RawRecord, heldout_count, prompt_id, read_jsonl,
                                    read_parquet, read_records, read_source, record_id, split_heldout)
+from ssft_jax.data import packing
+from ssft_jax.data.packing import PackedIterator, PackedTrainLayout, PackingError, fill_packed_tags
 from ssft_jax.data.pipeline import TraceSample, make_dataset, make_iterator
 from ssft_jax.data.question import TokenizedQuestion
 from ssft_jax.data.records import (EXTRA_TRACES, OVERLONG, ON_BAD_RECORD, REASONS, ValidationReport, load_questions,
@@ -108,5 +116,6 @@ __all__ = [
     "TokenizedQuestion", "ValidationReport", "tokenize_records", "load_questions", "QuestionLayout",
     "cost_matrix_from_token_nll", "fill_tags", "make_dataset", "make_iterator", "batch_token_counts", "ON_BAD_RECORD",
     "OVERLONG", "EXTRA_TRACES", "FORMATS", "FormatError", "read_source", "prompt_id", "record_id", "split_heldout",
-    "heldout_count", "TraceSample",
+    "heldout_count", "TraceSample", "packing", "PackedIterator", "PackedTrainLayout", "PackingError",
+    "fill_packed_tags",
 ]

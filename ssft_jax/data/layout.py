@@ -35,6 +35,12 @@ class LayoutConfig:
     # M > N is refused (each trace needs its own tag) unless this is set: the sft_mixed baseline puts every trace
     # under one tag and never matches, so it may run with fewer tags than traces.
     allow_more_traces_than_tags: bool = False
+    # Packed train rows (``ssft_jax.data.packing``): pack_rows > 0 rows per process of pack_len slots (0: S, so any
+    # one sequence fits) replace the M rows of S per question; 0 keeps the unpacked view (the reference).
+    # pack_micro_batches: the step's micro-batch count, since each micro-batch's rows hold only its questions.
+    pack_rows: int = 0
+    pack_len: int = 0
+    pack_micro_batches: int = 1
 
     def __post_init__(self):
         for name in ("num_tags", "num_traces", "cost_len", "max_prompt_len", "max_trace_len", "tag_len", "batch_size"):
@@ -54,6 +60,12 @@ class LayoutConfig:
             if sum(tv) < need:
                 raise ValueError(f"only {sum(tv)} valid tags for M={self.num_traces} traces (need {need})")
             object.__setattr__(self, "tag_valid", tv)
+        for name in ("pack_rows", "pack_len"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"LayoutConfig.{name} must be an int >= 0, got {v!r}")
+        if self.pack_micro_batches < 1:
+            raise ValueError(f"LayoutConfig.pack_micro_batches must be >= 1, got {self.pack_micro_batches!r}")
         if self.cost_len > self.max_trace_len:
             log.info("cost_len L=%d > max_trace_len T=%d: the cost slot is clamped to T", self.cost_len,
                      self.max_trace_len)
@@ -90,6 +102,15 @@ class LayoutConfig:
     def train_row_len(self) -> int:
         """S = P + Lt + T."""
         return self.max_prompt_len + self.tag_len + self.max_trace_len
+
+    @property
+    def packed(self) -> bool:
+        return self.pack_rows > 0
+
+    @property
+    def pack_row_len(self) -> int:
+        """S' = pack_len, or S when 0."""
+        return self.pack_len or self.train_row_len
 
     @property
     def tag_valid_array(self) -> np.ndarray:
@@ -238,7 +259,8 @@ def fill_tags(train_view: Mapping[str, Any], tag_of_trace, tag_table, tag_length
       none (the row becomes all padding with zero loss; invalid traces are padding whatever the tag).
     tag_table, tag_lengths: from ``tag_table()`` (``[N, Lt]`` left-padded, ``[N]``).
     Returns tokens, segment_ids, positions, targets, loss_mask (int32, same shape as ``train_view["tokens"]``);
-    reshape to ``[B*M, S]`` for ``model.forward``.
+    reshape to ``[B*M, S]`` for ``model.forward``. The packed train view has its own,
+    ``packing.fill_packed_tags`` (``packing.fill_train_rows`` picks the right one).
     """
     import jax
     import jax.numpy as jnp

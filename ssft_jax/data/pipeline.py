@@ -8,6 +8,7 @@ from typing import Sequence
 import numpy as np
 
 from ssft_jax.data.layout import LayoutConfig, QuestionLayout
+from ssft_jax.data import packing
 from ssft_jax.data.question import TokenizedQuestion
 
 
@@ -49,6 +50,8 @@ def make_dataset(
     k gets global elements k, k+count, ... (every process uses the same seed, so the shards are disjoint).
     Questions with more than M traces (tokenized with ``extra_traces='sample'``) get a fresh M each epoch
     (``TraceSample``, seeded by `seed`).
+    A packed layout (``layout.pack_rows > 0``) returns the per-question elements unbatched: ``make_iterator``
+    batches and packs them (``packing.PackedIterator``).
     """
     import grain
 
@@ -71,6 +74,8 @@ def make_dataset(
         ds = ds.map_with_index(TraceSample(len(questions), layout.num_traces, seed))
     if process_count > 1:
         ds = ds[process_index::process_count]
+    if layout.packed:  # batched by `packing.PackedIterator`, which packs the train rows and may defer a question
+        return ds.map(packing.question_element(QuestionLayout(layout, tag_table, tag_lengths)))
     ds = ds.map(QuestionLayout(layout, tag_table, tag_lengths))
     return ds.batch(layout.batch_size, drop_remainder=True)
 
@@ -95,12 +100,20 @@ def make_iterator(
     ``grain.ReadOptions(num_threads=0)``: the data is in memory and the per-batch work is numpy layout that runs
     while the accelerator executes the previous (asynchronously dispatched) step. Pass threads to prefetch; for
     worker processes call ``.mp_prefetch`` on ``make_dataset(...).to_iter_dataset()`` yourself (grain needs parsed
-    absl flags and an ``if __name__ == "__main__"`` guard for that).
+    absl flags and an ``if __name__ == "__main__"`` guard for that). A packed layout gives a
+    ``packing.PackedIterator`` (same ``get_state``/``set_state``; ``read_options`` unused: it reads in-line).
     """
     import grain
 
     ds = make_dataset(questions, layout, tag_table, tag_lengths, seed=seed, epochs=epochs, shuffle=shuffle,
                       process_index=process_index, process_count=process_count)
+    if layout.packed:  # random access into the elements: its state is a position and the deferred indices
+        if process_index is None or process_count is None:
+            import jax
+
+            process_index, process_count = jax.process_index(), jax.process_count()
+        return packing.PackedIterator(ds, packing.PackedTrainLayout(layout, process_index=process_index,
+                                                                    process_count=process_count))
     if read_options is None:
         read_options = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
     return iter(ds.to_iter_dataset(read_options))

@@ -1,0 +1,170 @@
+"""Packed train rows (`ssft_jax.data.packing`): the same per-token losses and gradients as the unpacked view, the
+same matching, deferral of a question that does not fit, exact resume."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ssft_jax import config as config_lib, data as data_lib, losses, mesh as mesh_lib, train
+from ssft_jax.data import packing
+
+
+def tiny_config(**data):
+    c = config_lib.load_config("demo", "tiny")
+    c.mesh.update(data=1, fsdp=1, tensor=1, num_devices=1)
+    c.data.update(**data)
+    return c
+
+
+def _loss_and_grads(cfg, params, train_view, tag_of_trace, table, lengths):
+    def loss(p):
+        rows = packing.fill_train_rows(train_view, tag_of_trace, table, lengths)
+        s, n = losses.set_loss_sums(cfg, p, rows)
+        return s / n, n
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+
+
+def _tags(B, M, N, seed):
+    rng = np.random.default_rng(seed)
+    return np.stack([rng.permutation(N)[:M] for _ in range(B)]).astype(np.int32)
+
+
+def _assert_same_loss_and_grads(cfg, params, unpacked, packed, table, lengths, tags, rtol, atol):
+    (lu, nu), gu = _loss_and_grads(cfg, params, unpacked, tags, table, lengths)
+    (lp, npk), gp = _loss_and_grads(cfg, params, packed, tags, table, lengths)
+    assert float(nu) == float(npk) > 0
+    np.testing.assert_allclose(float(lp), float(lu), rtol=rtol)
+    for a, b in zip(jax.tree.leaves(gu), jax.tree.leaves(gp)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=rtol, atol=atol)
+
+
+def test_first_fit_decreasing():
+    assert packing.first_fit_decreasing([5, 3, 4, 2], 2, 7) == [(0, 0), (1, 4), (1, 0), (0, 5)]
+    assert packing.first_fit_decreasing([5, 5, 5], 2, 7) is None
+    assert packing.pack_groups(2, 1) == 2 and packing.pack_groups(2, 4) == 1 and packing.pack_groups(4, 2) == 2
+
+
+def test_packed_loss_and_grads_equal_unpacked_on_the_tiny_model():
+    c = tiny_config()
+    mesh = mesh_lib.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    x = train.build_inputs(c, mesh)
+    ref = next(data_lib.make_iterator(x.questions, x.layout, x.tag_table, x.tag_lengths, seed=0))
+    B, M = x.layout.batch_size, x.layout.num_traces
+    S = x.layout.train_row_len
+    lay = dataclasses.replace(x.layout, pack_rows=B, pack_len=3 * S)  # 3/4 of the unpacked slots
+    it = data_lib.make_iterator(x.questions, lay, x.tag_table, x.tag_lengths, seed=0)
+    pk = next(it)
+    assert it.deferred_total == 0  # nothing deferred: the very same questions and cost views
+    np.testing.assert_array_equal(pk["question_index"], ref["question_index"])
+    for k in ref["cost"]:
+        np.testing.assert_array_equal(pk["cost"][k], ref["cost"][k])
+    counts_u, counts_p = data_lib.batch_token_counts(ref), data_lib.batch_token_counts(pk)
+    assert counts_u["train_real"] == counts_p["train_real"] and counts_p["train_slots"] * 4 == counts_u["train_slots"] * 3
+    tags = _tags(B, M, c.ssft.num_tags, 0)
+    tags[1] = -1  # a dropped question: all padding in both layouts
+    _assert_same_loss_and_grads(x.model_config, x.params, ref["train"], pk["train"], x.tag_table, x.tag_lengths,
+                                tags, rtol=2e-5, atol=1e-7)
+    # The filled rows hold the same sequences: prompt + tag + trace, positions 0.. per sequence.
+    fu = jax.tree.map(np.asarray, data_lib.fill_tags(ref["train"], tags, x.tag_table, x.tag_lengths))
+    fp = jax.tree.map(np.asarray, packing.fill_packed_tags(pk["train"], tags, x.tag_table, x.tag_lengths))
+    for b in (0, 2):
+        for j in range(M):
+            row = pk["train"]["tag_row"][b, j]
+            seg = b * M + j + 1
+            sel_p, sel_u = fp["segment_ids"][row] == seg, fu["segment_ids"][b, j] != 0
+            for k in ("tokens", "positions", "targets", "loss_mask"):
+                np.testing.assert_array_equal(fp[k][row][sel_p], fu[k][b, j][sel_u])
+
+
+def test_train_step_packed_equals_unpacked_with_micro_batches(tmp_path):
+    """The real jitted step (matching included), two micro-batches, on 2 data-parallel devices."""
+    runs = {}
+    for packed in (False, True):
+        c = tiny_config(packed=packed, pack_rows=4 if packed else 0, pack_len=400 if packed else 0)
+        c.mesh.update(data=2, num_devices=2)
+        c.micro_batches, c.num_steps, c.export_hf, c.checkpoint.every_steps = 2, 2, False, 100
+        c.logging.tensorboard = False
+        runs[packed] = train.run(c, tmp_path / str(packed), progress=False)
+    assert runs[True]["compiles"] == 1
+    assert runs[True]["assignment_patterns"] == runs[False]["assignment_patterns"]
+    for step, loss in runs[False]["losses"].items():
+        np.testing.assert_allclose(runs[True]["losses"][step], loss, rtol=2e-5)
+
+
+def _questions(lengths, prompt=3):
+    return [data_lib.TokenizedQuestion(index=i, id=f"q{i}", where=f"mem[{i}]", prompt_ids=np.full(prompt, 5, np.int32),
+                                       trace_ids=tuple(np.full(n, 7, np.int32) for n in ls), truncated=(False,) * len(ls))
+            for i, ls in enumerate(lengths)]
+
+
+def _layout(**kw):
+    base = dict(num_tags=3, num_traces=2, cost_len=4, max_prompt_len=4, max_trace_len=20, tag_len=2, batch_size=2)
+    return data_lib.LayoutConfig(**{**base, **kw})
+
+
+def test_a_question_that_does_not_fit_is_deferred_and_the_iterator_resumes_exactly():
+    rng = np.random.default_rng(0)
+    qs = _questions([tuple(int(n) for n in rng.choice([2, 3, 10], size=2)) for _ in range(24)])
+    lay = _layout(pack_rows=2, pack_len=28)  # rows of 28: two short questions fit, two long ones do not
+    table, lengths = np.ones((3, 2), np.int32), np.full(3, 2, np.int32)
+    mk = lambda: data_lib.make_iterator(qs, lay, table, lengths, seed=1, epochs=2)  # noqa: E731
+    it = mk()
+    seen, states, batches = [], [], []
+    for _ in range(10):
+        states.append(it.get_state())
+        b = next(it)
+        batches.append(b)
+        seen += list(b["question_index"])
+        assert (b["train"]["segment_ids"].sum() == sum(2 * 3 + sum(len(t) for t in qs[i].trace_ids)
+                                                       for i in b["question_index"]))
+    assert it.deferred_total > 0
+    assert len(set(seen)) > 16  # deferred questions come back
+    again = mk()
+    again.set_state(states[6])
+    for want in batches[6:]:
+        got = next(again)
+        for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_packing_errors_name_the_question_or_the_setting():
+    table, lengths = np.ones((3, 2), np.int32), np.full(3, 2, np.int32)
+    qs = _questions([(18, 18)] * 4)
+    with pytest.raises(packing.PackingError, match=r"mem\[\d\].*alone needs more than 1 rows"):
+        next(data_lib.make_iterator(qs, _layout(pack_rows=1), table, lengths, shuffle=False))
+    qs = _questions([(18, 18)] * 8 + [(2, 2)] * 2)
+    with pytest.raises(packing.PackingError, match="deferred: data.pack_rows=2"):
+        it = data_lib.make_iterator(qs, _layout(pack_rows=2, pack_len=24), table, lengths, shuffle=False, epochs=1)
+        list(it)
+    with pytest.raises(config_lib.ConfigError, match="pack_rows must be >= 1"):
+        config_lib.validate(tiny_config(packed=True))
+    with pytest.raises(config_lib.ConfigError, match="not a multiple of micro_batches"):
+        c = tiny_config(packed=True, pack_rows=3)
+        c.mesh.update(data=2, num_devices=2)
+        config_lib.validate(c, 2)
+
+
+@pytest.mark.slow
+def test_packed_loss_and_grads_equal_unpacked_on_smollm2():
+    from ssft_jax import gguf_convert, hf_io, tokenization
+
+    folder = gguf_convert.ensure_smollm2_hf()
+    cfg, params = hf_io.load_hf_params(folder)
+    tok = tokenization.load_tokenizer(folder)
+    tags = tokenization.ForkingTags.for_tokenizer(tok, 4, "text")
+    records = [{"id": f"q{i}", "question": q, "traces": tr} for i, (q, tr) in enumerate([
+        ("What is 2+3?", ["2+3=5. The answer is 5.", "Count up from 2: 3, 4, 5. So 5."]),
+        ("Name a prime.", ["2 is prime: it divides only by 1 and itself.", "7."]),
+    ])]
+    layout = data_lib.LayoutConfig.for_tokenizer(tok, tags, num_traces=2, cost_len=8, max_prompt_len=48,
+                                                 max_trace_len=24, batch_size=2)
+    qs, _ = data_lib.tokenize_records(records, tok, tags, layout)
+    table, lengths = data_lib.tag_table(tok, tags, layout.tag_len)
+    ref = next(data_lib.make_iterator(qs, layout, table, lengths, shuffle=False, epochs=1))
+    pk = next(data_lib.make_iterator(qs, dataclasses.replace(layout, pack_rows=2, pack_len=2 * layout.train_row_len), table,
+                                     lengths, shuffle=False,
+                                     epochs=1))
+    _assert_same_loss_and_grads(cfg, params, ref["train"], pk["train"], table, lengths,
+                                np.array([[0, 2], [3, 1]], np.int32), rtol=1e-4, atol=1e-5)
