@@ -288,9 +288,8 @@ WORKER_XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_thre
 
 
 def _run_seeds_in_workers(args, argv: list[str]) -> dict[int, dict]:
-    """Each seed in a subprocess of its own (`--seeds S --worker`), `args.workers` at a time, one core each."""
+    """Each seed in a subprocess of its own (`--seeds S --worker`), `args.workers` at a time, one XLA thread each."""
     import os
-    import subprocess
     import sys
 
     results: dict[int, dict] = {}
@@ -299,6 +298,21 @@ def _run_seeds_in_workers(args, argv: list[str]) -> dict[int, dict]:
     env = {**os.environ, "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " " + WORKER_XLA_FLAGS).strip(),
            "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     base = _strip_seeds(argv)
+    try:
+        _supervise(args, base, env, pending, running, results)
+    finally:  # an interrupted or failed run leaves no worker behind (their checkpoints stay: --resume continues)
+        for proc, log in running.values():
+            proc.terminate()
+            log.close()
+    return results
+
+
+def _supervise(args, base: list[str], env: dict, pending: list[int], running: dict, results: dict) -> None:
+    """Start workers while there are free slots; collect each one's result.json as it exits (a failure raises with
+    the end of its log). `running` (seed -> (process, log)) is the caller's, so it can stop what is left."""
+    import subprocess
+    import sys
+
     while pending or running:
         while pending and len(running) < args.workers:
             seed = pending.pop(0)
@@ -314,14 +328,11 @@ def _run_seeds_in_workers(args, argv: list[str]) -> dict[int, dict]:
             log.close()
             del running[seed]
             if proc.returncode != 0:
-                for p, _ in running.values():
-                    p.terminate()
                 tail = pathlib.Path(log.name).read_text()[-3000:]
                 raise SystemExit(f"seed {seed}'s worker failed (exit {proc.returncode}); the end of {log.name}:\n{tail}")
             results[seed] = _from_json(json.loads((pathlib.Path(args.out) / f"seed{seed}" / "result.json").read_text()))
             if not args.quiet:
                 print(f"[seed {seed}] done", flush=True)
-    return results
 
 
 def _strip_seeds(argv: list[str]) -> list[str]:

@@ -1,5 +1,6 @@
 """The main job at CI size: the methods trained and evaluated per seed, GFPO from the ssft model, the table with its
 seed aggregation, matrices, JSON and plot written; --data/--classifier reach the table."""
+import argparse
 import json
 
 import numpy as np
@@ -88,6 +89,14 @@ def test_a_users_jsonl_and_classifier_reach_the_table(tmp_path, monkeypatch):
         datasets.load_classifier("json:dumps")
     with pytest.raises(SystemExit, match="no strategy classifier"):
         demo.main(["--quick", "--out", str(out), "--quiet", "--methods", "ssft", "--no-gfpo", "--data", str(path)])
+
+
+def test_a_failing_worker_names_its_seed_and_log(tmp_path):
+    """A worker that dies (here: an unknown --methods choice reaches only the workers' argv) is reported with its
+    seed and the end of its log, and the other workers are stopped."""
+    args = argparse.Namespace(seeds=[0, 1], workers=2, out=str(tmp_path), quiet=True)
+    with pytest.raises(SystemExit, match=r"(?s)seed \d's worker failed \(exit 2\).*invalid choice"):
+        demo._run_seeds_in_workers(args, ["--quick", "--methods", "nonsense"])
 
 
 def test_workers_get_the_command_line_without_seeds():
