@@ -271,15 +271,18 @@ def _checker_and_classifier(args, config):
     return checkers.get_checker(args.checker or spec.checker), classifier
 
 
+def _eval_keys(row: dict, key) -> dict:
+    """One row's result with its temperature keys converted by `key`: `str` for JSON (whose object keys are
+    strings), `float` to read it back."""
+    return {**row, "eval": {key(t): e for t, e in row["eval"].items()}}
+
+
 def _jsonable(result: dict) -> dict:
-    """Temperature keys as strings (JSON objects have string keys); `_from_json` turns them back."""
-    return {**result, "methods": {m: {**r, "eval": {str(t): e for t, e in r["eval"].items()}}
-                                  for m, r in result["methods"].items()}}
+    return {**result, "methods": {m: _eval_keys(r, str) for m, r in result["methods"].items()}}
 
 
 def _from_json(result: dict) -> dict:
-    return {**result, "methods": {m: {**r, "eval": {float(t): e for t, e in r["eval"].items()}}
-                                  for m, r in result["methods"].items()}}
+    return {**result, "methods": {m: _eval_keys(r, float) for m, r in result["methods"].items()}}
 
 
 # One XLA thread per worker: these models are too small for XLA's CPU thread pool to keep two cores busy (one run
@@ -396,8 +399,7 @@ def run_synthetic(args, argv: list[str] | None = None) -> dict[str, Any]:
                  f"{np.mean([s['eval'][t]['pass@1_think1'] for s in seeds]):.3f}" for t in args.temperatures]
         report.append(f"| {method} | " + " | ".join(cells) + " |")
     (out / "results.md").write_text("\n".join(report) + "\n")
-    serialisable = {m: {"seeds": {str(s): _jsonable({"methods": {m: v}})["methods"][m] for s, v in r["seeds"].items()}}
-                    for m, r in results.items()}
+    serialisable = {m: {"seeds": {str(s): _eval_keys(v, str) for s, v in r["seeds"].items()}} for m, r in results.items()}
     (out / "results.json").write_text(json.dumps({"budgets": budgets, "seconds": seconds, "results": serialisable},
                                                  indent=2, default=str))
     plot(results, args.temperatures, out / "results.png")

@@ -251,7 +251,8 @@ def _unique_operand_tuples(n: int, rng: random.Random, difficulty: SyntheticDiff
 def build_records(n_questions: int, *, seed: int, num_strategies: int = 4,
                   difficulty: SyntheticDifficulty | str = SyntheticDifficulty()) -> list[dict]:
     """``n_questions`` records, each with one trace per strategy (fixed order ``STRATEGIES[:num_strategies]``,
-    ``source`` = strategy name). Questions never repeat an operand multiset. Deterministic in ``seed``."""
+    ``source`` = strategy name). Questions never repeat an operand multiset (an operand order, for a difficulty
+    with ``reorders``). Deterministic in ``seed``."""
     strategies = _strategies(num_strategies)
     rng = random.Random(seed)
     return [make_record(ops, strategies)
