@@ -29,6 +29,9 @@ LOGICAL_AXIS_RULES: dict[str, Any] = {
     "mlp": "tensor",
     "layers": None,
     "norm": None,
+    # LoRA (ssft_jax/lora.py): the adapters' rank and the trained tag-token rows are small, kept whole.
+    "lora_rank": None,
+    "tag_rows": None,
 }
 
 

@@ -330,17 +330,41 @@ def _fused_projections() -> bool:
     return mesh.empty or "tensor" not in mesh.axis_names or mesh.shape["tensor"] == 1
 
 
+_LORA_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _lora(lp: Params, name: str, x, y, dtype):
+    """y + dropout(x) @ A @ B when `lp['lora']` adapts projection `name` (built by `lora.adapted_params`, B already
+    scaled by alpha/r), else y untouched: the base model's graph is unchanged without adapters. Beside the base
+    matmul, inside the layer scan, so no merged copy of a weight is ever formed. x: the projection's input
+    [B, T, in...], y: its output [B, T, out...]."""
+    ad = lp.get("lora", {}).get(name)
+    if ad is None:
+        return y
+    a, b = ad["a"].astype(dtype), ad["b"].astype(dtype)
+    drop = lp.get("lora_dropout")
+    if drop is not None:  # training only: one key per layer (scanned), one stream per projection
+        key = jax.random.fold_in(jax.random.wrap_key_data(drop["key"]), _LORA_NAMES.index(name))
+        keep = drop["keep"]
+        x = jnp.where(jax.random.bernoulli(key, keep, x.shape), x / keep.astype(x.dtype), 0).astype(x.dtype)
+    ins, outs = "ijk"[: a.ndim - 1], "opq"[: b.ndim - 1]
+    xa = jnp.einsum(f"bt{ins},{ins}r->btr", x, a)
+    return y + jnp.einsum(f"btr,r{outs}->bt{outs}", xa, b).astype(y.dtype)
+
+
 def _qkv(cfg: ModelConfig, lp: Params, h, dtype):
     H, K, Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     if not _fused_projections():
-        return tuple(jnp.einsum("btd,dhk->bthk", h, lp[n].astype(dtype)) for n in ("q_proj", "k_proj", "v_proj"))
-    D = h.shape[-1]
-    w = jnp.concatenate([lp["q_proj"].reshape(D, H * Dh), lp["k_proj"].reshape(D, K * Dh),
-                         lp["v_proj"].reshape(D, K * Dh)], axis=1).astype(dtype)
-    qkv = jnp.einsum("btd,de->bte", h, w)
-    q, k, v = jnp.split(qkv, [H * Dh, (H + K) * Dh], axis=-1)
-    B, T = h.shape[:2]
-    return q.reshape(B, T, H, Dh), k.reshape(B, T, K, Dh), v.reshape(B, T, K, Dh)
+        q, k, v = (jnp.einsum("btd,dhk->bthk", h, lp[n].astype(dtype)) for n in ("q_proj", "k_proj", "v_proj"))
+    else:
+        D = h.shape[-1]
+        w = jnp.concatenate([lp["q_proj"].reshape(D, H * Dh), lp["k_proj"].reshape(D, K * Dh),
+                             lp["v_proj"].reshape(D, K * Dh)], axis=1).astype(dtype)
+        qkv = jnp.einsum("btd,de->bte", h, w)
+        q, k, v = jnp.split(qkv, [H * Dh, (H + K) * Dh], axis=-1)
+        B, T = h.shape[:2]
+        q, k, v = q.reshape(B, T, H, Dh), k.reshape(B, T, K, Dh), v.reshape(B, T, K, Dh)
+    return _lora(lp, "q_proj", h, q, dtype), _lora(lp, "k_proj", h, k, dtype), _lora(lp, "v_proj", h, v, dtype)
 
 
 def _attention(cfg: ModelConfig, lp: Params, h, rope, q_seg, kv_seg_full, q_slots, kv_slots, cache_kv, dtype,
@@ -385,7 +409,7 @@ def _attention(cfg: ModelConfig, lp: Params, h, rope, q_seg, kv_seg_full, q_slot
         if bias is None:
             bias = mask_bias(q_seg, kv_seg_full, q_slots, kv_slots, q_prefix)
         out = _attend(cfg, q, q_seg, k, v, bias, dtype)
-    return jnp.einsum("bthk,hkd->btd", out, lp["o_proj"].astype(dtype)), new_cache_kv
+    return _lora(lp, "o_proj", out, jnp.einsum("bthk,hkd->btd", out, lp["o_proj"].astype(dtype)), dtype), new_cache_kv
 
 
 def _attend(cfg, q, q_seg, k, v, bias, dtype):
@@ -414,7 +438,9 @@ def _mlp(lp: Params, h, dtype):
     else:
         gate = jnp.einsum("btd,df->btf", h, lp["gate_proj"].astype(dtype))
         up = jnp.einsum("btd,df->btf", h, lp["up_proj"].astype(dtype))
-    return jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, lp["down_proj"].astype(dtype))
+    gate, up = _lora(lp, "gate_proj", h, gate, dtype), _lora(lp, "up_proj", h, up, dtype)
+    act = jax.nn.silu(gate) * up
+    return _lora(lp, "down_proj", act, jnp.einsum("btf,fd->btd", act, lp["down_proj"].astype(dtype)), dtype)
 
 
 def _remat(fn, policy: str):

@@ -17,6 +17,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ssft_jax import data as data_lib
 from ssft_jax import faults
+from ssft_jax import lora as lora_lib
 from ssft_jax import losses
 from ssft_jax import mesh as mesh_lib
 from ssft_jax.model import ModelConfig
@@ -29,24 +30,34 @@ def _split_micro(tree, k: int):
 
 def make_train_step(model_cfg: ModelConfig, ssft, optimizer: optax.GradientTransformation, *, micro_batches: int,
                     logprob_chunk: int = 1024, inject_nonfinite: str = "",
-                    cost_dims: tuple[int, int] | None = None
-                    ) -> Callable[[State, dict, jax.Array, jax.Array], tuple[State, dict]]:
+                    cost_dims: tuple[int, int] | None = None, lora=None
+                    ) -> Callable[..., tuple[State, dict]]:
     """The pure step `(state, batch, tag_table, tag_lengths) -> (state, metrics)`; jit it with `jit_train_step`.
 
     cost_dims: (P, W) of the cost row (`LayoutConfig.max_prompt_len`, `.pair_block_len`), needed by
     `ssft.cost_layout='prefix_cache'` (see `losses.cost_matrix`).
-    inject_nonfinite: test-only faults (see `faults.parse_inject_nonfinite`); empty in real runs."""
+    inject_nonfinite: test-only faults (see `faults.parse_inject_nonfinite`); empty in real runs.
+    lora: a `lora.LoraSpec`: the step becomes `(state, batch, tag_table, tag_lengths, frozen)`, state['params']
+    being the adapters (the only thing differentiated and optimised) and `frozen` the base weights; the cost pass,
+    matching and set loss all run on `lora.adapted_params(frozen, params)` (LoRA dropout in the set loss only)."""
     cost_layout = ssft.cost_layout
     prompt_len, block_len = cost_dims if cost_dims is not None else (None, None)
     N, M = ssft.num_tags, ssft.max_traces
     method = ssft.method
     need_costs = losses.get_method(method).needs_costs or ssft.baseline_costs
     inject = faults.make_injector(inject_nonfinite)  # None in real runs: nothing is traced
+    if lora is None:
+        model_params = lambda params, frozen, rng: params
+    else:
+        def model_params(params, frozen, rng):
+            drop = jax.random.fold_in(rng, 1) if rng is not None else None  # never the matcher's own stream
+            return lora_lib.adapted_params(model_cfg, lora, frozen, params, drop)
 
-    def micro_step(params, mb, rng, tag_table, tag_lengths, step_no, micro_index):
+    def micro_step(params, frozen, mb, rng, tag_table, tag_lengths, step_no, micro_index):
         tag_valid, trace_valid = mb["cost"]["tag_valid"], mb["train"]["trace_valid"]
         if need_costs:
-            cost = losses.cost_matrix(model_cfg, params, mb["cost"], N, M, logprob_chunk, layout=cost_layout,
+            cost = losses.cost_matrix(model_cfg, model_params(params, frozen, None), mb["cost"], N, M,
+                                      logprob_chunk, layout=cost_layout,
                                       prompt_len=prompt_len, block_len=block_len)
         else:  # baselines need no cost pass: that is the step-time difference the paper's cost analysis is about
             cost = jnp.zeros(tag_valid.shape + (M,), jnp.float32)
@@ -58,7 +69,7 @@ def make_train_step(model_cfg: ModelConfig, ssft, optimizer: optax.GradientTrans
         rows = data_lib.packing.fill_train_rows(mb["train"], tag_of_trace, tag_table, tag_lengths)
 
         def loss_sum(p):
-            s, n = losses.set_loss_sums(model_cfg, p, rows, logprob_chunk)
+            s, n = losses.set_loss_sums(model_cfg, model_params(p, frozen, rng), rows, logprob_chunk)
             return s, n
 
         (nll_sum, count), grads = jax.value_and_grad(loss_sum, has_aux=True)(params)
@@ -67,7 +78,7 @@ def make_train_step(model_cfg: ModelConfig, ssft, optimizer: optax.GradientTrans
         diag = losses.diagnostics(cost, tag_of_trace, ok, status, tag_valid, trace_valid, num_tags=N, gap=gap)
         return grads, nll_sum, count, diag
 
-    def step_fn(state: State, batch: dict, tag_table: jax.Array, tag_lengths: jax.Array):
+    def step_fn(state: State, batch: dict, tag_table: jax.Array, tag_lengths: jax.Array, frozen=None):
         params = state["params"]
         rng = jax.random.wrap_key_data(state["rng"])
         rng, step_rng = jax.random.split(rng)
@@ -77,7 +88,7 @@ def make_train_step(model_cfg: ModelConfig, ssft, optimizer: optax.GradientTrans
 
         def body(acc, xs):
             mb, r, k = xs
-            g, s, n, diag = micro_step(params, mb, r, tag_table, tag_lengths, step_no, k)
+            g, s, n, diag = micro_step(params, frozen, mb, r, tag_table, tag_lengths, step_no, k)
             acc = (jax.tree.map(jnp.add, acc[0], g), acc[1] + s, acc[2] + n)
             return acc, diag
 
@@ -139,17 +150,18 @@ class JittedStep:
             return step_fn(*args)
         self._jitted = jax.jit(counted, **jit_kwargs)
 
-    def __call__(self, state: State, batch: dict, tag_table: jax.Array, tag_lengths: jax.Array):
-        return self._jitted(state, batch, tag_table, tag_lengths)
+    def __call__(self, state: State, batch: dict, tag_table: jax.Array, tag_lengths: jax.Array, *frozen):
+        return self._jitted(state, batch, tag_table, tag_lengths, *frozen)
 
     def lower(self, *args):
         return self._jitted.lower(*args)
 
 
-def jit_train_step(step_fn, state: State, batch_example: dict, mesh: jax.sharding.Mesh) -> JittedStep:
+def jit_train_step(step_fn, state: State, batch_example: dict, mesh: jax.sharding.Mesh, frozen=None) -> JittedStep:
     """The one jit site: explicit in/out shardings from the live state and the batch layout; the old state is
     donated so parameters and optimizer moments are updated in place. `state` and `batch_example` may be arrays
-    or sharded ShapeDtypeStructs."""
+    or sharded ShapeDtypeStructs. `frozen` (LoRA): the base weights, a fifth argument in their own shardings, read
+    only (never donated, never in the state)."""
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
     batch_shardings = jax.tree.map(lambda x: mesh_lib.batch_sharding(mesh, x.ndim), batch_example)
     replicated = NamedSharding(mesh, P())
@@ -158,5 +170,8 @@ def jit_train_step(step_fn, state: State, batch_example: dict, mesh: jax.shardin
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # for mesh.constrain_rows inside the model
             return step_fn(*args)
 
-    return JittedStep(step_on_mesh, in_shardings=(state_shardings, batch_shardings, replicated, replicated),
-                      out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+    in_shardings = (state_shardings, batch_shardings, replicated, replicated)
+    if frozen is not None:
+        in_shardings += (jax.tree.map(lambda x: x.sharding, frozen),)
+    return JittedStep(step_on_mesh, in_shardings=in_shardings, out_shardings=(state_shardings, replicated),
+                      donate_argnums=(0,))
