@@ -23,7 +23,7 @@ import numpy as np
 
 from ssft_jax import config as config_lib
 from ssft_jax import data as data_lib
-from ssft_jax import hf_io, losses, mesh as mesh_lib, model as model_lib, tokenization, train_state
+from ssft_jax import hf_io, lora as lora_lib, losses, mesh as mesh_lib, model as model_lib, tokenization, train_state
 from ssft_jax import train_step as step_lib
 from ssft_jax.model import ModelConfig, Params
 
@@ -178,15 +178,28 @@ def make_optimizer(config, num_steps: int):
     return train_state.make_optimizer(optim, num_steps)
 
 
-def make_step(config, cfg: ModelConfig, layout: data_lib.LayoutConfig, optimizer, state, batch_example, mesh):
+def make_step(config, cfg: ModelConfig, layout: data_lib.LayoutConfig, optimizer, state, batch_example, mesh,
+              *, lora: lora_lib.LoraSpec | None = None, frozen: Params | None = None):
     """The jitted train step for this config: `(state, batch, tag_table, tag_lengths) -> (state, metrics)`, with
     explicit shardings from `state` and the batch layout, the state donated. `state`/`batch_example` may be
-    abstract (sharded ShapeDtypeStructs), e.g. to lower and compile without weights."""
+    abstract (sharded ShapeDtypeStructs), e.g. to lower and compile without weights. With `lora` (`split_lora`),
+    state['params'] are the adapters and the step takes the frozen base as a fifth argument."""
     step_fn = step_lib.make_train_step(cfg, config.ssft, optimizer, micro_batches=config.micro_batches,
                                        logprob_chunk=config.model.logprob_chunk,
                                        inject_nonfinite=config.debug.inject_nonfinite,
-                                       cost_dims=(layout.max_prompt_len, layout.pair_block_len))
-    return step_lib.jit_train_step(step_fn, state, batch_example, mesh)
+                                       cost_dims=(layout.max_prompt_len, layout.pair_block_len), lora=lora)
+    return step_lib.jit_train_step(step_fn, state, batch_example, mesh, frozen=frozen if lora is not None else None)
+
+
+def split_lora(config, cfg: ModelConfig, params: Params, tokenizer, tags, mesh
+               ) -> tuple[lora_lib.LoraSpec | None, Params | None, Params]:
+    """(spec, frozen base, trainable params) of a `lora.enabled` run, else (None, None, params). The trainable
+    pytree (adapters, tag rows) is what the train state, optimizer and checkpoints hold."""
+    spec = lora_lib.spec_from_config(config, tokenizer, tags, model_param_dtype=cfg.param_dtype)
+    if spec is None:
+        return None, None, params
+    trainable = lora_lib.place_trainable(cfg, spec, params, mesh)
+    return spec, lora_lib.freeze(spec, params), trainable
 
 
 def abstract_batch(layout: data_lib.LayoutConfig, batch_size: int, mesh) -> dict:
@@ -277,15 +290,26 @@ def load_checkpoint_for_generation(workdir: str | pathlib.Path, *, step: int | N
     tok = tokenization.load_tokenizer(saved_tokenizer) if (saved_tokenizer / "tokenizer.json").is_file() else None
     if mesh is None:  # one device unless the caller places the weights on its own mesh (GFPO)
         mesh = mesh_lib.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    pieces = build(config, mesh=mesh, params="abstract", remat="none", tokenizer=tok)
+    lora_run = bool(config.get("lora") and config.lora.enabled)
+    # A LoRA checkpoint holds the adapters only: the base is read again from the run's model.hf_dir.
+    pieces = build(config, mesh=mesh, params="load" if lora_run else "abstract", remat="none", tokenizer=tok)
+    spec, frozen = None, None
+    target = pieces.params
+    if lora_run:
+        spec = lora_lib.spec_from_config(config, pieces.tokenizer, pieces.tags,
+                                         model_param_dtype=pieces.model_config.param_dtype)
+        frozen = lora_lib.freeze(spec, pieces.params)
+        target = lora_lib.abstract_trainable(pieces.model_config, spec, mesh)
     optimizer = make_optimizer(config, max(int(config.num_steps or 1), 1))
-    abstract = train_state.abstract_state(pieces.params, optimizer, mesh)
+    abstract = train_state.abstract_state(target, optimizer, mesh)
     ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", async_save=False)
     try:
         _, state, _, _ = ckpt.restore(step, abstract)
     finally:
         ckpt.close()
     cfg, tok = pieces.model_config, pieces.tokenizer
+    if lora_run:  # sampling runs on the merged weights: the adapted model, at the base model's speed
+        state = {"params": lora_lib.merge(cfg, spec, frozen, state["params"], dtype=cfg.param_dtype)}
     summary = _read_summary(workdir)
     return LoadedModel(cfg, state["params"], tok, pieces.tags, tokenization.eos_token_ids(tok), _vocab_limit(cfg, tok),
                        f"checkpoint:{workdir}:{step}", train_config=config_json,

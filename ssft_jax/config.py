@@ -13,7 +13,7 @@ import ml_collections
 
 # Each enumerated field's allowed values are defined by the module that implements them (the registries of methods
 # and matchers are live: a method registered at run time is valid here at once).
-from ssft_jax import datasets, faults, losses, matching, model, tokenization
+from ssft_jax import datasets, faults, lora as lora_lib, losses, matching, model, tokenization
 from ssft_jax.checkpoint import ON_CORRUPT
 from ssft_jax.data import EXTRA_TRACES, FORMATS, ON_BAD_RECORD, OVERLONG
 
@@ -105,6 +105,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim = ml_collections.ConfigDict(dict(
         learning_rate=1e-5, warmup_frac=0.05, end_lr_frac=0.0, b1=0.9, b2=0.95, eps=1e-8,
         weight_decay=1e-4, grad_clip=1.0,
+    ))
+    # LoRA (ssft_jax/lora.py): train low-rank adapters on `targets` (and, with special-mode tags, the tag tokens'
+    # embedding / lm_head rows) while the base weights stay frozen in `base_dtype` ("" = model.param_dtype): no
+    # gradients or optimizer state for them. Checkpoints hold the adapters; the base is re-read from model.hf_dir.
+    # The HF export is the merged model, plus the adapters alone in PEFT's layout (`export_adapter`).
+    c.lora = ml_collections.ConfigDict(dict(
+        enabled=False, rank=16, alpha=32.0, dropout=0.0,
+        targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        train_tag_rows=True, base_dtype="bfloat16", export_adapter=True,
     ))
     # num_devices: 0 = every device; k = only the first k (comparisons, debugging).
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, num_devices=0))
@@ -288,6 +297,17 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
                           f"{d.max_prompt_len} tokens plus its tag and trace")
     if c.checkpoint.every_steps < 1:
         raise ConfigError(f"checkpoint.every_steps={c.checkpoint.every_steps} must be >= 1")
+    lc = c.lora
+    if lc.enabled:
+        try:
+            lora_lib.LoraSpec(rank=lc.rank, alpha=lc.alpha, dropout=lc.dropout, targets=tuple(lc.targets))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if lc.base_dtype not in ("", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"lora.base_dtype={lc.base_dtype!r}: expected '', float32, bfloat16 or float16")
+        if c.stage == "gfpo":
+            raise ConfigError("lora.enabled with stage='gfpo': GFPO trains full weights (it starts from an SSFT "
+                              "LoRA run's merged model)")
     try:
         faults.parse_inject_nonfinite(c.debug.inject_nonfinite)
     except faults.FaultSpecError as e:

@@ -26,7 +26,7 @@ from ssft_jax import config as config_lib
 from ssft_jax import data as data_lib
 from ssft_jax import datasets
 from ssft_jax import mesh as mesh_lib, metrics_log, model as model_lib, run_monitor, tokenization
-from ssft_jax import losses as losses_lib, train_state
+from ssft_jax import lora as lora_lib, losses as losses_lib, train_state
 # Shared with the GFPO stage; re-exported here, where callers have always found them.
 from ssft_jax.run_common import (TrainingDivergedError, check_resumed_config, export_hf, loop_cleanup,  # noqa: F401
                                  prepare_workdir, write_summary)
@@ -106,6 +106,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
     logging.info("%d questions, %d steps, %s", len(questions), num_steps, report.summary())
 
     optimizer = assembly.make_optimizer(config, num_steps)
+    # LoRA: the state's params are the adapters only; the frozen base is the step's fifth argument.
+    lora_spec, frozen, params = assembly.split_lora(config, cfg, params, tokenizer, tags, mesh)
+    frozen_args = () if lora_spec is None else (frozen,)
+    model_params = ((lambda p: p) if lora_spec is None
+                    else (lambda p: lora_lib.adapted_params(cfg, lora_spec, frozen, p)))
     state = train_state.init_state(params, optimizer, config.seed, mesh)
     iterator = data_lib.make_iterator(questions, layout, table, lengths, seed=config.seed, epochs=None)
     start = 0
@@ -126,7 +131,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
     position = iterator.get_state()
     first = next(iterator)  # its shapes fix the jit; then rewind, so no batch is skipped
     iterator.set_state(position)
-    train_step = assembly.make_step(config, cfg, layout, optimizer, state, to_global(first, mesh), mesh)
+    train_step = assembly.make_step(config, cfg, layout, optimizer, state, to_global(first, mesh), mesh,
+                                    lora=lora_spec, frozen=frozen)
     table_d, lengths_d = jnp.asarray(table), jnp.asarray(lengths)
 
     method = losses_lib.get_method(config.ssft.method)
@@ -192,12 +198,12 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
             if layout.packed:  # questions deferred so far by the packed iterator (part of its resumable state)
                 deferred_at[step + 1] = iterator.deferred_total
             throughput.add_batch(step + 1, host_batch, with_cost_pass=with_costs)
-            state, metrics = train_step(state, to_global(host_batch, mesh), table_d, lengths_d)
+            state, metrics = train_step(state, to_global(host_batch, mesh), table_d, lengths_d, *frozen_args)
             step += 1
             if evaluator is not None and step % config.eval_every == 0:
                 # On this step's weights, before the next step donates them; blocks until they are ready.
                 t_eval = time.perf_counter()
-                eval_results[step] = evaluator(cfg, state["params"], tag_totals)
+                eval_results[step] = evaluator(cfg, model_params(state["params"]), tag_totals)
                 throughput.exclude(time.perf_counter() - t_eval)
             if pending is not None:
                 consume(*pending)
@@ -218,7 +224,14 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
 
     export_dir = None
     if config.export_hf and not stopped_early:
-        export_dir = export_hf(workdir / "hf_export", cfg, state["params"], tokenizer, tags)
+        export_params = (state["params"] if lora_spec is None
+                         else lora_lib.merge(cfg, lora_spec, frozen, state["params"], dtype=cfg.param_dtype))
+        export_dir = export_hf(workdir / "hf_export", cfg, export_params, tokenizer, tags)
+        if lora_spec is not None and config.lora.export_adapter and not metrics_log.is_remote(workdir):
+            adapter = lora_lib.save_peft_adapter(pathlib.Path(str(workdir / "lora_adapter")), cfg, lora_spec,
+                                                 state["params"], base_model=config.model.hf_dir)
+            if jax.process_index() == 0:  # the grown vocabulary (special tags) comes with the adapter
+                tokenization.save_tokenizer(tokenizer, adapter, tags=tags)
     summary = {
         "method": config.ssft.method,
         "start_step": start,
@@ -236,7 +249,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
     if jax.process_index() == 0:
         write_summary(workdir, summary)
     checkpointer.close()
-    return {**summary, "state": state, "model_config": cfg, "tokenizer": tokenizer, "tags": tags}
+    return {**summary, "state": state, "model_config": cfg, "tokenizer": tokenizer, "tags": tags,
+            **({"lora": lora_spec, "frozen": frozen} if lora_spec is not None else {})}
 
 
 def main(argv):
@@ -244,7 +258,8 @@ def main(argv):
     from absl import flags
     metrics_log.quiet_library_logs()
     summary = run(flags.FLAGS.config, flags.FLAGS.workdir)
-    print(json.dumps({k: v for k, v in summary.items() if k not in ("state", "model_config", "tokenizer", "tags", "losses")},
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("state", "model_config", "tokenizer", "tags", "losses",
+                                                                  "lora", "frozen")},
                      indent=2, default=str))
 
 
