@@ -113,7 +113,8 @@ def build_layout(config, tag_len: int, *, num_processes: int | None = None) -> d
         num_tags=s.num_tags, num_traces=s.max_traces, cost_len=s.cost_prefix_len, max_prompt_len=d.max_prompt_len,
         max_trace_len=d.max_trace_len, tag_len=tag_len, batch_size=config.batch_size // processes,
         allow_more_traces_than_tags=not losses.get_method(s.method).distinct_tags,
-        pack_rows=pack_rows, pack_len=d.pack_len if d.packed else 0, pack_micro_batches=config.micro_batches)
+        pack_rows=pack_rows, pack_len=d.pack_len if d.packed else 0, pack_micro_batches=config.micro_batches,
+        pack_fill=d.pack_fill)
 
 
 def abstract_params(cfg: ModelConfig, mesh) -> Params:

@@ -89,6 +89,11 @@ def base_config() -> ml_collections.ConfigDict:
         packed=False,
         pack_rows=0,          # with packed: a multiple of micro_batches * data-parallel size (and of the processes)
         pack_len=0,
+        # What fixes a packed batch: "questions" (exactly batch_size questions; rows must hold the heaviest batches,
+        # so on long-tailed lengths ~20% of the slots stay empty) | "tokens" (batch_size is the most questions; each
+        # micro-batch's rows take questions in stream order until the next ones do not fit: rows ~full, a varying
+        # number of questions per step, logged as `questions`; the cost pass still runs batch_size question slots).
+        pack_fill="questions",
         synthetic=ml_collections.ConfigDict(dict(num_questions=512, heldout=64, difficulty="easy")),
         # questions held out of training, which evaluation scores by default: "auto" (the dataset's default:
         # gsm8k the last 200 test questions; jsonl none, so a run trains on every question of its files and
@@ -292,6 +297,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
     if d.pack_rows < 0 or d.pack_len < 0 or (d.packed and d.pack_rows < 1):
         raise ConfigError(f"data.pack_rows={d.pack_rows} and data.pack_len={d.pack_len}: with data.packed=True "
                           "pack_rows must be >= 1 (rows per global batch), pack_len >= 0 (0: P + Lt + T)")
+    if d.pack_fill not in ("questions", "tokens"):
+        raise ConfigError(f"data.pack_fill={d.pack_fill!r}: expected 'questions' or 'tokens'")
     if d.packed and d.pack_len and d.pack_len < d.max_prompt_len + 1:
         raise ConfigError(f"data.pack_len={d.pack_len} is shorter than a prompt of data.max_prompt_len="
                           f"{d.max_prompt_len} tokens plus its tag and trace")

@@ -152,13 +152,15 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
     tag_totals = np.zeros(config.ssft.num_tags, np.int64)
     pending = None  # metrics of the previous step, read one step late so dispatch stays asynchronous
     consecutive_skips = 0
-    deferred_at: dict[int, int] = {}  # step -> questions_deferred (packed layout only)
+    deferred_at: dict[int, tuple] = {}  # step -> (questions_deferred, questions or None): packed layout only
 
     def consume(step_done: int, m) -> None:
         nonlocal consecutive_skips, tag_totals
         m = jax.device_get(m)
         if step_done in deferred_at:
-            m["questions_deferred"] = deferred_at.pop(step_done)
+            m["questions_deferred"], n_questions = deferred_at.pop(step_done)
+            if n_questions is not None:
+                m["questions"] = n_questions
         histogram.update(m.pop("assignments"))
         if not with_costs:  # no cost pass ran: matched/unmatched NLL and the gap are undefined, not 0
             for k in ("matched_nll", "unmatched_nll", "second_best_gap", "second_best_gap_min"):
@@ -196,7 +198,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
             checkpointer.check()  # a failed background write stops the run here, naming its step
             host_batch = next(iterator)
             if layout.packed:  # questions deferred so far by the packed iterator (part of its resumable state)
-                deferred_at[step + 1] = iterator.deferred_total
+                # pack_fill="tokens": the questions in this batch vary (empty slots have question_index -1)
+                n_questions = (int(np.sum(host_batch["question_index"] >= 0)) if layout.pack_fill == "tokens"
+                               else None)
+                deferred_at[step + 1] = (iterator.deferred_total, n_questions)
             throughput.add_batch(step + 1, host_batch, with_cost_pass=with_costs)
             state, metrics = train_step(state, to_global(host_batch, mesh), table_d, lengths_d, *frozen_args)
             step += 1

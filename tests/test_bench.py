@@ -21,8 +21,8 @@ EXPECTED = {
     "bench_decode.py": r"demo +shared +rows=.* decode +[\d.]+ tok/s",
     "bench_gfpo.py": r"(?s)\[timing\] grpo .* tok/s.*\| 6 \| enumerate \| [\d.e+-]+ \| [\d.-]+ \|",
     "bench_forward.py": r"\| SmolLM2-135M \| 1 x \w+ \| 1 x 32 \| float32 \| [\d.]+ \| [\d.]+ \| \d+ \|",
-    "bench_packing.py": r"(?s)\| longtail \| 4x4 \| .* \| [\d.]+% \| \d+ \| [\d.]+x \|.*\| longtail \| [\d.]+ \| [\d.]+ \|"
-                        r".*\| qwen2p5_32b \| packed ",
+    "bench_packing.py": r"(?s)\| longtail \| tokens \| \d+x4 \| .* \| [\d.]+% \| [\d.]+ of \d+ \| \d+ \| [\d.]+x \|"
+                        r".*\| longtail \| [\d.]+ \| [\d.]+ \| [\d.]+ \|.*\| qwen2p5_32b \| packed ",
     "bench_matching.py": r"\| 6x4 \| hungarian \| [\d.]+ \| [\d.]+ \| .* \| 100\.0% \| 100\.0% \|",
     # the headline step, and the two cost layouts the step variants trace agreeing with the trainer's
     "bench_train_step.py": r"(?s)\| ssft \| [\d.]+ \| [\d.]+ \|.*\| repeated \| [\d.e+-]+ \| \d+/\d+ \|"

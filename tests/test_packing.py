@@ -3,7 +3,6 @@ same matching, deferral of a question that does not fit, exact resume."""
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -138,6 +137,10 @@ def test_packing_errors_name_the_question_or_the_setting():
     with pytest.raises(packing.PackingError, match="deferred: data.pack_rows=2"):
         it = data_lib.make_iterator(qs, _layout(pack_rows=2, pack_len=24), table, lengths, shuffle=False, epochs=1)
         list(it)
+    with pytest.raises(config_lib.ConfigError, match="data.pack_fill='rows'"):
+        config_lib.validate(tiny_config(packed=True, pack_rows=4, pack_fill="rows"))
+    with pytest.raises(ValueError, match="pack_fill must be"):
+        _layout(pack_rows=2, pack_fill="row")
     with pytest.raises(config_lib.ConfigError, match="pack_rows must be >= 1"):
         config_lib.validate(tiny_config(packed=True))
     with pytest.raises(config_lib.ConfigError, match="not a multiple of micro_batches"):
@@ -168,3 +171,100 @@ def test_packed_loss_and_grads_equal_unpacked_on_smollm2():
                                      epochs=1))
     _assert_same_loss_and_grads(cfg, params, ref["train"], pk["train"], table, lengths,
                                 np.array([[0, 2], [3, 1]], np.int32), rtol=1e-4, atol=1e-5)
+
+
+def test_fill_by_tokens_fills_the_rows_and_keeps_every_question_once_and_resumes_exactly():
+    """pack_fill="tokens": B is the most questions; the rows fill up, each question comes exactly once per epoch,
+    empty slots have no valid trace, and the iterator state restores the same batches."""
+    rng = np.random.default_rng(0)
+    qs = _questions([tuple(int(n) for n in rng.choice([2, 3, 10, 17], size=2)) for _ in range(40)])
+    table, lengths = np.ones((3, 2), np.int32), np.full(3, 2, np.int32)
+    by_q = dict(pack_rows=2, pack_len=48)  # two questions always fit: the heaviest pair is 88 tokens
+    by_t = _layout(batch_size=6, pack_fill="tokens", **by_q)
+    mk = lambda lay: data_lib.make_iterator(qs, lay, table, lengths, seed=3, epochs=1)  # noqa: E731
+    fill = {}
+    for name, lay in (("questions", _layout(**by_q)), ("tokens", by_t)):
+        real = slots = 0
+        seen = []
+        it = mk(lay)
+        for b in it:
+            idx = b["question_index"]
+            seen += [int(i) for i in idx if i >= 0]
+            # the real train tokens are exactly the batch's questions' sequences (tag slots are filled in-graph)
+            assert b["train"]["segment_ids"].sum() == sum(2 * 3 + sum(len(t) for t in qs[i].trace_ids)
+                                                          for i in idx if i >= 0)
+            assert not b["train"]["trace_valid"][idx < 0].any() and not b["cost"]["segment_ids"][idx < 0].any()
+            real += b["train"]["segment_ids"].sum() + 2 * b["train"]["trace_valid"].sum()
+            slots += b["train"]["segment_ids"].size
+        fill[name] = real / slots
+        assert len(seen) == len(set(seen))
+        if name == "tokens":  # no batch is dropped at the end of the epoch: it leaves with what it has
+            assert sorted(seen) == list(range(40))
+    assert fill["tokens"] > fill["questions"] + 0.1, fill
+    it = mk(by_t)
+    states, batches = [], []
+    for _ in range(6):
+        states.append(it.get_state())
+        batches.append(next(it))
+    assert it.deferred_total > 0
+    again = mk(by_t)
+    again.set_state(states[3])
+    for want in batches[3:]:
+        for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(next(again))):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_fill_by_tokens_trains_like_the_same_questions_without_empty_slots(tmp_path):
+    """A batch with empty question slots: the step's loss and gradients are those of its real questions alone,
+    through the cost pass (both layouts), the matching and the set loss."""
+    c = tiny_config()
+    mesh = mesh_lib.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    x = train.build_inputs(c, mesh)
+    B = x.layout.batch_size
+    S = x.layout.train_row_len
+    lay = dataclasses.replace(x.layout, pack_rows=B, pack_len=3 * S, pack_fill="tokens")
+    els = data_lib.make_dataset(x.questions, lay, x.tag_table, x.tag_lengths, seed=0)
+    packer = packing.PackedTrainLayout(lay)
+    real = [els[i] for i in range(B // 2)]
+    with_empty = packing.stack_batch(real + [packing.empty_element(real[0])] * (B - B // 2), packer)
+    assert list(with_empty["question_index"][B // 2:]) == [-1] * (B - B // 2)
+    lay_half = dataclasses.replace(lay, batch_size=B // 2, pack_rows=B)
+    alone = packing.stack_batch(real, packing.PackedTrainLayout(lay_half))
+    for layout_name in ("packed", "prefix_cache"):
+        cost_kw = dict(layout=layout_name, prompt_len=lay.max_prompt_len, block_len=lay.pair_block_len)
+        N, M = lay.num_tags, lay.num_traces
+        ce = losses.cost_matrix(x.model_config, x.params, with_empty["cost"], N, M, **cost_kw)
+        ca = losses.cost_matrix(x.model_config, x.params, alone["cost"], N, M, **cost_kw)
+        np.testing.assert_allclose(np.asarray(ce)[:B // 2], np.asarray(ca), rtol=1e-5)
+        assert np.isinf(np.asarray(ce)[B // 2:]).all()
+        tags_e, ok_e, _ = losses.assign("ssft", ce, with_empty["cost"]["tag_valid"], with_empty["train"]["trace_valid"],
+                                        jax.random.key(0), c.ssft.matcher)
+        assert (np.asarray(tags_e)[B // 2:] == -1).all() and bool(np.asarray(ok_e)[:B // 2].all())
+    tags = np.asarray(tags_e)
+    (le, ne), ge = _loss_and_grads(x.model_config, x.params, with_empty["train"], tags, x.tag_table, x.tag_lengths)
+    (la, na), ga = _loss_and_grads(x.model_config, x.params, alone["train"], tags[:B // 2], x.tag_table,
+                                   x.tag_lengths)
+    assert float(ne) == float(na) > 0
+    np.testing.assert_allclose(float(le), float(la), rtol=2e-5)
+    for a, b in zip(jax.tree.leaves(ga), jax.tree.leaves(ge)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-5, atol=1e-7)
+
+
+def test_packed_run_resumes_exactly(tmp_path):
+    """train.run with packed rows filled by tokens, stopped after 2 steps and resumed: the losses and the questions
+    per step of an uninterrupted run."""
+    def cfg():
+        c = tiny_config(packed=True, pack_rows=2, pack_len=300, pack_fill="tokens")
+        c.num_steps, c.export_hf, c.checkpoint.every_steps, c.log_every = 4, False, 2, 1
+        c.logging.tensorboard = False
+        return c
+    whole = train.run(cfg(), tmp_path / "whole", progress=False)
+    train.run(cfg(), tmp_path / "parts", progress=False, stop_after=2)
+    resumed = train.run(cfg(), tmp_path / "parts", progress=False)
+    assert set(resumed["losses"]) == {3, 4}
+    for step in (3, 4):
+        assert resumed["losses"][step] == whole["losses"][step]
+    from ssft_jax import metrics_log
+    per_step = lambda w: {r["step"]: r.get("questions") for r in metrics_log.read_metrics(w)}  # noqa: E731
+    a, b = per_step(tmp_path / "whole"), per_step(tmp_path / "parts")
+    assert all(a[s] is not None and 1 <= a[s] <= 4 for s in a) and all(a[s] == b[s] for s in (3, 4))

@@ -92,7 +92,8 @@ Packed train view (``data.packed``; ``packing``): the same sequences ``prompt + 
 decreasing into ``pack_rows`` rows of ``pack_len`` slots per batch, one segment id per sequence, the tag slot's place
 in ``tag_row``/``tag_slot_start [B, M]``, filled by ``packing.fill_packed_tags`` (the step calls
 ``packing.fill_train_rows``, which picks the view's). A question that
-does not fit is deferred to the next batch (``PackedIterator``, counted).
+does not fit is deferred to the next batch (``PackedIterator``, counted). With ``pack_fill="tokens"`` B is the most
+questions per batch and the rows fill up; empty question slots have ``question_index`` -1 and no valid trace.
 
 Token budget per question: cost ``P + N*M*(Lt+Le)`` (shared prompt) vs ``N*M*(P+Lt+Le)`` (repeated);
 train ``M*(P+Lt+T)``. B is per process: the global batch is ``B * process_count``.

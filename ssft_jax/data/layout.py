@@ -41,6 +41,9 @@ class LayoutConfig:
     pack_rows: int = 0
     pack_len: int = 0
     pack_micro_batches: int = 1
+    # "questions": exactly batch_size questions per batch; "tokens": at most batch_size, as many as fill the rows
+    # (``packing.PackedIterator``).
+    pack_fill: str = "questions"
 
     def __post_init__(self):
         for name in ("num_tags", "num_traces", "cost_len", "max_prompt_len", "max_trace_len", "tag_len", "batch_size"):
@@ -64,6 +67,8 @@ class LayoutConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 0:
                 raise ValueError(f"LayoutConfig.{name} must be an int >= 0, got {v!r}")
+        if self.pack_fill not in ("questions", "tokens"):
+            raise ValueError(f"LayoutConfig.pack_fill must be 'questions' or 'tokens', got {self.pack_fill!r}")
         if self.pack_micro_batches < 1:
             raise ValueError(f"LayoutConfig.pack_micro_batches must be >= 1, got {self.pack_micro_batches!r}")
         if self.cost_len > self.max_trace_len:

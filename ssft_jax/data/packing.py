@@ -25,6 +25,15 @@ A batch that does not fit: ``PackedIterator`` defers the question that does not 
 the batch takes the next question of the stream instead), so the number of rows stays static. When nothing is
 deferred the batches are exactly the unpacked pipeline's. A question that does not fit an empty group, or more than
 ``MAX_DEFERRED_BATCHES * B`` questions waiting (``data.pack_rows`` too small for the data), is a ``PackingError``.
+
+Two ways to fill (``LayoutConfig.pack_fill``):
+  * "questions": every batch has exactly B questions. The rows must hold the heaviest batches (up to a few
+    deferrals), so with long-tailed lengths the average batch leaves ~20% of them empty.
+  * "tokens": B is the most questions per batch; each group takes questions until its rows are full (a question
+    that does not fit is deferred and the next one tried, up to ``FILL_TRIES`` times, then the group closes), and
+    the deferred questions open the next group. Empty question slots are questions with no valid trace
+    (``question_index`` -1): the cost pass computes them (static shapes), the matching and the loss skip them.
+    The rows are then nearly full, at a varying number of questions per step.
 """
 
 from __future__ import annotations
@@ -40,6 +49,9 @@ from ssft_jax.data.question import TokenizedQuestion
 # The deferral queue may hold this many batches' worth of questions before the run is stopped: a queue that keeps
 # growing means the rows are too few for the data on average, not an unlucky batch.
 MAX_DEFERRED_BATCHES = 2
+# pack_fill="tokens": questions tried after the first that does not fit, before a group closes with what it has.
+# A row's last gap is smaller than most questions, so a few tries fill it; more would only reorder the stream.
+FILL_TRIES = 3
 
 
 class PackingError(ValueError):
@@ -95,11 +107,12 @@ class PackedTrainLayout:
         lengths = [n for q in questions for n in self.seq_lengths(q)]
         return first_fit_decreasing(lengths, self.rows_per_group, self.cfg.pack_row_len) is not None
 
-    def __call__(self, questions: Sequence[TokenizedQuestion]) -> dict[str, np.ndarray]:
+    def __call__(self, questions: Sequence[TokenizedQuestion | None]) -> dict[str, np.ndarray]:
+        """B question slots, group by group; None is an empty slot (pack_fill="tokens"): no valid trace."""
         c = self.cfg
         B, M, Lt, Rg, S = c.batch_size, c.num_traces, c.tag_len, self.rows_per_group, c.pack_row_len
         if len(questions) != B:
-            raise ValueError(f"expected {B} questions, got {len(questions)}")
+            raise ValueError(f"expected {B} question slots, got {len(questions)}")
         R = c.pack_rows
         tokens, seg, lm = (np.zeros((R, S), np.int32) for _ in range(3))
         seq_index = np.full((R, S), -1, np.int32)
@@ -107,11 +120,12 @@ class PackedTrainLayout:
         valid, truncated = np.zeros((B, M), bool), np.zeros((B, M), bool)
         for g in range(self.groups):
             group = questions[g * self.q_per_group:(g + 1) * self.q_per_group]
-            items = [(k, j) for k, q in enumerate(group) for j in range(len(q.trace_ids))]
+            items = [(k, j) for k, q in enumerate(group) if q is not None for j in range(len(q.trace_ids))]
             lengths = [self.seq_lengths(group[k])[j] for k, j in items]
             placed = first_fit_decreasing(lengths, Rg, S)
             if placed is None:
-                longest = max(range(len(group)), key=lambda k: sum(self.seq_lengths(group[k])))
+                longest = max((k for k, q in enumerate(group) if q is not None),
+                              key=lambda k: sum(self.seq_lengths(group[k])))
                 q = group[longest]
                 raise PackingError(
                     f"{q.where}: question {q.id!r} and the {len(group) - 1} other(s) of its group need more than "
@@ -140,6 +154,14 @@ def question_element(layout: QuestionLayout):
         layout._check(q)
         return {"cost": layout.cost_view(q), "question": q, "question_index": np.int32(q.index)}
     return element
+
+
+def empty_element(like: Mapping[str, Any]) -> dict[str, Any]:
+    """An empty question slot shaped like the element ``like``: no valid trace (the matching assigns nothing, the
+    loss sees nothing), no real token, question_index -1. Its tags stay valid: a question with zero traces."""
+    cost = {k: (v.copy() if k == "tag_valid" else np.zeros_like(v)) for k, v in like["cost"].items()}
+    cost["pair_ids"] = np.full_like(like["cost"]["pair_ids"], -1)
+    return {"cost": cost, "question": None, "question_index": np.int32(-1)}
 
 
 def stack_batch(elements: Sequence[Mapping[str, Any]], packer: PackedTrainLayout) -> dict[str, Any]:
@@ -179,35 +201,48 @@ class PackedIterator:
 
     def __next__(self) -> dict[str, Any]:
         pk = self.packer
+        by_tokens = pk.cfg.pack_fill == "tokens"
         queue, deferred, nxt = list(self._deferred), [], self._next
         groups: list[list[tuple[int, Any]]] = [[] for _ in range(pk.groups)]
-        g = 0
+        g, misses, n_deferred = 0, 0, 0
         while g < pk.groups:
             if queue:
                 idx = queue.pop(0)
             elif self._length is None or nxt < self._length:
                 idx, nxt = nxt, nxt + 1
+            elif by_tokens and any(groups):  # the stream ends inside a batch: the batch leaves with what it has
+                g = pk.groups
+                continue
             else:
                 raise StopIteration
             el = self.elements[idx]
-            if pk.group_fits([e["question"] for _, e in groups[g]] + [el["question"]]):
+            fits = pk.group_fits([e["question"] for _, e in groups[g]] + [el["question"]])
+            if fits:
                 groups[g].append((idx, el))
-                g += len(groups[g]) == pk.q_per_group
-                continue
-            if not groups[g]:
+            elif not groups[g]:
                 q = el["question"]
                 raise PackingError(f"{q.where}: question {q.id!r} alone needs more than {pk.rows_per_group} rows of "
                                    f"{pk.cfg.pack_row_len} slots; raise data.pack_rows or data.pack_len")
-            deferred.append(idx)
-            if len(queue) + len(deferred) > MAX_DEFERRED_BATCHES * self.batch_size:
-                raise PackingError(
-                    f"more than {MAX_DEFERRED_BATCHES * self.batch_size} questions deferred: data.pack_rows="
-                    f"{pk.cfg.pack_rows} rows (per process) of {pk.cfg.pack_row_len} slots are too few for this "
-                    "data's batches on average; raise data.pack_rows")
+            else:
+                deferred.append(idx)
+                n_deferred, misses = n_deferred + 1, misses + 1
+                if len(queue) + len(deferred) > MAX_DEFERRED_BATCHES * self.batch_size:
+                    raise PackingError(
+                        f"more than {MAX_DEFERRED_BATCHES * self.batch_size} questions deferred: data.pack_rows="
+                        f"{pk.cfg.pack_rows} rows (per process) of {pk.cfg.pack_row_len} slots are too few for this "
+                        "data's batches on average; raise data.pack_rows")
+            if len(groups[g]) == pk.q_per_group or (by_tokens and misses > FILL_TRIES):
+                g, misses = g + 1, 0
+                if by_tokens:  # the questions deferred so far open the next group, oldest first
+                    queue, deferred = sorted(queue + deferred), []
         # Commit only now: a StopIteration or error above leaves the iterator where it was.
-        self._next, self._deferred = nxt, queue + deferred
-        self.deferred_total += len(deferred)
-        return stack_batch([e for grp in groups for _, e in grp], pk)
+        self._next, self._deferred = nxt, sorted(queue + deferred) if by_tokens else queue + deferred
+        self.deferred_total += n_deferred
+        if not by_tokens:
+            return stack_batch([e for grp in groups for _, e in grp], pk)
+        empty = empty_element(groups[0][0][1])
+        return stack_batch([grp[k][1] if k < len(grp) else empty for grp in groups for k in range(pk.q_per_group)],
+                           pk)
 
 
 # --------------------------------------------------------------------------------------------
