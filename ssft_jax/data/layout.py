@@ -256,6 +256,24 @@ def cost_matrix_from_token_nll(nll, cost_view: Mapping[str, Any], num_tags: int,
     return jnp.where(valid, c, jnp.inf)
 
 
+def next_real_targets(tokens, real, seq=None):
+    """targets[..., t]: the next real token after slot t of the row, found by a reverse running minimum of the real
+    slots' indices; 0 where slot t is not real or nothing real follows, and, given per-slot sequence ids ``seq``
+    (packed rows), where the next real token belongs to another sequence. The train views' one targets rule."""
+    import jax
+    import jax.numpy as jnp
+
+    S = tokens.shape[-1]
+    idx = jnp.where(real, jnp.arange(S, dtype=jnp.int32), S)
+    nxt = jax.lax.cummin(idx, axis=idx.ndim - 1, reverse=True)
+    nxt = jnp.concatenate([nxt[..., 1:], jnp.full(nxt.shape[:-1] + (1,), S, nxt.dtype)], axis=-1)
+    nxt_c = jnp.clip(nxt, 0, S - 1)
+    ok = real & (nxt < S)
+    if seq is not None:
+        ok = ok & (jnp.take_along_axis(seq, nxt_c, axis=-1) == seq)
+    return jnp.where(ok, jnp.take_along_axis(tokens, nxt_c, axis=-1), 0)
+
+
 def fill_tags(train_view: Mapping[str, Any], tag_of_trace, tag_table, tag_lengths) -> dict[str, Any]:
     """Write each row's assigned tag into its (left-padded) tag slot; ready-for-the-model row arrays.
 
@@ -267,7 +285,6 @@ def fill_tags(train_view: Mapping[str, Any], tag_of_trace, tag_table, tag_length
     reshape to ``[B*M, S]`` for ``model.forward``. The packed train view has its own,
     ``packing.fill_packed_tags`` (``packing.fill_train_rows`` picks the right one).
     """
-    import jax
     import jax.numpy as jnp
 
     tokens = jnp.asarray(train_view["tokens"], jnp.int32)
@@ -291,12 +308,7 @@ def fill_tags(train_view: Mapping[str, Any], tag_of_trace, tag_table, tag_length
     tokens = jnp.where(real, tokens, 0)
     realtoi = real.astype(jnp.int32)
     positions = jnp.where(real, jnp.cumsum(realtoi, axis=-1) - 1, 0)
-    # Next real token of the row (targets): reverse running minimum of the real slots' indices.
-    idx = jnp.where(real, ar, S)
-    nxt = jax.lax.cummin(idx, axis=idx.ndim - 1, reverse=True)
-    nxt = jnp.concatenate([nxt[..., 1:], jnp.full(nxt.shape[:-1] + (1,), S, nxt.dtype)], axis=-1)
-    targets = jnp.take_along_axis(tokens, jnp.clip(nxt, 0, S - 1), axis=-1)
-    targets = jnp.where(real & (nxt < S), targets, 0)
+    targets = next_real_targets(tokens, real)
     loss_mask = jnp.asarray(train_view["loss_mask"], jnp.int32) * on[..., None].astype(jnp.int32)
     return {"tokens": tokens, "segment_ids": realtoi, "positions": positions.astype(jnp.int32),
             "targets": targets, "loss_mask": loss_mask}

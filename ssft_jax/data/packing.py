@@ -43,7 +43,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ssft_jax.data.layout import LayoutConfig, QuestionLayout, fill_tags
+from ssft_jax.data.layout import LayoutConfig, QuestionLayout, fill_tags, next_real_targets
 from ssft_jax.data.question import TokenizedQuestion
 
 # The deferral queue may hold this many batches' worth of questions before the run is stopped: a queue that keeps
@@ -290,12 +290,7 @@ def fill_packed_tags(train_view: Mapping[str, Any], tag_of_trace, tag_table, tag
     start_idx = jax.lax.cummax(jnp.where(start, ar, 0), axis=1)
     before = jnp.take_along_axis(count - realtoi, start_idx, axis=-1)
     positions = jnp.where(real, count - 1 - before, 0)
-    idx = jnp.where(real, ar, S)
-    nxt = jax.lax.cummin(idx, axis=1, reverse=True)
-    nxt = jnp.concatenate([nxt[:, 1:], jnp.full((R, 1), S, nxt.dtype)], axis=-1)
-    nxt_c = jnp.clip(nxt, 0, S - 1)
-    same = (nxt < S) & (jnp.take_along_axis(seq, nxt_c, axis=-1) == seq)
-    targets = jnp.where(real & same, jnp.take_along_axis(tokens, nxt_c, axis=-1), 0)
+    targets = next_real_targets(tokens, real, seq)
     loss_mask = jnp.asarray(train_view["loss_mask"], jnp.int32) * slot_on.astype(jnp.int32)
     return {"tokens": tokens, "segment_ids": jnp.where(real, seq + 1, 0).astype(jnp.int32),
             "positions": positions.astype(jnp.int32), "targets": targets, "loss_mask": loss_mask}
