@@ -98,6 +98,15 @@ head(r, n, c)   the chunked log-softmax (`logprobs.token_logprobs`): min(logprob
                 (chunked attention is always rematerialised per query block, so chunked scores are never saved.)
 total           parameters + optimizer + gradients + update + batch + gathered + max((a), (b)): the cost pass ends
                 (C is [b, N, M]) before the train rows' forward starts.
+LoRA            (`lora.enabled`, ssft_jax/lora.py) parameters = the frozen base in `lora.base_dtype` (exact shards);
+                adapters = the trainable pytree (`lora.trainable_shapes`: A, B per target, special-mode tag rows),
+                fp32, sharded by the same rules; optimizer = 2 * adapters, gradients = 2 * adapters, update =
+                1 * adapters (nothing base-sized); tag-row copies = the [V, D] embedding (and untied lm_head) with
+                the tag rows written in, in the base dtype, plus its cotangent of the same size (the gradient of
+                the rows is gathered from it), per device (V_t * D / fsdp); gathered: two layers of the base in the
+                compute dtype and the head (0 when fsdp = 1 and the base is in the compute dtype: nothing is
+                gathered or cast), no base weight gradients. Activations as above (the backward still runs through
+                every layer); the adapters' own [tokens, r] intermediates are r/D of a residual and left out.
 
 Checked against XLA on CPU (`tests/test_memory_plan.py`; one device, Qwen2.5-0.5B shapes with 2-4 layers and 8k-16k
 token rows): the full-remat estimate of the temporaries is 1.0-1.4x XLA's; with the mesh's data axis only, the
@@ -294,6 +303,38 @@ def parameter_bytes(cfg, sizes: Mapping[str, int]) -> dict[str, Any]:
     return dict(count=count, global_bytes=glob, local_bytes=local, layer_elems_gathered=layer_local_unsharded_fsdp)
 
 
+def lora_spec_for_plan(config, cfg):
+    """The run's LoraSpec (None without `lora.enabled`). The planner has no tokenizer for a preset: the N tag
+    rows are counted as N ids (their values do not change the memory)."""
+    from ssft_jax import lora as lora_lib
+
+    lc = config.get("lora")
+    if lc is None or not lc.enabled:
+        return None
+    s = config.ssft
+    ids = tuple(range(cfg.vocab_size - s.num_tags, cfg.vocab_size)) if (
+        lc.train_tag_rows and s.tag_mode == "special") else ()
+    return lora_lib.LoraSpec(rank=int(lc.rank), alpha=float(lc.alpha), dropout=float(lc.dropout),
+                             targets=tuple(lc.targets), tag_token_ids=ids,
+                             base_dtype=lc.base_dtype or cfg.param_dtype)
+
+
+def lora_bytes(cfg, spec, sizes: Mapping[str, int]) -> dict[str, int]:
+    """Count and per-device bytes of the trainable LoRA pytree (`lora.trainable_shapes`), sharded as the mesh
+    rules shard it."""
+    import jax
+
+    from ssft_jax import lora as lora_lib
+
+    shapes, axes = lora_lib.trainable_shapes(cfg, spec)
+    flat_a = dict(jax.tree_util.tree_leaves_with_path(axes, is_leaf=lambda x: isinstance(x, tuple)))
+    count = local = 0
+    for path, x in jax.tree_util.tree_leaves_with_path(shapes):
+        count += math.prod(x.shape)
+        local += local_bytes(x.shape, x.dtype, flat_a[path], sizes)
+    return dict(count=count, local_bytes=local)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The plan
 # ---------------------------------------------------------------------------------------------------------------
@@ -324,7 +365,8 @@ class Plan:
 
     @property
     def arguments(self) -> float:
-        return sum(b for name, b, _ in self.rows if name in ("parameters", "optimizer state", "batch (inputs)"))
+        return sum(b for name, b, _ in self.rows
+                   if name in ("parameters", "adapters (trainable)", "optimizer state", "batch (inputs)"))
 
     @property
     def temporaries(self) -> float:
@@ -362,6 +404,10 @@ def make_plan(config, *, num_devices: int | None = None, tag_len: int | None = N
         if t > 1 and part == full:
             notes.append(f"{name} ({full}) not divisible by tensor={t}: replicated")
 
+    lora_spec = lora_spec_for_plan(config, cfg)
+    if lora_spec is not None:  # the frozen base is held (and planned) in lora.base_dtype
+        cfg = cfg.replace(param_dtype=lora_spec.base_dtype)
+        w = np.dtype(cfg.param_dtype).itemsize
     params = parameter_bytes(cfg, sizes)
     pb = params["local_bytes"]
     # Per token of a row: attention-phase and MLP-phase intermediates of one layer, what one layer's backward keeps.
@@ -439,18 +485,43 @@ def make_plan(config, *, num_devices: int | None = None, tag_len: int | None = N
     gathered = 2 * layer * a + layer * w + Vt * D * a
     batch_in = mb * (b * 7 * R + 4 * r * S) * 4 + mb * b * (N + 6 * M)
     fill = 5 * r * S * 4
-    rows = [
-        ("parameters", pb, f"exact per-device shards of {_count(params['count'])} params x {w} B"),
-        ("optimizer state", 2 * pb, "AdamW mu + nu, sharded like the parameters"),
-        ("gradients", 2 * pb, "accumulated + current micro-batch, sharded like the parameters"),
-        ("optimizer update", pb, "the `updates` tree"),
-        ("gathered weights", gathered, "FSDP all-gather: 2 layers (compute dtype) + 1 layer's grads + output head"),
+    if lora_spec is None:
+        rows = [
+            ("parameters", pb, f"exact per-device shards of {_count(params['count'])} params x {w} B"),
+            ("optimizer state", 2 * pb, "AdamW mu + nu, sharded like the parameters"),
+            ("gradients", 2 * pb, "accumulated + current micro-batch, sharded like the parameters"),
+            ("optimizer update", pb, "the `updates` tree"),
+            ("gathered weights", gathered, "FSDP all-gather: 2 layers (compute dtype) + 1 layer's grads + output head"),
+        ]
+    else:
+        ad = lora_bytes(cfg, lora_spec, sizes)
+        tables = 1 if cfg.tie_word_embeddings else 2
+        table = local_bytes((V, D), cfg.param_dtype, ("vocab", "embed"), sizes)
+        copies = 2 * tables * table if lora_spec.tag_token_ids else 0
+        params["lora_count"] = ad["count"]
+        rows = [
+            ("parameters", pb, f"frozen base: exact per-device shards of {_count(params['count'])} params x {w} B "
+                               f"({cfg.param_dtype}, no gradients or optimizer state)"),
+            ("adapters (trainable)", ad["local_bytes"],
+             f"LoRA r={lora_spec.rank} on {len(lora_spec.targets)} projections + {len(lora_spec.tag_token_ids)} tag "
+             f"rows: {_count(ad['count'])} params x 4 B"),
+            ("optimizer state", 2 * ad["local_bytes"], "AdamW mu + nu of the adapters only"),
+            ("gradients", 2 * ad["local_bytes"], "accumulated + current micro-batch, adapters only"),
+            ("optimizer update", ad["local_bytes"], "the `updates` tree (adapters)"),
+            ("tag-row table copies", copies, f"{tables} [V, D] table(s) with the tag rows written in + cotangent"),
+            # No copy at all when nothing is gathered and the base is already in the compute dtype.
+            ("gathered weights", (2 * layer * a + Vt * D * a) if (sizes["fsdp"] > 1 or cfg.param_dtype != cfg.dtype)
+             else 0, "FSDP all-gather / cast: 2 base layers (compute dtype) + output head; no base gradients"),
+        ]
+    rows += [
         ("batch (inputs)", batch_in, f"{mb} micro-batch(es) x {b} question(s): cost + train rows, int32"),
         ("fill_tags rows", fill, "one micro-batch's rebuilt train rows"),
     ]
     dims = dict(N=N, M=M, L=L, Le=Le, P=P, T=T, Lt=Lt, R=R, S=S, b=b, micro_batches=mb, dp=dp,
                 packed=bool(d.packed), train_rows=r,
                 batch_size=config.batch_size, remat=remat, attention_chunk=chunk, logprob_chunk=lchunk,
+                lora=(f"r={lora_spec.rank} alpha={lora_spec.alpha:g} base {lora_spec.base_dtype}"
+                      if lora_spec is not None else ""),
                 cost_attention="chunked" if _chunked(chunk, R) else "dense",
                 train_attention="chunked" if _chunked(chunk, S) else "dense",
                 dtype=cfg.dtype, param_dtype=cfg.param_dtype)
@@ -485,6 +556,8 @@ def format_plan(plan: Plan, xla: Mapping[str, float] | None = None, xla_notes: l
 
     out = []
     out.append(f"memory plan: {plan.config_name or 'config'}")
+    if d.get("lora"):
+        out.append(f"LoRA: {d['lora']}, {_count(plan.params['lora_count'])} trainable parameters")
     out.append(f"model: {c.model_type}, {_count(plan.params['count'])} parameters ({plan.model_source}); "
                f"D={c.hidden_size} F={c.intermediate_size} layers={c.num_hidden_layers} heads={c.num_attention_heads}"
                f"/{c.num_key_value_heads} x {c.head_dim} vocab={c.vocab_size} tied={c.tie_word_embeddings}")

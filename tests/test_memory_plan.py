@@ -149,3 +149,39 @@ def test_fsdp_step_keeps_moments_and_activations_on_their_shards():
     assert jax.tree.map(lambda m, p: m.sharding == p.sharding, mu, state["params"]) == jax.tree.map(
         lambda _: True, state["params"])
     assert xla["temp"] <= 1.5 * plan.temporaries
+
+
+def test_lora_plan_counts_the_frozen_base_and_the_adapters_state_only():
+    c = load("qwen2p5_7b_lora", "chips=1")
+    plan = mp.make_plan(c)
+    rows = {name: b for name, b, _ in plan.rows}
+    # Independent count: Qwen2.5-7B shapes, rank 16 on q/k/v/o/gate/up/down of 28 layers.
+    D, F, L, H, K, Dh, r = 3584, 18944, 28, 28, 4, 128, 16
+    adapters = L * r * ((D + H * Dh) + 2 * (D + K * Dh) + (H * Dh + D) + 2 * (D + F) + (F + D))
+    assert plan.params["lora_count"] == adapters == 40_370_176
+    assert plan.params["count"] == 7_615_616_512  # text tags: the vocabulary does not grow
+    assert rows["parameters"] == 7_615_616_512 * 2  # frozen, bf16, on one chip
+    assert rows["adapters (trainable)"] == adapters * 4
+    assert rows["optimizer state"] == rows["gradients"] == 2 * adapters * 4
+    assert rows["tag-row table copies"] == 0 and rows["gathered weights"] == 0
+    assert "does not fit on v5e" in mp.format_plan(plan).splitlines()[-1]
+    four = mp.make_plan(load("qwen2p5_7b_lora", "chips=4"))
+    assert four.total < 16 * mp.GiB and "fits on v5e" in mp.format_plan(four).splitlines()[-1]
+    full = load("qwen2p5_7b_lora", "chips=4")
+    full.lora.enabled, full.model.param_dtype = False, "float32"
+    assert mp.make_plan(full).total > 3 * four.total
+
+
+def test_lora_plan_with_special_tags_counts_the_tag_rows_and_table_copies():
+    c = load("demo", "tiny")
+    c.lora.update(enabled=True, rank=4, base_dtype="float32")
+    plan = mp.make_plan(c, num_devices=1)
+    cfg = plan.cfg
+    rows = {name: b for name, b, _ in plan.rows}
+    N, D, V = c.ssft.num_tags, cfg.hidden_size, cfg.vocab_size
+    assert cfg.tie_word_embeddings
+    assert rows["tag-row table copies"] == 2 * V * D * 4  # the embedding with the rows written in + its cotangent
+    L, H, K, Dh, F, r = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, \
+        cfg.intermediate_size, 4
+    adapters = L * r * ((D + H * Dh) + 2 * (D + K * Dh) + (H * Dh + D) + 2 * (D + F) + (F + D))
+    assert plan.params["lora_count"] == adapters + N * D
