@@ -3,6 +3,7 @@ a kernel on this interpreter, from the repository root."""
 import json
 import os
 import pathlib
+import re
 import sys
 import time
 
@@ -71,5 +72,10 @@ def test_colab_quickstart_runs_on_cpu(tmp_path):
     assert "tag -> strategy" in text and "left_to_right" in text
     assert "ROUND TRIP OK" in text and "max |trained - reloaded| = 0" in text
     assert (tmp_path / "run" / "hf_export" / "model.safetensors").exists()
+    # The LoRA path: the 7B plans (one v5e chip does not fit, four do), a LoRA run from the export above.
+    assert "Qwen2.5-7B LoRA on v5litepod-1" in text and "does not fit on v5e" in text
+    assert re.search(r"Qwen2.5-7B LoRA on v5litepod-4: .* -> fits on v5e", text), text
+    assert "LORA OK: 10 steps" in text and "adapter_config.json" in text
+    assert (tmp_path / "run" / "lora" / "lora_adapter" / "adapter_model.safetensors").exists()
     assert (tmp_path / "run" / "summary.json").exists()
     assert seconds < 120, f"the CPU path should stay well under 2 minutes, took {seconds:.0f}s"
