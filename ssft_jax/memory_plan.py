@@ -644,19 +644,31 @@ def memory_figures(compiled) -> dict[str, float] | None:
 def abstract_step_inputs(config, cfg, tag_len: int, mesh):
     """(optimizer, state, batch, tag_table, tag_lengths, layout): the step's inputs as sharded
     `jax.ShapeDtypeStruct`s, built by `assembly` exactly as `train.run` builds the real ones (parameters and moments
-    with their logical shardings, counters replicated, batch rows over data*fsdp)."""
+    with their logical shardings, counters replicated, batch rows over data*fsdp). With `lora.enabled`, two more:
+    the LoraSpec and the frozen base (the step's fifth argument)."""
     import jax
     from jax.sharding import NamedSharding, PartitionSpec
 
     from ssft_jax import assembly, train_state
 
     optimizer = assembly.make_optimizer(config, config.num_steps or 1000)
-    state = train_state.abstract_state(assembly.abstract_params(cfg, mesh), optimizer, mesh)
+    params = assembly.abstract_params(cfg, mesh)
+    spec = lora_spec_for_plan(config, cfg)
+    frozen = None
+    if spec is not None:  # LoRA: the state holds the adapters; the frozen base (its dtype) is the fifth argument
+        from ssft_jax import lora as lora_lib
+
+        frozen = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, np.dtype(spec.base_dtype), sharding=x.sharding),
+                              params)
+        params = lora_lib.abstract_trainable(cfg, spec, mesh)
+    state = train_state.abstract_state(params, optimizer, mesh)
     layout = assembly.build_layout(config, tag_len, num_processes=1)
     batch = assembly.abstract_batch(layout, config.batch_size, mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
     tbl = jax.ShapeDtypeStruct((config.ssft.num_tags, tag_len), np.int32, sharding=replicated)
     lns = jax.ShapeDtypeStruct((config.ssft.num_tags,), np.int32, sharding=replicated)
+    if spec is not None:
+        return optimizer, state, batch, tbl, lns, layout, spec, frozen
     return optimizer, state, batch, tbl, lns, layout
 
 
@@ -676,9 +688,10 @@ def compile_step(config, cfg, tag_len: int, mesh, *, return_state: bool = False)
     needed. Returns the compiled executable (and the abstract state)."""
     from ssft_jax import assembly
 
-    optimizer, state, batch, table, lengths, layout = abstract_step_inputs(config, cfg, tag_len, mesh)
-    jitted = assembly.make_step(config, cfg, layout, optimizer, state, batch, mesh)
-    compiled = jitted.lower(state, batch, table, lengths).compile()
+    optimizer, state, batch, table, lengths, layout, *lora = abstract_step_inputs(config, cfg, tag_len, mesh)
+    spec, frozen = lora if lora else (None, None)
+    jitted = assembly.make_step(config, cfg, layout, optimizer, state, batch, mesh, lora=spec, frozen=frozen)
+    compiled = jitted.lower(state, batch, table, lengths, *([frozen] if spec is not None else [])).compile()
     return (compiled, state) if return_state else compiled
 
 

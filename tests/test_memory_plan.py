@@ -185,3 +185,17 @@ def test_lora_plan_with_special_tags_counts_the_tag_rows_and_table_copies():
         cfg.intermediate_size, 4
     adapters = L * r * ((D + H * Dh) + 2 * (D + K * Dh) + (H * Dh + D) + 2 * (D + F) + (F + D))
     assert plan.params["lora_count"] == adapters + N * D
+
+
+def test_lora_compile_lowers_the_adapters_step_with_the_frozen_base_as_an_argument():
+    c = load("demo", "tiny")
+    c.mesh.update(data=2, fsdp=2, tensor=1, num_devices=4)
+    c.lora.update(enabled=True, rank=4, base_dtype="bfloat16")
+    plan = mp.make_plan(c, num_devices=4)
+    compiled, state = mp.compile_for_plan(c, plan)
+    assert set(state["params"]) == {"lora", "tag_embedding"}
+    xla = mp.memory_figures(compiled)
+    # The arguments are the adapters' state, the bf16 base and the batch, as planned (to a few bytes of counters
+    # and the small tag table).
+    assert 0.8 <= plan.arguments / xla["argument"] <= 1.25, (plan.arguments, xla)
+    assert 1 / 3 <= plan.total / xla["peak"] <= 3, (plan.total, xla)
