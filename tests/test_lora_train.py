@@ -100,3 +100,20 @@ def test_bad_lora_settings_are_refused(field, value, message):
         c[section][key] = value
     with pytest.raises(config_lib.ConfigError, match=message):
         config_lib.validate(c, 1)
+
+
+def test_lora_on_a_2x2_mesh_shards_the_adapters_and_matches_one_device(tmp_path):
+    assert jax.device_count() >= 4  # conftest's fake CPU devices
+    runs = {}
+    for name, (d, f) in (("one", (1, 1)), ("mesh", (2, 2))):
+        c = lora_config()
+        c.ssft.method = "sft_mixed"  # no matching ties: the same updates on any mesh, up to reduction order
+        c.mesh.update(data=d, fsdp=f, tensor=1, num_devices=d * f)
+        c.num_steps, c.export_hf = 3, False
+        runs[name] = train.run(c, tmp_path / name, progress=False)
+    a = runs["mesh"]["state"]["params"]["lora"]["q_proj"]["a"]  # [L, D, r]: D ('embed') split over fsdp
+    assert a.sharding.spec[1] == "fsdp" and a.addressable_shards[0].data.shape[1] == a.shape[1] // 2
+    for step in (1, 2, 3):
+        np.testing.assert_allclose(runs["mesh"]["losses"][step], runs["one"]["losses"][step], rtol=1e-5)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=2e-5),
+                 runs["mesh"]["state"]["params"], runs["one"]["state"]["params"])
