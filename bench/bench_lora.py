@@ -1,6 +1,6 @@
 """SSFT with LoRA beside SSFT full fine-tuning, from the same base, on the demo task (issue 21's figures).
 
-    python bench/bench_lora.py [--quick] [--base_steps K] [--steps S] [--out DIR]
+    python bench/bench_lora.py [--quick] [--base_steps K] [--steps S] [--out DIR (default workdir_bench_lora)]
 
 A from-scratch model is no base for LoRA (there is nothing to adapt), so the setting is: (1) full-FT SFT-mixed
 (every trace under <think1>) for K steps on the demo config: a base that writes the task, with one tag row trained
@@ -42,7 +42,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=None, help="SSFT steps of each arm (default 100; quick 4)")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--alpha", type=float, default=32.0)
-    ap.add_argument("--out", default="bench_lora_out")
+    ap.add_argument("--out", default="workdir_bench_lora", help="run folders and results.json (git-ignored)")
     args = ap.parse_args(argv)
     base_steps = args.base_steps or (6 if args.quick else 160)
     steps = args.steps or (4 if args.quick else 100)
