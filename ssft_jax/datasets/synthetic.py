@@ -40,6 +40,15 @@ import re
 from typing import Any, Mapping, Sequence
 
 STRATEGIES: tuple[str, ...] = ("left_to_right", "right_to_left", "place_value", "round_tens")
+# The 'styles' set (dataset ``synthetic_styles``, the demo's task): four strategies that differ in their structure,
+# so the classifier (``classify_style``) names the style a text is written in without needing its operands to be
+# copied right. ``left_to_right`` and ``right_to_left`` differ only in operand order: a model that has not yet learnt
+# to copy operands in order (the demo's 200-step model writes running sums of wrong operands under most tags) writes
+# neither recognisably, and the matching cannot tell the two apart either (their first L tokens are the same kind of
+# text). ``running_sum`` renders as ``left_to_right``; ``pairs`` sums neighbouring operands first (a tree, not a
+# chain), so its partial sums, and the questions it finds hard, differ from the running sum's.
+STYLE_STRATEGIES: tuple[str, ...] = ("running_sum", "pairs", "place_value", "round_tens")
+STRATEGY_SETS: dict[str, tuple[str, ...]] = {"order": STRATEGIES, "styles": STYLE_STRATEGIES}
 
 COLUMN_NAMES: tuple[str, ...] = (
     "ones", "tens", "hundreds", "thousands", "ten-thousands", "hundred-thousands",
@@ -53,7 +62,7 @@ ANSWER_SEPARATOR = "\n"
 
 
 def _charset() -> str:
-    chars = set("0123456789+-=>.,: \n")
+    chars = set("0123456789+-=>.,:() \n")
     for word in (QUESTION_PREFIX, QUESTION_SUFFIX, ANSWER_PREFIX, ANSWER_SEPARATOR, *COLUMN_NAMES):
         chars.update(word)
     return "".join(sorted(chars))
@@ -187,8 +196,20 @@ def _round_tens(ops: Sequence[int]) -> str:
     return f"{markers}. {'+'.join(map(str, rounded))}={r_sum}. {_signed_terms(corr)}={c_sum}. {final}"
 
 
+def _pairs(ops: Sequence[int]) -> str:
+    """``(a+b)+(c+d)+e=s1+s2+e=t.``: neighbouring operands summed in brackets, then the pair sums together."""
+    groups = [ops[i:i + 2] for i in range(0, len(ops), 2)]
+    written = "+".join(f"({g[0]}+{g[1]})" if len(g) == 2 else str(g[0]) for g in groups)
+    sums = [sum(g) for g in groups]
+    if len(sums) == 1:
+        return f"{written}={sums[0]}."
+    return f"{written}={'+'.join(map(str, sums))}={sum(sums)}."
+
+
 _RENDERERS = {
     "left_to_right": lambda ops: _running_sum(ops),
+    "running_sum": lambda ops: _running_sum(ops),
+    "pairs": _pairs,
     "right_to_left": lambda ops: _running_sum(list(ops)[::-1]),
     "place_value": _place_value,
     "round_tens": _round_tens,
@@ -198,7 +219,7 @@ _RENDERERS = {
 def render_trace(operands: Sequence[int], strategy: str) -> str:
     """The reference trace of ``strategy`` for these operands, ending with ``\\nAnswer: <sum>``."""
     if strategy not in _RENDERERS:
-        raise ValueError(f"unknown strategy {strategy!r}; known: {STRATEGIES}")
+        raise ValueError(f"unknown strategy {strategy!r}; known: {tuple(_RENDERERS)}")
     ops = [int(o) for o in operands]
     if len(ops) < 2 or any(o <= 0 for o in ops):
         raise ValueError(f"need at least two positive operands, got {operands}")
@@ -221,10 +242,13 @@ def make_record(operands: Sequence[int], strategies: Sequence[str] = STRATEGIES)
     }
 
 
-def _strategies(num_strategies: int) -> tuple[str, ...]:
-    if not 1 <= num_strategies <= len(STRATEGIES):
-        raise ValueError(f"num_strategies must be in 1..{len(STRATEGIES)}, got {num_strategies}")
-    return STRATEGIES[:num_strategies]
+def _strategies(num_strategies: int, strategy_set: str = "order") -> tuple[str, ...]:
+    if strategy_set not in STRATEGY_SETS:
+        raise ValueError(f"unknown strategy set {strategy_set!r}; known: {sorted(STRATEGY_SETS)}")
+    names = STRATEGY_SETS[strategy_set]
+    if not 1 <= num_strategies <= len(names):
+        raise ValueError(f"num_strategies must be in 1..{len(names)}, got {num_strategies}")
+    return names[:num_strategies]
 
 
 def _unique_operand_tuples(n: int, rng: random.Random, difficulty: SyntheticDifficulty,
@@ -249,37 +273,46 @@ def _unique_operand_tuples(n: int, rng: random.Random, difficulty: SyntheticDiff
 
 
 def build_records(n_questions: int, *, seed: int, num_strategies: int = 4,
-                  difficulty: SyntheticDifficulty | str = SyntheticDifficulty()) -> list[dict]:
-    """``n_questions`` records, each with one trace per strategy (fixed order ``STRATEGIES[:num_strategies]``,
-    ``source`` = strategy name). Questions never repeat an operand multiset (an operand order, for a difficulty
-    with ``reorders``). Deterministic in ``seed``."""
-    strategies = _strategies(num_strategies)
+                  difficulty: SyntheticDifficulty | str = SyntheticDifficulty(), strategy_set: str = "order"
+                  ) -> list[dict]:
+    """``n_questions`` records, each with one trace per strategy (fixed order
+    ``STRATEGY_SETS[strategy_set][:num_strategies]``, ``source`` = strategy name). Questions never repeat an operand
+    multiset (an operand order, for a difficulty with ``reorders``). Deterministic in ``seed``."""
+    strategies = _strategies(num_strategies, strategy_set)
     rng = random.Random(seed)
     return [make_record(ops, strategies)
             for ops in _unique_operand_tuples(n_questions, rng, _as_difficulty(difficulty))]
 
 
 def build_splits(n_train: int, n_heldout: int, *, seed: int, num_strategies: int = 4,
-                 difficulty: SyntheticDifficulty | str = SyntheticDifficulty()) -> tuple[list[dict], list[dict]]:
+                 difficulty: SyntheticDifficulty | str = SyntheticDifficulty(), strategy_set: str = "order"
+                 ) -> tuple[list[dict], list[dict]]:
     """(train, heldout) with disjoint questions: no held-out operand multiset occurs in train (so a held-out
     question is not even a reordering of a training one). Deterministic in ``seed``."""
     d = _as_difficulty(difficulty)
     if not d.reorders:
-        records = build_records(n_train + n_heldout, seed=seed, num_strategies=num_strategies, difficulty=d)
+        records = build_records(n_train + n_heldout, seed=seed, num_strategies=num_strategies, difficulty=d,
+                                strategy_set=strategy_set)
         return records[:n_train], records[n_train:]
     # Held-out multisets first, then training questions that are no reordering of any of them.
-    strategies, rng = _strategies(num_strategies), random.Random(seed)
+    strategies, rng = _strategies(num_strategies, strategy_set), random.Random(seed)
     held = _unique_operand_tuples(n_heldout, rng, dataclasses.replace(d, reorders=False))
     train = _unique_operand_tuples(n_train, rng, d, exclude={tuple(sorted(o)) for o in held})
     return [make_record(o, strategies) for o in train], [make_record(o, strategies) for o in held]
 
 
-def splits_from_config(config) -> tuple[list[dict], list[dict]]:
-    """``build_splits`` for a run config (the ``synthetic`` dataset of ``ssft_jax.datasets``): sizes and difficulty
-    from ``data.synthetic``, one trace per strategy up to ``ssft.max_traces``, seeded by ``seed``."""
+def splits_from_config(config, strategy_set: str = "order") -> tuple[list[dict], list[dict]]:
+    """``build_splits`` for a run config (the ``synthetic`` dataset of ``ssft_jax.datasets``; ``synthetic_styles``
+    with ``strategy_set='styles'``): sizes and difficulty from ``data.synthetic``, one trace per strategy up to
+    ``ssft.max_traces``, seeded by ``seed``."""
     s = config.data.synthetic
     return build_splits(s.num_questions, s.heldout, seed=config.seed, num_strategies=config.ssft.max_traces,
-                        difficulty=s.difficulty)
+                        difficulty=s.difficulty, strategy_set=strategy_set)
+
+
+def style_splits_from_config(config) -> tuple[list[dict], list[dict]]:
+    """The ``synthetic_styles`` dataset: the same questions as ``synthetic``, traces in the 'styles' set."""
+    return splits_from_config(config, strategy_set="styles")
 
 
 # ----------------------------------------------------------------------------------------------- verifier
@@ -371,6 +404,29 @@ def classify_strategy(question_or_record: Any, text: str) -> str | None:
     return None
 
 
+_PAIR_RE = re.compile(r"\((\d+)\+(\d+)\)")
+
+
+def classify_style(question_or_record: Any, text: str) -> str | None:
+    """The 'styles' strategy (``STYLE_STRATEGIES``) of ``text`` from its structure alone, or None.
+
+    On the text before the last ``Answer:`` marker: rounding markers (as in ``classify_strategy``) -> round_tens; a
+    column section -> place_value; a bracketed pair ``(a+b)`` -> pairs; a running-sum step ``a+b=s`` at the start or
+    after whitespace -> running_sum. Two kinds of evidence at once -> None (a mixture is no one strategy). Which
+    numbers were written is not judged (the checker judges the answer): the style is what a tag is meant to steer.
+    """
+    ops = _operands_of(question_or_record)
+    cut = text.rfind("Answer:")
+    work = text if cut < 0 else text[:cut]
+    found = [name for name, hit in (
+        ("round_tens", _round_evidence(work) >= max(1, len(ops) // 2)),
+        ("place_value", _column_evidence(work) >= 1),
+        ("pairs", _PAIR_RE.search(work) is not None),
+        ("running_sum", _BINARY_RE.search(work) is not None and "(" not in work and "->" not in work
+         and ":" not in work)) if hit]
+    return found[0] if len(found) == 1 else None
+
+
 def extract_answer(text: str) -> str | None:
     """The value of the last ``Answer: n`` in ``text`` (normalised, e.g. ``007`` -> ``7``), or None."""
     matches = _ANSWER_RE.findall(text)
@@ -402,6 +458,7 @@ def strategy_histogram(question_or_record: Any, texts: Sequence[str]) -> dict[st
 __all__ = [
     "STRATEGIES", "CHARSET", "COLUMN_NAMES", "DIFFICULTIES", "SyntheticDifficulty", "VerifyResult",
     "question_text", "parse_question", "make_question", "render_trace", "record_id", "make_record",
-    "build_records", "build_splits", "splits_from_config", "classify_strategy", "extract_answer", "verify",
+    "build_records", "build_splits", "splits_from_config", "style_splits_from_config", "classify_strategy",
+    "classify_style", "STYLE_STRATEGIES", "STRATEGY_SETS", "extract_answer", "verify",
     "strategy_histogram",
 ]
