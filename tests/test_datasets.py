@@ -249,7 +249,8 @@ def test_digits_split_reorders_but_never_leaks_a_heldout_multiset():
 
 def test_charset_covers_everything(all_records):
     used = set()
-    for _, records in all_records:
+    styles = [(d, synthetic.build_records(30, seed=0, difficulty=d, strategy_set="styles")) for d in DIFFS]
+    for _, records in all_records + styles:
         for r in records:
             used.update(r["question"])
             for t in r["traces"]:
@@ -257,6 +258,76 @@ def test_charset_covers_everything(all_records):
     assert used <= set(synthetic.CHARSET)
     assert used == set(synthetic.CHARSET)  # and nothing in it is unused
     assert list(synthetic.CHARSET) == sorted(set(synthetic.CHARSET))
+
+
+# ------------------------------------------------------------------------------------ synthetic, 'styles' set
+
+def test_style_records_and_splits():
+    recs = synthetic.build_records(40, seed=3, difficulty="digits", strategy_set="styles")
+    order = synthetic.build_records(40, seed=3, difficulty="digits")
+    # the same questions (and ids) as the 'order' set; only the traces differ
+    assert [r["question"] for r in recs] == [r["question"] for r in order]
+    assert [r["id"] for r in recs] == [r["id"] for r in order]
+    for r in recs:
+        assert [t["source"] for t in r["traces"]] == list(synthetic.STYLE_STRATEGIES)
+        assert len({t["text"] for t in r["traces"]}) == 4
+    assert synthetic.render_trace([3, 4, 5, 6, 7], "pairs") == "(3+4)+(5+6)+7=7+11+7=25.\nAnswer: 25"
+    assert synthetic.render_trace([3, 4], "pairs") == "(3+4)=7.\nAnswer: 7"
+    assert synthetic.render_trace([3, 4, 5], "running_sum") == synthetic.render_trace([3, 4, 5], "left_to_right")
+    train, held = synthetic.build_splits(200, 20, seed=1, difficulty="tiny", strategy_set="styles")
+    assert (train, held) == synthetic.build_splits(200, 20, seed=1, difficulty="tiny", strategy_set="styles")
+    assert len(train) == 200 and len(held) == 20
+    with pytest.raises(ValueError, match="unknown strategy set 'nope'"):
+        synthetic.build_records(5, seed=0, strategy_set="nope")
+    with pytest.raises(ValueError, match="num_strategies must be in 1..4"):
+        synthetic.build_records(5, seed=0, num_strategies=5, strategy_set="styles")
+
+
+def test_classify_style_names_every_reference_trace():
+    n = 0
+    for i, d in enumerate(DIFFS):
+        for r in synthetic.build_records(N_PER_DIFF.get(i, 300), seed=2, difficulty=d, strategy_set="styles"):
+            for t in r["traces"]:
+                assert synthetic.classify_style(r, t["text"]) == t["source"], (r["question"], t)
+                assert synthetic.verify(r, t["text"]).correct  # the answer checker is the order set's
+                n += 1
+    assert n > 5000
+
+
+def test_classify_style_judges_structure_not_operands():
+    r = synthetic.make_record([6, 9, 5])
+    style = synthetic.classify_style
+    # the style is named even when the operands are copied wrongly (what a tag is meant to steer is the style;
+    # the checker judges the answer)
+    assert style(r, "7+9=11. 11+1=19.\nAnswer: 19") == "running_sum"
+    assert style(r, "(7+9)+1=16+1=17.\nAnswer: 17") == "pairs"
+    assert style(r, "ones: 9+9+9=20.\nAnswer: 20") == "place_value"
+    assert style(r, "6->10-4, 9->10-1, 5->10-5. 10+10+10=30. -4-1-5=-10. 30-10=20.") == "round_tens"
+    # truncated first steps still show their style
+    assert style(r, "6+9=15.") == "running_sum" and style(r, "(6+9)") == "pairs"
+    # no evidence, or two kinds of it at once: no style
+    for text in ("", "Answer: 20", r["question"], "6+9+5=20.\nAnswer: 20", "The quick brown fox.",
+                 "(6+9)+5=20. ones: 6+9+5=20.", "6->10-4, 9->10-1. (6+9)", "6->10-4, 9->10-1. ones: 6+9+5=20."):
+        assert style(r, text) is None, text
+    # a running-sum step beside another style's marks is that style's (each of them writes such steps)
+    assert style(r, "6+9=15. ones: 6+9+5=20.") == "place_value" and style(r, "6+9=15. (15+5)=20.") == "pairs"
+    # only what comes before the last answer line counts
+    assert style(r, "Answer: 1\n(6+9)") is None
+    assert style(r, "(6+9)+5=15+5=20.\nAnswer: 20\n6+9=15.") == "pairs"
+
+
+def test_style_dataset_is_registered():
+    from ssft_jax import datasets
+    from ssft_jax.config import load_config
+    spec = datasets.get_dataset("synthetic_styles")
+    assert spec.checker == "synthetic" and spec.classifier.names == synthetic.STYLE_STRATEGIES
+    c = load_config("demo", "tiny")
+    c.data.name = "synthetic_styles"
+    train, held = datasets.build_records(c)
+    assert (train, held) == synthetic.build_splits(32, 8, seed=c.seed, difficulty="tiny", strategy_set="styles")
+    rec = train[0]
+    for t in rec["traces"]:
+        assert spec.classifier(rec, t["text"]) == t["source"]
 
 
 def test_difficulty_validation():

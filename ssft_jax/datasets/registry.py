@@ -119,8 +119,8 @@ def jsonl_sources(config) -> tuple[list, list]:
 
 register_dataset(DatasetSpec("synthetic", synthetic.splits_from_config, checker="synthetic",
                              classifier=StrategyClassifier(synthetic.STRATEGIES, synthetic.classify_strategy)))
+register_dataset(DatasetSpec("gsm8k", gsm8k.splits_from_config, checker="gsm8k"))
+register_dataset(DatasetSpec("jsonl", jsonl_sources, checker="math", has_heldout=False))
 # The demo's task: the same questions, strategies that differ in structure (synthetic.STYLE_STRATEGIES says why).
 register_dataset(DatasetSpec("synthetic_styles", synthetic.style_splits_from_config, checker="synthetic",
                              classifier=StrategyClassifier(synthetic.STYLE_STRATEGIES, synthetic.classify_style)))
-register_dataset(DatasetSpec("gsm8k", gsm8k.splits_from_config, checker="gsm8k"))
-register_dataset(DatasetSpec("jsonl", jsonl_sources, checker="math", has_heldout=False))

@@ -326,7 +326,9 @@ class VerifyResult:
 
 
 _ANSWER_RE = re.compile(r"Answer:\s*(-?\d+)")
-_ROUND_RE = re.compile(r"(\d+)\s*->\s*(\d+)\s*([+-])\s*(\d+)")
+# A marker is written as the traces write it: no spaces, no leading zero in the rounded value (random text such as
+# "510 ->00 +4" is no marker).
+_ROUND_RE = re.compile(r"(\d+)->(0|[1-9]\d*)([+-])(\d+)")
 _COLUMN_RE = re.compile(
     r"\b(hundred-thousands|ten-thousands|thousands|hundreds|tens|ones):\s*(\d+(?:\s*\+\s*\d+)*)\s*=\s*(\d+)")
 # A running-sum step "x+y=z" as the traces write it: at the start of the text or after whitespace (so never the
@@ -412,7 +414,9 @@ def classify_style(question_or_record: Any, text: str) -> str | None:
 
     On the text before the last ``Answer:`` marker: rounding markers (as in ``classify_strategy``) -> round_tens; a
     column section -> place_value; a bracketed pair ``(a+b)`` -> pairs; a running-sum step ``a+b=s`` at the start or
-    after whitespace -> running_sum. Two kinds of evidence at once -> None (a mixture is no one strategy). Which
+    after whitespace, in a text with none of the other styles' marks (``(``, ``->``, ``:``: the other styles write
+    such steps too, e.g. ``ones: 6+9=15``) -> running_sum. Rounding markers, a column section or a pair together
+    -> None (a mixture is no one strategy). Which
     numbers were written is not judged (the checker judges the answer): the style is what a tag is meant to steer.
     """
     ops = _operands_of(question_or_record)
