@@ -248,8 +248,10 @@ def run_seed(args, seed: int) -> dict[str, Any]:
         print(f"[seed {seed} {method}] {run['final_step']} steps in {train_s:.0f}s, greedy MI/logM "
               f"{g['mutual_information_frac_logM']:.3f}, distinct {g['distinct_strategies']:.2f}, "
               f"Pass@1 coverage {g['pass@1_coverage']:.3f}, self-chosen {g['pass@1_self_chosen']}", flush=True)
-    task = (f"synthetic multi-strategy arithmetic ({config.data.synthetic.difficulty})" if config.data.name ==
-            "synthetic" else f"dataset {config.data.name}" + (f" ({config.data.path})" if args.data else ""))
+    synthetic_sets = {"synthetic": "", "synthetic_styles": ", styles set"}
+    task = (f"synthetic multi-strategy arithmetic ({config.data.synthetic.difficulty}"
+            f"{synthetic_sets[config.data.name]})" if config.data.name in synthetic_sets
+            else f"dataset {config.data.name}" + (f" ({config.data.path})" if args.data else ""))
     meta = {"task": task, "M": int(config.ssft.max_traces), "N": int(config.ssft.num_tags),
             "layers": int(config.model.init.num_hidden_layers), "hidden": int(config.model.init.hidden_size),
             "batch_size": int(config.batch_size), "heldout": len(heldout), "budgets": budgets}

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 def quick_demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     code = demo.main(["--quick", "--out", str(out), "--quiet", "--temperatures", "0", "1.0", "--seeds", "0,1",
-                      "--methods", "sft_mixed", "ssft", "--gfpo_steps", "2"])
+                      "--methods", "sft_mixed", "ssft", "--gfpo_steps", "2", "--dataset", "synthetic_styles"])
     assert code == 0
     return out, json.loads((out / "results.json").read_text())
 
@@ -31,6 +31,10 @@ def test_outputs_table_and_seed_aggregation(quick_demo):
     assert md.count("| slot |") == 3 and (out / "results.png").stat().st_size > 10_000
     assert (out / "seed0.log").is_file() and (out / "seed1.log").is_file()  # two seeds: one worker process each
     assert len(rows) == 3
+    # the default run's task (configs/demo.py), named with its strategy set and judged by its style classifier
+    assert "synthetic multi-strategy arithmetic (tiny, styles set)" in md
+    ev = results["ssft"]["seeds"]["0"]["eval"]["0.0"]
+    assert ev["strategy_names"] == list(datasets.synthetic.STYLE_STRATEGIES) + ["none"]
     # every cell of the main table is the mean [min, max] of the two seeds' values
     cells = [c.strip() for c in main.split("|")[2:-1]]
     for (_, which, key), cell in zip(demo.COLUMNS, cells):

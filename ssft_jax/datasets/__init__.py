@@ -5,6 +5,8 @@ Every builder returns plain dicts ``{"id": str, "question": str, "traces": [{"te
 
 * ``synthetic``: generated multi-operand additions, each with one trace per machine-recognisable strategy and a
   verifier that names the strategy of any generated text (ground truth for mode collapse vs preservation).
+* ``synthetic_styles``: the same questions with four structurally different strategies (running sum, bracketed
+  pairs, place value, rounding to tens) and a classifier that names a text's style from its structure: the demo's task.
 * ``gsm8k``: GSM8K read in place from ``../shared/data/gsm8k`` (reference + socratic + correct model solutions
   per test question; single reference trace for train).
 * ``jsonl``: the run's own JSONL/parquet files (``data.path``), read and validated by ``ssft_jax.data``.
