@@ -74,6 +74,7 @@ def make_config(args, cost_len: int, max_prompt_len: int, max_trace_len: int):
                         num_key_value_heads=2, head_dim=32)
     c.ssft.update(num_tags=args.N, max_traces=args.M, cost_prefix_len=cost_len, cost_layout="packed")
     c.data.update(max_prompt_len=max_prompt_len, max_trace_len=max_trace_len)
+    c.data.name = "synthetic"  # the task (and so the row lengths) of those figures: the demo's is now the styles set
     c.data.synthetic.update(num_questions=args.questions, heldout=8, difficulty=args.difficulty)
     c.batch_size = args.batch
     if args.tiny_model:
