@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import pathlib
+import shutil
 import sys
 import time
 
@@ -47,6 +48,10 @@ def main(argv=None) -> dict:
     base_steps = args.base_steps or (6 if args.quick else 160)
     steps = args.steps or (4 if args.quick else 100)
     out = pathlib.Path(args.out)
+    # Every run starts over: a run folder left by an earlier invocation would be resumed from its last checkpoint
+    # (train.run resumes), so a finished base would train no steps and the arms would start from another config's.
+    for name in ("base", "full", "lora"):
+        shutil.rmtree(out / name, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     load = os.getloadavg()[0]
 

@@ -25,3 +25,6 @@ def test_bench_lora_quick_reports_both_arms(tmp_path):
         assert 0.0 <= a["eval"]["mutual_information_frac_logM"] <= 1.0
     assert "| lora |" in result["report"]
     assert json.loads((tmp_path / "results.json").read_text())["steps"] == 4
+    # a second run into the same folder starts over (it would otherwise resume the finished runs and train nothing)
+    again = bench_lora.main(["--quick", "--out", str(tmp_path)])
+    assert again["arms"]["lora"]["eval"]["tag_strategy_counts"] == arms["lora"]["eval"]["tag_strategy_counts"]
