@@ -207,8 +207,8 @@ def _pairs(ops: Sequence[int]) -> str:
 
 
 _RENDERERS = {
-    "left_to_right": lambda ops: _running_sum(ops),
-    "running_sum": lambda ops: _running_sum(ops),
+    "left_to_right": _running_sum,
+    "running_sum": _running_sum,
     "pairs": _pairs,
     "right_to_left": lambda ops: _running_sum(list(ops)[::-1]),
     "place_value": _place_value,
@@ -416,8 +416,8 @@ def classify_style(question_or_record: Any, text: str) -> str | None:
     column section -> place_value; a bracketed pair ``(a+b)`` -> pairs; a running-sum step ``a+b=s`` at the start or
     after whitespace, in a text with none of the other styles' marks (``(``, ``->``, ``:``: the other styles write
     such steps too, e.g. ``ones: 6+9=15``) -> running_sum. Rounding markers, a column section or a pair together
-    -> None (a mixture is no one strategy). Which
-    numbers were written is not judged (the checker judges the answer): the style is what a tag is meant to steer.
+    -> None (a mixture is no one strategy). Which numbers were written is not judged (the checker judges the
+    answer): the style is what a tag is meant to steer.
     """
     ops = _operands_of(question_or_record)
     cut = text.rfind("Answer:")
