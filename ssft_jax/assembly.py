@@ -305,7 +305,7 @@ def load_checkpoint_for_generation(workdir: str | pathlib.Path, *, step: int | N
     abstract = train_state.abstract_state(target, optimizer, mesh)
     ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", async_save=False)
     try:
-        _, state, _, _ = ckpt.restore(step, abstract)
+        state = ckpt.restore(step, abstract).state
     finally:
         ckpt.close()
     cfg, tok = pieces.model_config, pieces.tokenizer

@@ -21,7 +21,7 @@ import os
 import pathlib
 import signal
 import threading
-from typing import Any
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +32,43 @@ from etils import epath
 from ssft_jax import faults
 
 
-ITEMS = ("state", "data", "config", "integrity")
+ITEMS = ("state", "data", "config", "integrity", "stats")
+# Orbax's per-step metadata file; its `item_handlers` names every item the step was saved with, which tells an item
+# that went missing (damage) from one the writing version did not have yet (a checkpoint that predates it).
+STEP_METADATA = "_CHECKPOINT_METADATA"
+# Items a step can lack because it predates them: restored without them (the caller is told), never silently.
+OPTIONAL_ITEMS = ("integrity", "stats")
+
+
+class Restored(NamedTuple):
+    """What `Checkpointer.restore` returns. `stats`: the run's statistics item (None if the step predates it);
+    `unverified`: True when the step predates the integrity fingerprints (its arrays could not be checked)."""
+    step: int
+    state: Any
+    data: Any
+    config: dict | None
+    stats: dict | None = None
+    unverified: bool = False
+
+
+def short_error(e: BaseException, limit: int = 300) -> str:
+    """The first meaningful line of a library error: the deepest cause's first line (TensorStore's own, e.g.
+    'FAILED_PRECONDITION: Error reading "<array>" ...: Truncated Zstd-compressed stream'), without the ~60 lines of
+    spec that orbax puts after it; the whole chain is in the traceback that --debug shows."""
+    root, seen = e, {id(e)}
+    while root.__cause__ is not None and id(root.__cause__) not in seen:
+        root = root.__cause__
+        seen.add(id(root))
+    full = str(root)
+    text = full.split("See full TensorStore details")[0]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    text = lines[0] if lines else type(root).__name__
+    if len(text) > limit:
+        text = text[:limit] + " ..."
+    cut = root is not e or text != full.strip()
+    return text + (" [cut: --debug shows the whole error]" if cut else "")
+
+
 # What a start does with a latest checkpoint that cannot be restored (`restore_latest`; config checkpoint.on_corrupt).
 ON_CORRUPT = ("error", "fallback")
 
@@ -93,7 +129,8 @@ class Checkpointer:
         self._pending: int | None = None  # step of the async write in flight
 
     # -- saving -------------------------------------------------------------------------------------------------
-    def save(self, step: int, state: Any, data_state: Any = None, config: dict | None = None, *, force: bool = False) -> bool:
+    def save(self, step: int, state: Any, data_state: Any = None, config: dict | None = None, *,
+             stats: dict | None = None, force: bool = False) -> bool:
         """Start saving `step` (async: returns once device buffers are copied). True if a save was started; False
         if `step` is already saved (e.g. a finished run started again). A failure of the previous async write is
         raised here first, naming that step."""
@@ -106,6 +143,8 @@ class Checkpointer:
                 args["data"] = ocp.args.JsonSave(data_state)
             if config is not None:
                 args["config"] = ocp.args.JsonSave(config)
+            if stats is not None:
+                args["stats"] = ocp.args.JsonSave(stats)
             started = self._manager.save(step, args=ocp.args.Composite(**args), force=force)
         except Exception as e:  # orbax raises assorted OS/value errors: name the step and place
             raise CheckpointError(f"saving checkpoint step {step} to {self.directory} failed: {e}", step=step) from e
@@ -164,21 +203,41 @@ class Checkpointer:
                 out.append(f"{key}: {saved_flat[key]} -> {tuple(v.shape)}")
         return out
 
-    def restore(self, step: int | None, abstract_state: Any, *, require: tuple[str, ...] = ("state",)
-                ) -> tuple[int, Any, Any, dict | None]:
-        """(step, state, data_state, config) of `step` (default: latest), with arrays placed as `abstract_state`
-        says: a pytree of `jax.ShapeDtypeStruct` carrying the target shardings (a different mesh is fine).
+    def saved_items(self, step: int) -> set[str] | None:
+        """The items step `step` was saved with (its orbax metadata's item handlers), or None when that file is
+        missing or unreadable (then nothing can be told apart: every known item is expected)."""
+        try:
+            meta = json.loads((self.directory / str(step) / STEP_METADATA).read_text())
+            handlers = meta["item_handlers"]
+            if not isinstance(handlers, Mapping):
+                return None
+            return set(handlers)
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
 
-        Raises CheckpointError naming the step if an item in `require` is missing, a file cannot be read, or the
-        restored arrays differ from the saved fingerprint."""
+    def restore(self, step: int | None, abstract_state: Any, *, require: tuple[str, ...] = ("state",),
+                validate: Mapping[str, Callable[[int, Any], None]] | None = None) -> Restored:
+        """`Restored(step, state, data, config, stats, unverified)` of `step` (default: latest), with arrays placed
+        as `abstract_state` says: a pytree of `jax.ShapeDtypeStruct` carrying the target shardings (a different mesh
+        is fine).
+
+        Raises CheckpointError naming the step if an item in `require` is missing, an item the step was saved with
+        is missing (its metadata lists it), a file cannot be read, the restored arrays differ from the saved
+        fingerprint, or `validate[item](step, value)` rejects an item's content (raising ValueError, KeyError or
+        TypeError: e.g. a data-iterator state that is valid JSON but not the iterator's). A step that predates an
+        optional item ('integrity', 'stats') restores without it and says so in `unverified` / `stats=None`."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"no complete checkpoint in {self.directory}")
         step_dir = self.directory / str(step)
-        missing = [name for name in require if not (step_dir / name).exists()]
+        saved_with = self.saved_items(step)
+        expected = set(require) | (saved_with if saved_with is not None else set(OPTIONAL_ITEMS))
+        missing = sorted(name for name in expected if name in ITEMS and not (step_dir / name).exists())
         if missing:
-            raise CheckpointError(f"checkpoint step {step} in {self.directory} is incomplete: item(s) {missing} "
-                                  "missing", step=step)
+            how = ("listed in its metadata" if saved_with is not None else
+                   f"its {STEP_METADATA} is unreadable, so a missing item cannot be told from one it never had")
+            raise CheckpointError(f"checkpoint step {step} in {self.directory} is damaged: item(s) {missing} "
+                                  f"missing ({how})", step=step)
         args = {"state": ocp.args.StandardRestore(abstract_state)}
         for name in ITEMS[1:]:
             if (step_dir / name).exists():
@@ -186,9 +245,13 @@ class Checkpointer:
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(**args))
         except Exception as e:
-            raise CheckpointError(f"checkpoint step {step} in {self.directory} cannot be read: {e}", step=step) from e
+            raise CheckpointError(f"checkpoint step {step} in {self.directory} cannot be read: {short_error(e)}",
+                                  step=step) from e
         saved = restored.get("integrity")
         if saved is not None:
+            if not isinstance(saved, Mapping):
+                raise CheckpointError(f"checkpoint step {step} in {self.directory} is damaged: its integrity item is "
+                                      "not a fingerprint table", step=step)
             got = state_fingerprint(restored["state"])
             if set(saved) != set(got) and len(saved) == len(got):  # same leaves under other names: compare in order
                 saved, got = dict(enumerate(saved.values())), dict(enumerate(got.values()))
@@ -197,10 +260,20 @@ class Checkpointer:
                 raise CheckpointError(
                     f"checkpoint step {step} in {self.directory} is corrupt: {len(bad)} restored array(s) differ from "
                     f"what was saved: {bad[:5]}{' ...' if len(bad) > 5 else ''}", step=step)
-        return step, restored["state"], restored.get("data"), restored.get("config")
+        for name, check in (validate or {}).items():
+            if restored.get(name) is None:
+                continue
+            try:
+                check(step, restored[name])
+            except (ValueError, KeyError, TypeError, IndexError) as e:
+                raise CheckpointError(f"checkpoint step {step} in {self.directory} is damaged: its {name!r} item "
+                                      f"is not valid ({type(e).__name__}: {short_error(e)})", step=step) from e
+        return Restored(step, restored["state"], restored.get("data"), restored.get("config"),
+                        restored.get("stats"), unverified=saved is None)
 
     def restore_latest(self, abstract_state: Any, *, on_corrupt: str = "error",
-                       require: tuple[str, ...] = ("state",)) -> tuple[int, Any, Any, dict | None] | None:
+                       require: tuple[str, ...] = ("state",),
+                       validate: Mapping[str, Callable[[int, Any], None]] | None = None) -> Restored | None:
         """`restore` of the latest complete step, or None if there is none.
 
         on_corrupt="error": an unreadable latest step raises CheckpointError naming it. "fallback": it is moved
@@ -211,7 +284,11 @@ class Checkpointer:
         moved = []
         while (step := self.latest_step()) is not None:
             try:
-                return self.restore(step, abstract_state, require=require)
+                restored = self.restore(step, abstract_state, require=require, validate=validate)
+                if restored.unverified:
+                    logging.warning("checkpoint step %d in %s predates the integrity fingerprints: restored without "
+                                    "verifying its arrays", step, self.directory)
+                return restored
             except CheckpointError as e:
                 if on_corrupt == "error":
                     raise CheckpointError(

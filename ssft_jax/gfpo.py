@@ -346,6 +346,12 @@ def roll_out(cfg, params, tokenizer, choice: tag_policy.TagChoice, questions: Qu
 # The run
 # ---------------------------------------------------------------------------------------------------------------
 
+def _check_data_item(item) -> None:
+    """GFPO's data item is {step, questions} (questions are drawn per (seed, step): nothing else to restore)."""
+    if not (isinstance(item, dict) and all(isinstance(item.get(k), int) for k in ("step", "questions"))):
+        raise ValueError("expected {'step': int, 'questions': int}")
+
+
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progress: bool = True,
         stop_after: int | None = None, reward_fn: RewardFn | None = None) -> dict[str, Any]:
     """Run (or resume) GFPO and return its summary. reward_fn replaces the checker's 1/0 reward (it receives the
@@ -408,11 +414,13 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
     state = train_state.init_state(lm.params, optimizer, config.seed, mesh)
     del lm.params, ref
     start = 0
-    restored = checkpointer.restore_latest(ckpt_lib.abstract_like(state), require=("state", "data"),
-                                           on_corrupt=config.checkpoint.on_corrupt)
+    restored = checkpointer.restore_latest(
+        ckpt_lib.abstract_like(state), require=("state", "data"), on_corrupt=config.checkpoint.on_corrupt,
+        validate=run_common.item_validators(N, per_step="rewards", data=_check_data_item))
+    stats = run_common.restored_stats(restored, N, per_step="rewards")
     if restored is not None:
-        start, state, data_state, _ = restored
-        if data_state.get("questions") != len(questions):
+        start, state, data_state = restored.step, restored.state, restored.data
+        if data_state["questions"] != len(questions):
             raise config_lib.ConfigError(f"the checkpoint's run had {data_state.get('questions')} GFPO questions, "
                                          f"this config gives {len(questions)}: use the run's data or a new --workdir")
         logging.info("GFPO: resumed from step %d", start)
@@ -436,10 +444,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
                                                wandb_project=config.logging.wandb_project,
                                                wandb_entity=config.logging.wandb_entity, config=config_json)
     guard = ckpt_lib.PreemptionGuard()
-    rewards_log: dict[int, float] = {}
-    consecutive_skips, skipped_steps = int(state["consecutive_skips"]), 0
+    consecutive_skips = int(state["consecutive_skips"])
     rollout_s = update_s = 0.0
-    rollout_tokens = 0
     bar = None
     if progress:
         from tqdm import tqdm
@@ -472,16 +478,17 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
             step += 1
             rollout_s += t_upd - t_roll
             update_s += t_end - t_upd
-            rollout_tokens += ro.tokens
+            stats.rollout_tokens += ro.tokens
             nonfinite_rewards = int((~np.isfinite(ro.rewards)).sum())
             consecutive_skips = consecutive_skips + 1 if metrics["step_skipped"] else 0
-            skipped_steps += int(metrics["step_skipped"])
+            if metrics["step_skipped"]:
+                stats.skipped_steps.append(step)
             finite = ro.rewards[np.isfinite(ro.rewards)]
-            rewards_log[step] = float(finite.mean()) if finite.size else float("nan")
+            stats.rewards[step] = float(finite.mean()) if finite.size else float("nan")
             record = {k: v for k, v in metrics.items() if k != "pi"}
             record.update(
-                reward=rewards_log[step], policy_reward=policy_reward(g.estimator, ro.rewards, row_tags, logp_old), accuracy=float(ro.correct.mean()), answer_rate=float(ro.answered.mean()),
-                rewards_nonfinite=nonfinite_rewards, steps_skipped_total=skipped_steps,
+                reward=stats.rewards[step], policy_reward=policy_reward(g.estimator, ro.rewards, row_tags, logp_old), accuracy=float(ro.correct.mean()), answer_rate=float(ro.answered.mean()),
+                rewards_nonfinite=nonfinite_rewards, steps_skipped_total=len(stats.skipped_steps),
                 rollout_tag_counts=np.bincount(row_tags.ravel(), minlength=N),
                 greedy_tag_counts=np.bincount(np.argmax(np.where(valid, logp_old, -np.inf), -1), minlength=N),
                 pi_mean=metrics["pi"], rollout_seconds=t_upd - t_roll, update_seconds=t_end - t_upd,
@@ -495,7 +502,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
             metrics_logger.write(step, record)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(reward=f"{rewards_log[step]:.3f}", H=f"{metrics['entropy']:.2f}")
+                bar.set_postfix(reward=f"{stats.rewards[step]:.3f}", H=f"{metrics['entropy']:.2f}")
             if consecutive_skips > config.max_consecutive_skips:
                 raise run_common.TrainingDivergedError(
                     f"GFPO diverged: {consecutive_skips} consecutive steps (up to step {step}) had a non-finite "
@@ -504,9 +511,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
                     "reward function or lower gfpo.optim.learning_rate")
             if step % config.checkpoint.every_steps == 0 and step < g.num_steps:
                 checkpointer.save(step, state, data_state={"step": step, "questions": len(questions)},
-                                  config=config_json)
+                                  config=config_json, stats=stats.to_json())
         checkpointer.save(step, state, data_state={"step": step, "questions": len(questions)}, config=config_json,
-                          force=True)
+                          stats=stats.to_json(), force=True)
         checkpointer.wait()
     elapsed = time.perf_counter() - t0
 
@@ -516,11 +523,12 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
     summary = {
         "stage": "gfpo", "method": config.ssft.method, "estimator": g.estimator, "init_from": g.init_from,
         "start_step": start, "final_step": step, "stopped_early": stopped_early,
-        "rewards": rewards_log, "valid_tags": np.flatnonzero(valid).tolist(),
+        "rewards": dict(stats.rewards), "valid_tags": np.flatnonzero(valid).tolist(),
         # the SSFT run's matching statistics, so evaluation's coverage tag and 'used' tags mean the same here
         "tag_counts": list(lm.tag_counts) if lm.tag_counts is not None else None,
-        "steps_skipped": skipped_steps, "seconds": elapsed, "rollout_seconds": rollout_s, "update_seconds": update_s,
-        "rollout_tokens": rollout_tokens, "compiles": update.compiles, "questions": len(questions),
+        "steps_skipped": len(stats.skipped_steps), "skipped_steps": list(stats.skipped_steps),
+        **({"stats_cover_steps_from": stats.since + 1} if stats.since else {}), "seconds": elapsed, "rollout_seconds": rollout_s, "update_seconds": update_s,
+        "rollout_tokens": stats.rollout_tokens, "compiles": update.compiles, "questions": len(questions),
         "skipped_records": questions.skipped, "export_dir": str(export_dir) if export_dir else None,
     }
     run_common.write_summary(workdir, summary)
@@ -555,7 +563,7 @@ def cli() -> None:
     flags.DEFINE_string("workdir", None, "where GFPO's checkpoints, logs and HF export go")
     flags.DEFINE_bool("debug", False, "show the traceback of a config, data or checkpoint error")
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(lambda argv: sys.exit(cli_lib.run_reporting_errors(lambda: main(argv))))
+    cli_lib.absl_run(main)
 
 
 if __name__ == "__main__":

@@ -86,6 +86,14 @@ def load_hf_config(folder: str | os.PathLike, **overrides) -> ModelConfig:
     return ModelConfig.from_hf(json.loads(path.read_text()), **overrides)
 
 
+def _readable_like_the_rest(path: pathlib.Path) -> None:
+    """safetensors writes through a private temporary file (mode 0600); give the weights the mode every other file
+    of the folder gets (0666 less the umask), so whoever may read the export may read its weights."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def _safetensors_files(folder: pathlib.Path) -> list[pathlib.Path]:
     index = folder / SAFE_INDEX
     if index.exists():
@@ -250,11 +258,13 @@ def save_hf_folder(
     metadata = {"format": "pt"}  # transformers refuses safetensors without it
     if len(shards) == 1:
         save_file(shards[0], str(folder / SAFE_SINGLE), metadata=metadata)
+        _readable_like_the_rest(folder / SAFE_SINGLE)
     else:
         weight_map, total = {}, 0
         for k, shard in enumerate(shards):
             fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
             save_file(shard, str(folder / fname), metadata=metadata)
+            _readable_like_the_rest(folder / fname)
             weight_map.update({n: fname for n in shard})
             total += sum(v.nbytes for v in shard.values())
         (folder / SAFE_INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))

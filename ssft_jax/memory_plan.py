@@ -772,7 +772,7 @@ def cli() -> None:
     flags.DEFINE_string("json", "", "also write the plan as JSON here")
     flags.DEFINE_bool("debug", False, "show the traceback of a config or plan error")
     flags.mark_flags_as_required(["config"])
-    app.run(lambda argv: sys.exit(cli_lib.run_reporting_errors(lambda: main(argv), extra=(PlanError,))))
+    cli_lib.absl_run(main, extra=(PlanError,))
 
 
 if __name__ == "__main__":

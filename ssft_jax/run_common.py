@@ -14,6 +14,7 @@ from etils import epath
 from ssft_jax import checkpoint as ckpt_lib
 from ssft_jax import config as config_lib
 from ssft_jax import hf_io, metrics_log, tokenization
+from ssft_jax.run_stats import RunStats
 
 
 class TrainingDivergedError(RuntimeError):
@@ -34,10 +35,51 @@ def check_resumed_config(checkpointer: ckpt_lib.Checkpointer, config) -> None:
         return
     try:
         saved = ckpt_lib.read_json_item(checkpointer.directory / str(step) / "config")
-    except FileNotFoundError:  # a damaged step: restore_latest reports it with its own message
+    except (FileNotFoundError, ValueError):  # a damaged step: restore_latest reports it with its own message
+        return
+    if not _looks_like_config(saved):  # valid JSON, but not a config: restore's item check names it
         return
     for line in config_lib.check_resume(saved, config):
         logging.info("resume from step %d: %s", step, line)
+
+
+def _looks_like_config(item) -> bool:
+    return isinstance(item, dict) and all(isinstance(item.get(k), dict) for k in ("model", "ssft", "data"))
+
+
+def _check_config_item(step: int, item) -> None:
+    if not _looks_like_config(item):
+        raise ValueError("not a run config (an object with 'model', 'ssft' and 'data' sections)")
+
+
+def item_validators(num_tags: int, *, per_step: str, data):
+    """What a stage checks in each restored checkpoint item before using it (`Checkpointer.restore(validate=)`), so
+    damage that is still valid JSON is a CheckpointError naming the step (and `on_corrupt=fallback` applies) rather
+    than a KeyError later. data: applies the data-iterator item (raising on content it cannot use)."""
+    return {"data": lambda step, item: data(item),
+            "config": _check_config_item,
+            "stats": lambda step, item: RunStats.from_json(item, num_tags=num_tags, step=step, per_step=per_step)}
+
+
+def restored_stats(restored, num_tags: int, *, per_step: str) -> RunStats:
+    """The run statistics to continue from: fresh for a new run, the checkpoint's for a resumed one. A checkpoint
+    written before the statistics were checkpointed covers only the steps after it, and the run says so."""
+    if restored is None:
+        return RunStats(num_tags)
+    if restored.stats is None:
+        logging.warning("checkpoint step %d predates the run-statistics item: summary.json's %s, tag counts and "
+                        "assignment patterns cover steps %d.. only", restored.step, per_step, restored.step + 1)
+        return RunStats(num_tags, since=restored.step)
+    return RunStats.from_json(restored.stats, num_tags=num_tags, step=restored.step, per_step=per_step)
+
+
+def stats_summary(stats: RunStats, *, per_step: str) -> dict:
+    """summary.json's view of the run statistics (every step of the run, however often it was resumed)."""
+    out = {per_step: dict(getattr(stats, per_step)), "tag_counts": stats.tag_counts.tolist(),
+           "skipped_steps": list(stats.skipped_steps)}
+    if stats.since:
+        out["stats_cover_steps_from"] = stats.since + 1
+    return out
 
 
 @contextlib.contextmanager

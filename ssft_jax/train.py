@@ -26,7 +26,7 @@ from ssft_jax import config as config_lib
 from ssft_jax import data as data_lib
 from ssft_jax import datasets
 from ssft_jax import mesh as mesh_lib, metrics_log, model as model_lib, run_monitor, tokenization
-from ssft_jax import lora as lora_lib, losses as losses_lib, train_state
+from ssft_jax import lora as lora_lib, losses as losses_lib, run_common, train_state
 # Shared with the GFPO stage; re-exported here, where callers have always found them.
 from ssft_jax.run_common import (TrainingDivergedError, check_resumed_config, export_hf, loop_cleanup,  # noqa: F401
                                  prepare_workdir, write_summary)
@@ -121,11 +121,13 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
             f"checkpoint step {latest} in {checkpointer.directory} does not fit the model this config builds (a config "
             "mismatch, not a damaged checkpoint):\n  " + "\n  ".join(mismatched[:8])
             + "\nUse the config the run was started with, or a new --workdir")
-    restored = checkpointer.restore_latest(ckpt_lib.abstract_like(state), require=("state", "data"),
-                                           on_corrupt=config.checkpoint.on_corrupt)
+    restored = checkpointer.restore_latest(
+        ckpt_lib.abstract_like(state), require=("state", "data"), on_corrupt=config.checkpoint.on_corrupt,
+        validate=run_common.item_validators(config.ssft.num_tags, per_step="losses", data=lambda d: iterator.set_state(d)))
+    stats = run_common.restored_stats(restored, config.ssft.num_tags, per_step="losses")
     if restored is not None:
-        start, state, data_state, _ = restored
-        iterator.set_state(data_state)
+        start, state = restored.step, restored.state
+        iterator.set_state(restored.data)
         logging.info("resumed from step %d", start)
 
     position = iterator.get_state()
@@ -146,27 +148,26 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
     logger = metrics_log.MetricsLogger(workdir, resume_step=start, tensorboard=config.logging.tensorboard,
                                        wandb_project=config.logging.wandb_project,
                                        wandb_entity=config.logging.wandb_entity, config=config_json)
-    histogram = metrics_log.AssignmentHistogram()
     guard = ckpt_lib.PreemptionGuard()
-    losses: dict[int, float] = {}
-    tag_totals = np.zeros(config.ssft.num_tags, np.int64)
     pending = None  # metrics of the previous step, read one step late so dispatch stays asynchronous
     consecutive_skips = 0
     deferred_at: dict[int, tuple] = {}  # step -> (questions_deferred, questions or None): packed layout only
 
     def consume(step_done: int, m) -> None:
-        nonlocal consecutive_skips, tag_totals
+        nonlocal consecutive_skips
         m = jax.device_get(m)
         if step_done in deferred_at:
             m["questions_deferred"], n_questions = deferred_at.pop(step_done)
             if n_questions is not None:
                 m["questions"] = n_questions
-        histogram.update(m.pop("assignments"))
+        stats.add_assignments(m.pop("assignments"))
         if not with_costs:  # no cost pass ran: matched/unmatched NLL and the gap are undefined, not 0
             for k in ("matched_nll", "unmatched_nll", "second_best_gap", "second_best_gap_min"):
                 m.pop(k, None)
-        tag_totals += m["tag_counts"]
-        losses[step_done] = float(m["loss"])
+        stats.tag_counts += np.asarray(m["tag_counts"], np.int64)
+        stats.losses[step_done] = float(m["loss"])
+        if m["step_skipped"]:
+            stats.skipped_steps.append(step_done)
         consecutive_skips = consecutive_skips + 1 if m["step_skipped"] else 0
         diverged = consecutive_skips > config.max_consecutive_skips
         if (step_done % config.log_every == 0 or step_done == num_steps or diverged
@@ -208,7 +209,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
             if evaluator is not None and step % config.eval_every == 0:
                 # On this step's weights, before the next step donates them; blocks until they are ready.
                 t_eval = time.perf_counter()
-                eval_results[step] = evaluator(cfg, model_params(state["params"]), tag_totals)
+                eval_results[step] = evaluator(cfg, model_params(state["params"]), stats.tag_counts)
                 throughput.exclude(time.perf_counter() - t_eval)
             if pending is not None:
                 consume(*pending)
@@ -217,13 +218,15 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
                 # Log this step before its checkpoint can exist: a restart from it then never lacks a record.
                 consume(*pending)
                 pending = None
-                checkpointer.save(step, state, data_state=iterator.get_state(), config=config_json)
+                checkpointer.save(step, state, data_state=iterator.get_state(), config=config_json,
+                                  stats=stats.to_json())
             if bar is not None:
                 bar.update(1)
         if pending is not None:
             consume(*pending)
-        logger.log_histogram("assignment_patterns", dict(histogram.top(20)), step)
-        checkpointer.save(step, state, data_state=iterator.get_state(), config=config_json, force=True)
+        logger.log_histogram("assignment_patterns", dict(stats.top_patterns(20)), step)
+        checkpointer.save(step, state, data_state=iterator.get_state(), config=config_json, stats=stats.to_json(),
+                          force=True)
         checkpointer.wait()
     elapsed = time.perf_counter() - t0
 
@@ -242,9 +245,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
         "start_step": start,
         "final_step": step,
         "stopped_early": stopped_early,
-        "losses": losses,
-        "tag_counts": tag_totals.tolist(),
-        "assignment_patterns": histogram.top(20),
+        **run_common.stats_summary(stats, per_step="losses"),
+        "assignment_patterns": stats.top_patterns(20),
         "seconds": elapsed,
         "compiles": train_step.compiles,
         "questions": len(questions),
@@ -283,7 +285,7 @@ def cli() -> None:
     flags.DEFINE_string("workdir", None, "where checkpoints, logs and the HF export go (local or gs://)")
     flags.DEFINE_bool("debug", False, "show the traceback of a config, data or checkpoint error")
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(lambda argv: sys.exit(cli_lib.run_reporting_errors(lambda: main(argv))))
+    cli_lib.absl_run(main)
 
 
 if __name__ == "__main__":

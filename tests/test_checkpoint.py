@@ -28,7 +28,7 @@ def test_save_restore_onto_a_different_mesh(tmp_path):
 
     mesh_b = mesh_lib.make_mesh(data=2, fsdp=1, tensor=4)
     target = jax.tree.map(lambda x: x, _state(mesh_b))
-    step, restored, data_state, config = c.restore(None, ckpt.abstract_like(target))
+    step, restored, data_state, config = c.restore(None, ckpt.abstract_like(target))[:4]
     assert step == 7 and data_state == {"iter": {"next_index": 12}} and config == {"lr": 0.1}
     q = restored["params"]["layers"]["q_proj"]
     assert q.sharding.mesh.shape == mesh_b.shape and q.sharding.spec == jax.P(None, None, "tensor", None)
@@ -90,7 +90,7 @@ def test_slow_checkpoint_writes_hook(tmp_path, monkeypatch):
         c.wait()
         assert time.perf_counter() - t0 >= 0.5
         assert c.all_steps() == [1]
-        _, state, data, config = c.restore(1, {"x": jax.ShapeDtypeStruct((3,), jnp.float32)}, require=("state", "data"))
+        _, state, data, config = c.restore(1, {"x": jax.ShapeDtypeStruct((3,), jnp.float32)}, require=("state", "data"))[:4]
         assert data == {"i": 1} and config == {"lr": 0.1}
         np.testing.assert_array_equal(state["x"], np.ones(3))
     finally:

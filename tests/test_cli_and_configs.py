@@ -1,6 +1,7 @@
 """configs/*.py, the `python -m ssft_jax.train` CLI, and SIGTERM (preemption) handling."""
 import importlib.util
 import json
+import re
 import os
 import pathlib
 import signal
@@ -83,6 +84,35 @@ def test_cli_trains_and_writes_logs(tmp_path):
     assert (tmp_path / "hf_export" / "model.safetensors").exists()
 
 
+CLI_MISTAKES = {  # what a user mistypes -> what the one message must name
+    "misspelled_key": (["--config.ssft.methd=ssft"], ["--config.ssft.methd", "method"]),
+    "unknown_key": (["--config.nope=1"], ["--config.nope: no such config field"]),
+    "missing_config_file": (["--config=configs/nope.py"], ["--config", "configs/nope.py", "No such file"]),
+    "bad_config_argument": (["--config=configs/demo.py:nope"], ["configs/demo.py:nope", "accepts ['tiny']"]),
+    "jsonl_without_a_path": (["--config.data.name=jsonl"], ["data.name='jsonl'", "data.path is empty"]),
+    "not_an_int": (["--config.num_steps=abc"], ["--config.num_steps=abc", "invalid literal"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CLI_MISTAKES))
+def test_every_cli_mistake_is_one_message_and_exit_2(tmp_path, case):
+    """Through the real CLI: one `error:` line naming the flag or file (and a hint line), exit code 2, no
+    traceback; nothing is written to the workdir."""
+    overrides, names = CLI_MISTAKES[case]
+    config = [] if any(o.startswith("--config=") for o in overrides) else [f"--config={ROOT / 'configs' / 'demo.py'}:tiny"]
+    p = subprocess.run([sys.executable, "-m", "ssft_jax.train", *config, f"--workdir={tmp_path / 'wd'}", *overrides],
+                       cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                       timeout=300)
+    err = p.stderr
+    err_lines = [line for line in err.splitlines() if not re.match(r"^[IW]\d{4} ", line)]  # absl INFO/WARNING log
+    assert p.returncode == 2, err
+    assert "Traceback" not in err and len(err_lines) <= 3, err
+    message = next(line for line in err_lines if line.startswith("error: "))
+    for name in names:
+        assert name in message, (name, message)
+    assert not (tmp_path / "wd" / "checkpoints").exists()
+
+
 def test_cli_refuses_an_impossible_config(tmp_path):
     p = _cli(tmp_path, "--config.ssft.max_traces=9")
     out, _ = p.communicate(timeout=300)
@@ -91,16 +121,21 @@ def test_cli_refuses_an_impossible_config(tmp_path):
 
 def test_sigterm_checkpoints_and_the_run_resumes(tmp_path):
     """SIGTERM (preemption) while an async checkpoint write is in flight: the process finishes the step, lets that
-    write complete, writes a final checkpoint and exits 0 within a bounded time; the same command resumes there."""
-    from ssft_jax import checkpoint as ckpt_lib, metrics_log
+    write complete, writes a final checkpoint and exits 0 within a bounded time; the same command resumes there
+    and ends with the summary (losses, tag counts, assignment patterns) of a run that was never interrupted."""
+    from ssft_jax import checkpoint as ckpt_lib, metrics_log, tag_policy
+    from ssft_jax.evaluate import coverage_tag
 
+    steps = 24
+    flags = (f"--config.num_steps={steps}", "--config.checkpoint.every_steps=2", "--config.log_every=1",
+             "--config.export_hf=False")
+    wd = tmp_path / "preempted"
     log = open(tmp_path / "run.log", "w")  # a file: orbax logs every save, a pipe nobody reads would fill and block
-    p = _cli(tmp_path, "--config.num_steps=100000", "--config.checkpoint.every_steps=2", "--config.log_every=1",
-             env={faults.WRITE_DELAY_ENV: "0.5"}, stdout=log, text=False)  # test hook: each write takes >= 0.5 s
-    ckpts = tmp_path / "checkpoints"
+    p = _cli(wd, *flags, env={faults.WRITE_DELAY_ENV: "0.5"}, stdout=log, text=False)  # each write takes >= 0.5 s
+    ckpts = wd / "checkpoints"
 
     def writing():  # at least 3 steps done and a checkpoint write in flight
-        return (len(metrics_log.read_metrics(tmp_path)) >= 3
+        return (len(metrics_log.read_metrics(wd)) >= 3
                 and any(".orbax-checkpoint-tmp" in d.name for d in ckpts.iterdir()))
     deadline = time.time() + 240
     while time.time() < deadline and p.poll() is None and not writing():
@@ -114,18 +149,27 @@ def test_sigterm_checkpoints_and_the_run_resumes(tmp_path):
     assert p.returncode == 0, (tmp_path / "run.log").read_text()[-3000:]
     assert seconds < 30, seconds  # bounded: the step in flight, the pending write, one final checkpoint
     print(f"\nSIGTERM -> exit 0 with a final checkpoint: {seconds:.1f} s")
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["stopped_early"] and summary["final_step"] >= 3
-    steps = sorted(int(d.name) for d in ckpts.iterdir() if d.name.isdigit())
-    assert steps[-1] == summary["final_step"]  # the final checkpoint is finalised...
+    summary = json.loads((wd / "summary.json").read_text())
+    assert summary["stopped_early"] and 3 <= summary["final_step"] < steps
+    saved = sorted(int(d.name) for d in ckpts.iterdir() if d.name.isdigit())
+    assert saved[-1] == summary["final_step"]  # the final checkpoint is finalised...
     assert not [d.name for d in ckpts.iterdir() if "tmp" in d.name]  # ...and so is the write that was in flight
-    # Resumed with a shorter schedule: a change of the run's meaning, accepted by name.
-    p2 = _cli(tmp_path, f"--config.num_steps={summary['final_step'] + 2}", "--config.resume.accept_changes=num_steps")
-    out, _ = p2.communicate(timeout=300)
-    assert p2.returncode == 0, out
-    resumed = json.loads((tmp_path / "summary.json").read_text())
-    assert resumed["start_step"] == summary["final_step"] and resumed["final_step"] == summary["final_step"] + 2
-    assert [r["step"] for r in metrics_log.read_metrics(tmp_path)] == list(range(1, summary["final_step"] + 3))
+    assert len(summary["losses"]) == summary["final_step"]
+
+    out, _ = _cli(wd, *flags).communicate(timeout=300)  # the same command resumes and finishes
+    straight = tmp_path / "straight"
+    out2, _ = _cli(straight, *flags).communicate(timeout=300)
+    assert "resumed from step" in out and "resumed from step" not in out2, (out[-2000:], out2[-2000:])
+    resumed, reference = (json.loads((d / "summary.json").read_text()) for d in (wd, straight))
+    assert resumed["start_step"] == summary["final_step"] and resumed["final_step"] == steps
+    assert [r["step"] for r in metrics_log.read_metrics(wd)] == list(range(1, steps + 1))
+    per_process = ("start_step", "seconds", "compiles")
+    assert ({k: v for k, v in resumed.items() if k not in per_process}
+            == {k: v for k, v in reference.items() if k not in per_process})
+    # what evaluation (coverage tag) and GFPO (valid_tags="used") read from it
+    assert coverage_tag(resumed["tag_counts"]) == coverage_tag(reference["tag_counts"])
+    assert (tag_policy.used_tags(resumed["tag_counts"], 6) == tag_policy.used_tags(reference["tag_counts"], 6)).all()
+    assert sum(resumed["tag_counts"]) == steps * 4 * 4  # every matched trace of every step (B=4, M=4)
 
 
 @pytest.mark.slow

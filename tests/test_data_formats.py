@@ -320,3 +320,28 @@ def test_evaluation_labels_what_it_scores(tmp_path):
     other = str(_jsonl(tmp_path / "b.jsonl", _many(2)))
     assert E.select_questions("jsonl", path=other, train_config=run.to_dict())[1] == "files"
     assert E.select_questions("synthetic")[1] == "heldout"
+
+
+def test_an_empty_file_is_named(setup, tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(D.DataError, match=r"empty\.jsonl: holds no records"):
+        D.load_questions(str(tmp_path / "empty.jsonl"), *setup)
+
+
+def test_a_record_with_a_nan_literal_is_named_by_its_id(setup, tmp_path):
+    path = tmp_path / "nan.jsonl"
+    path.write_text('{"id": "q-nan", "question": "What?", "traces": ["a", "b"], "answer": NaN}\n'
+                    '{"id": "q-ok", "question": "Why?", "traces": ["c", "d"], "answer": "1"}\n')
+    qs, report = D.load_questions(str(path), *setup, on_bad_record="skip")
+    assert [q.id for q in qs] == ["q-ok"]
+    assert "nan.jsonl:1: record 'q-nan'" in report.summary() and "record '?'" not in report.summary()
+
+
+@pytest.mark.parametrize("answer", [{"x": 1}, [1, 2], True])
+def test_an_answer_that_is_not_a_string_or_number_is_refused(setup, tmp_path, answer):
+    path = _jsonl(tmp_path / "a.jsonl", [{"id": "q1", "question": "What?", "traces": ["a", "b"], "answer": answer}])
+    with pytest.raises(D.DataError, match=r"a\.jsonl:1.*'answer' must be a string or a number"):
+        D.load_questions(str(path), *setup)
+    for fine in ("42", 42, 4.5):  # what checkers compare
+        path = _jsonl(tmp_path / "b.jsonl", [{"id": "q1", "question": "What?", "traces": ["a", "b"], "answer": fine}])
+        assert D.load_questions(str(path), *setup)[0][0].answer == fine

@@ -22,6 +22,9 @@ def test_special_tags_survive_export(tmp_path):
     assert new_len == base_vocab + 6 and len(tag_ids) == 6
     cfg, params = M.resize_vocab(cfg, params, new_len)
     out = hf_io.save_hf_folder(tmp_path / "export", cfg, params, tokenizer=tok, eos_token_ids=T.eos_token_ids(tok))
+    # The weights are as readable as every other file of the folder (safetensors wrote them 0600).
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir() if p.is_file()}
+    assert len(set(modes.values())) == 1, modes
 
     tok2 = T.load_tokenizer(out)
     assert [tags.tag_ids(tok2, i) for i in range(6)] == [[t] for t in tag_ids]

@@ -304,7 +304,12 @@ def test_resume_is_bit_exact(ssft_workdir, tmp_path, estimator):
     assert first["stopped_early"] and first["final_step"] == 2
     second = gfpo.run(_gfpo_config(ssft_workdir, **over), tmp_path / "resumed", progress=False, reward_fn=reward)
     assert second["start_step"] == 2 and second["final_step"] == 3 and straight["compiles"] == 1
-    assert second["rewards"] == {3: straight["rewards"][3]}
+    # the whole run's rewards, not only the last process's share
+    assert second["rewards"] == straight["rewards"] and sorted(second["rewards"]) == [1, 2, 3]
+    per_process = ("start_step", "seconds", "compiles", "rollout_seconds", "update_seconds")
+    summaries = [json.loads((tmp_path / d / "summary.json").read_text()) for d in ("resumed", "straight")]
+    assert [{k: v for k, v in s.items() if k not in per_process} for s in summaries] == \
+        [{k: v for k, v in summaries[1].items() if k not in per_process}] * 2
     for a, b in zip(jax.tree.leaves(_final_params(tmp_path / "straight")),
                     jax.tree.leaves(_final_params(tmp_path / "resumed"))):
         np.testing.assert_array_equal(a, b)

@@ -56,6 +56,16 @@ def _numbers(workdir) -> list[dict]:
     return metrics_log.without_wall_clock(metrics_log.read_metrics(workdir))
 
 
+# What differs between one uninterrupted process and a run resumed any number of times: everything else in
+# summary.json (per-step losses, tag counts, assignment patterns, skipped steps, ...) must be equal.
+PER_PROCESS_SUMMARY_KEYS = ("start_step", "seconds", "compiles")
+
+
+def _summary(workdir) -> dict:
+    s = json.loads((pathlib.Path(workdir) / "summary.json").read_text())
+    return {k: v for k, v in s.items() if k not in PER_PROCESS_SUMMARY_KEYS}
+
+
 def demo_config(arg="tiny"):
     c = config_lib.load_config("demo", arg)
     c.mesh.update(data=1, fsdp=1, tensor=1, num_devices=1)
@@ -94,7 +104,7 @@ def reference(tmp_path_factory):
     wd = tmp_path_factory.mktemp("reference")
     train.run(_cfg(), wd, progress=False)
     assert _steps(wd) == [2, 4, 6]
-    return {"workdir": wd, "records": _numbers(wd), "fingerprint": _fingerprint(wd, 6)}
+    return {"workdir": wd, "records": _numbers(wd), "fingerprint": _fingerprint(wd, 6), "summary": _summary(wd)}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -191,6 +201,10 @@ def test_kill_9_at_random_moments_loses_nothing(tmp_path):
     assert not _tmp_steps(wd)
     summary = json.loads((wd / "summary.json").read_text())
     assert summary["final_step"] == CHAOS_STEPS
+    # The whole run's statistics, not the last process's share: what evaluation's coverage tag and GFPO's used
+    # tags read. The uninterrupted run's are the reference.
+    assert _summary(wd) == _summary(ref)
+    assert sum(summary["tag_counts"]) == sum(_summary(ref)["tag_counts"]) > 0
     print("\nkill -9 trials:", json.dumps(trials))
     assert sum(t["killed"] for t in trials) >= TRIALS - 1
     if TRIALS >= 1:
@@ -201,9 +215,12 @@ def test_a_finished_run_can_be_started_again(reference, tmp_path):
     """E.g. killed after its last checkpoint, before the export: the same command just finishes."""
     wd = tmp_path / "wd"
     shutil.copytree(reference["workdir"], wd)
+    (wd / "summary.json").unlink()
     s = train.run(_cfg(), wd, progress=False)
     assert s["start_step"] == s["final_step"] == 6 and s["compiles"] == 0
     assert _numbers(wd) == reference["records"] and _steps(wd) == [2, 4, 6]
+    # The re-run trained nothing, yet reports the whole run (it used to report zero tag counts and no losses).
+    assert _summary(wd) == reference["summary"] and sum(s["tag_counts"]) > 0 and len(s["losses"]) == 6
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -239,8 +256,21 @@ def _edit_fingerprint(step_dir):
     path.write_text(json.dumps(saved))
 
 
+def _json_item(step_dir, item, value):
+    (step_dir / item / "metadata").write_text(json.dumps(value))
+
+
 CORRUPTIONS = {
     "zero_length_array_file": lambda d: _largest_file(d / "state").write_bytes(b""),
+    # Damage that is still valid JSON: each item's content is validated, never a KeyError later.
+    "data_iterator_state_of_another_shape": lambda d: _json_item(d, "data", {}),
+    "run_stats_of_another_shape": lambda d: _json_item(d, "stats", {"losses": {}}),
+    "run_stats_missing_steps": lambda d: _json_item(
+        d, "stats", {**json.loads((d / "stats" / "metadata").read_text()), "losses": {"1": 0.5}}),
+    "config_item_of_another_shape": lambda d: _json_item(d, "config", {}),
+    # The step's metadata lists these items: gone means damaged (verification is never switched off silently).
+    "missing_integrity_item": lambda d: shutil.rmtree(d / "integrity"),
+    "missing_run_stats_item": lambda d: shutil.rmtree(d / "stats"),
     "missing_array_file": lambda d: _largest_file(d / "state").unlink(),
     "missing_manifest": lambda d: (d / "state" / "manifest.ocdbt").unlink(),
     "missing_data_iterator_state": lambda d: shutil.rmtree(d / "data"),
@@ -261,10 +291,12 @@ def test_corrupt_latest_checkpoint_is_an_error_naming_the_step(reference, tmp_pa
     assert _numbers(wd) == reference["records"]
 
 
-def test_corrupt_latest_checkpoint_falls_back_to_the_previous_step(reference, tmp_path):
+@pytest.mark.parametrize("kind", ["zero_length_array_file", "data_iterator_state_of_another_shape",
+                                  "missing_integrity_item"])
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_step(reference, tmp_path, kind):
     wd = tmp_path / "wd"
     shutil.copytree(reference["workdir"], wd)
-    CORRUPTIONS["zero_length_array_file"](wd / "checkpoints" / "6")
+    CORRUPTIONS[kind](wd / "checkpoints" / "6")
     c = _cfg()
     c.checkpoint.on_corrupt = "fallback"
     s = train.run(c, wd, progress=False)
@@ -272,11 +304,60 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_step(reference, tm
     assert (wd / "checkpoints" / "6.corrupt").is_dir()  # kept for inspection, never listed as a step again
     assert _numbers(wd) == reference["records"]
     assert _fingerprint(wd, 6) == reference["fingerprint"]
+    assert _summary(wd) == reference["summary"]
+    if kind != "zero_length_array_file":
+        return
     # Every step damaged: an error, never a silent restart from scratch.
     for step in _steps(wd):
         CORRUPTIONS["zero_length_array_file"](wd / "checkpoints" / str(step))
     with pytest.raises(ckpt_lib.CheckpointError, match="no usable checkpoint"):
         train.run(c, wd, progress=False)
+
+
+def _strip_item_from_metadata(step_dir, item):
+    """What a step written before `item` existed looks like: not in the metadata's item handlers, no folder."""
+    meta_path = step_dir / ckpt_lib.STEP_METADATA
+    meta = json.loads(meta_path.read_text())
+    del meta["item_handlers"][item]
+    meta_path.write_text(json.dumps(meta))
+    shutil.rmtree(step_dir / item)
+
+
+def test_a_checkpoint_that_predates_an_item_resumes_and_says_so(reference, tmp_path, caplog):
+    """Told apart from damage by the step's own metadata: an item it was never saved with is not missing."""
+    wd = tmp_path / "wd"
+    shutil.copytree(reference["workdir"], wd)
+    for item in ("integrity", "stats"):
+        _strip_item_from_metadata(wd / "checkpoints" / "4", item)
+    shutil.rmtree(wd / "checkpoints" / "6")
+    with caplog.at_level("WARNING"):
+        s = train.run(_cfg(), wd, progress=False)
+    assert s["start_step"] == 4 and s["final_step"] == 6
+    assert "predates the integrity fingerprints" in caplog.text and "predates the run-statistics item" in caplog.text
+    assert _fingerprint(wd, 6) == reference["fingerprint"]
+    # The steps before it are unknown: the summary says which steps it covers instead of pretending.
+    assert s["stats_cover_steps_from"] == 5 and sorted(s["losses"]) == [5, 6]
+    assert {str(k): v for k, v in s["losses"].items()} == {k: v for k, v in reference["summary"]["losses"].items()
+                                                          if int(k) > 4}
+    # ...and the next checkpoint keeps saying so: a later resume reads it back without complaint.
+    assert train.run(_cfg(), wd, progress=False)["stats_cover_steps_from"] == 5
+
+
+def test_a_long_library_error_is_cut_to_its_first_line(reference, tmp_path):
+    wd = tmp_path / "wd"
+    shutil.copytree(reference["workdir"], wd)
+    CORRUPTIONS["missing_array_file"](wd / "checkpoints" / "6")
+    with pytest.raises(ckpt_lib.CheckpointError) as e:
+        train.run(_cfg(), wd, progress=False)
+    message = str(e.value)
+    # TensorStore's own line (which array, what is wrong with it), not ~60 lines of spec after it
+    assert "cannot be read" in message and "Error reading" in message and "--debug shows the whole error" in message
+    assert len(message.splitlines()) <= 2 and len(message) < 800 and "TensorStore({" not in message, message
+    chain, cause = [], e.value.__cause__
+    while cause is not None:
+        chain.append(len(str(cause)))
+        cause = cause.__cause__
+    assert max(chain) > 1000  # the whole error is kept in the chain, for --debug's traceback
 
 
 def test_no_single_damaged_file_gives_a_silent_partial_restore(tmp_path):
@@ -299,7 +380,7 @@ def test_no_single_damaged_file_gives_a_silent_partial_restore(tmp_path):
             (d / rel).write_bytes(b"") if damage == "zero" else (d / rel).unlink()
             c = ckpt_lib.Checkpointer(d, async_save=False)
             try:
-                step, got, data_state, _ = c.restore(5, ckpt_lib.abstract_like(state), require=("state", "data"))
+                step, got, data_state, _ = c.restore(5, ckpt_lib.abstract_like(state), require=("state", "data"))[:4]
             except ckpt_lib.CheckpointError as e:
                 assert "step 5" in str(e)
                 outcomes["error"] += 1

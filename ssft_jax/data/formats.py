@@ -290,7 +290,15 @@ def read_hub_dataset(repo_id: str, split: str | None = None) -> list[RawRecord]:
 
 
 def read_source(source: str | os.PathLike) -> list[RawRecord]:
-    """The rows of one source (see the module docstring): a file by its suffix, a folder, ``SOURCE:split``, a hub id."""
+    """The rows of one source (see the module docstring): a file by its suffix, a folder, ``SOURCE:split``, a hub id.
+    A source with no rows at all (an empty file) is a FormatError naming it: a path given by mistake, not data."""
+    rows = _read_source(source)
+    if not rows:
+        raise FormatError(f"{source}: holds no records (an empty file, folder or split)")
+    return rows
+
+
+def _read_source(source: str | os.PathLike) -> list[RawRecord]:
     p = pathlib.Path(source)
     if p.is_file():
         if p.suffix == ".parquet":
@@ -507,8 +515,9 @@ def normalise(sources: list[tuple[str, list[RawRecord]]], format: str = "auto") 
                         groups[key] = _Group(messages)
                         out.append(groups[key])
                     groups[key].rows.append((row.where, rec, trace))
-            except BadRecord as e:
-                out.append(RawRecord(row.where, reason=e.reason, detail=e.detail))
+            except BadRecord as e:  # the record is kept beside its reason: the report names it by its id
+                out.append(RawRecord(row.where, rec if isinstance(rec, Mapping) else None, reason=e.reason,
+                                     detail=e.detail))
     return [r.record() if isinstance(r, _Group) else r for r in out]
 
 

@@ -134,7 +134,11 @@ def _check_record(rec: Any, num_traces: int, extra_traces: str) -> tuple[str, An
     if over and extra_traces == "error":
         raise BadRecord("too_many_traces", f"{len(texts)} traces > M={num_traces} (data.extra_traces='first' keeps "
                                            "the first M, 'sample' a fresh M each epoch)")
-    return rid, prompt, texts[:num_traces] if extra_traces == "first" else texts, rec.get("answer"), over
+    answer = rec.get("answer")
+    if answer is not None and (isinstance(answer, bool) or not isinstance(answer, (str, int, float, np.number))):
+        # A checker compares the answer's text with the generation's: an object or a list has no such text.
+        raise BadRecord("wrong_type", f"'answer' must be a string or a number, got {type(answer).__name__}")
+    return rid, prompt, texts[:num_traces] if extra_traces == "first" else texts, answer, over
 
 
 def _encode_many(tokenizer, texts: list[str], chunk: int = 1024) -> list[list[int]]:

@@ -42,6 +42,8 @@ class DatasetSpec:
     has_heldout: False for a dataset that is only the files it is pointed at (`jsonl`): it holds out only what
         `data.heldout` asks for (nothing by default), so evaluation without the run's config takes every record of
         the files it is given.
+    reads_path: True for a dataset whose records are the files `data.path` names (`jsonl`): an empty path is a
+        config error, refused before any compute.
     """
 
     name: str
@@ -49,6 +51,7 @@ class DatasetSpec:
     checker: str
     classifier: StrategyClassifier | None = None
     has_heldout: bool = True
+    reads_path: bool = False
 
 
 DATASETS: dict[str, DatasetSpec] = {}
@@ -120,7 +123,7 @@ def jsonl_sources(config) -> tuple[list, list]:
 register_dataset(DatasetSpec("synthetic", synthetic.splits_from_config, checker="synthetic",
                              classifier=StrategyClassifier(synthetic.STRATEGIES, synthetic.classify_strategy)))
 register_dataset(DatasetSpec("gsm8k", gsm8k.splits_from_config, checker="gsm8k"))
-register_dataset(DatasetSpec("jsonl", jsonl_sources, checker="math", has_heldout=False))
+register_dataset(DatasetSpec("jsonl", jsonl_sources, checker="math", has_heldout=False, reads_path=True))
 # The demo's task: the same questions, strategies that differ in structure (synthetic.STYLE_STRATEGIES says why).
 register_dataset(DatasetSpec("synthetic_styles", synthetic.style_splits_from_config, checker="synthetic",
                              classifier=StrategyClassifier(synthetic.STYLE_STRATEGIES, synthetic.classify_style)))
