@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup demo test test-fast bench clean accel-wheels
+.PHONY: setup demo demo-real test test-fast bench clean accel-wheels
 
 $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ setup: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m ssft_jax.demo
+
+# The same comparison on SmolLM2-135M-Instruct (pretrained): one seed on a CPU (README, "A pretrained model").
+demo-real: $(STAMP)
+	$(PY) -m ssft_jax.demo --real
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -94,7 +94,9 @@ def base_config() -> ml_collections.ConfigDict:
         # micro-batch's rows take questions in stream order until the next ones do not fit: rows ~full, a varying
         # number of questions per step, logged as `questions`; the cost pass still runs batch_size question slots).
         pack_fill="questions",
-        synthetic=ml_collections.ConfigDict(dict(num_questions=512, heldout=64, difficulty="easy")),
+        # system_prompt: None = the chat template's default system turn; a string (even "") = that system turn.
+        synthetic=ml_collections.ConfigDict(dict(num_questions=512, heldout=64, difficulty="easy",
+                                                 system_prompt=ml_collections.FieldReference(None, field_type=str))),
         # questions held out of training, which evaluation scores by default: "auto" (the dataset's default:
         # gsm8k the last 200 test questions; jsonl none, so a run trains on every question of its files and
         # evaluation says it scores training questions), a count, or a fraction in (0, 1). Files are split by a

@@ -8,7 +8,7 @@ every generation, which gives the tag -> strategy matrix and the mutual informat
 
     python -m ssft_jax.demo                      # 3 seeds side by side, ~15 minutes on 2 CPU cores; demo_out/
     python -m ssft_jax.demo --quick              # a smoke run (what the tests run)
-    python -m ssft_jax.demo --real               # SmolLM2-135M on GSM8K multi-trace, a few steps: training diagnostics
+    python -m ssft_jax.demo --real               # the same comparison on SmolLM2-135M-Instruct (pretrained); demo_out/real
     python -m ssft_jax.demo --seeds 0            # one seed (the default 0,1,2: cells are mean [min, max])
     python -m ssft_jax.demo --dataset NAME       # any registered dataset with a checker and a strategy classifier
     python -m ssft_jax.demo --data FILE.jsonl --classifier mytask:classify   # a user's multi-trace records
@@ -33,14 +33,20 @@ TEMPERATURES = (0.0, 1.0)
 # 15-minute budget and already moves the tag policy (entropy, self-chosen Pass@1).
 DEMO_GFPO_STEPS = 20
 GFPO_ROW = "ssft+gfpo"
+# The held-out questions that only choose the best fixed tag (evaluate.validation_split); every Pass@1 figure of the
+# table is on the other two thirds. Choosing the best of N tags on the questions it is then scored on favours it.
+VALIDATION_FRACTION = 1 / 3
 
 
 def demo_config(quick: bool, steps: int | None, *, dataset: str | None = None, data: str | None = None,
-                heldout: int | None = None, seed: int = 0):
-    """The demo's run config: configs/demo.py (its 'tiny' variant with quick), on its synthetic task, a registered
-    `dataset`, or a user's JSONL `data` file (with `heldout` questions held out for evaluation)."""
+                heldout: int | None = None, seed: int = 0, real: bool = False, scale: str = "cpu"):
+    """The demo's run config: configs/demo.py (a model from scratch) or, with `real`, configs/demo_real.py
+    (SmolLM2-135M-Instruct; its 'accelerator' variant with scale="accelerator"), their 'tiny' variants with quick;
+    on its synthetic task, a registered `dataset`, or a user's JSONL `data` file (with `heldout` questions held out
+    for evaluation)."""
     from ssft_jax.config import load_config
-    c = load_config("demo", "tiny" if quick else "")
+    variant = "tiny" if quick else ("accelerator" if real and scale == "accelerator" else "")
+    c = load_config("demo_real" if real else "demo", variant)
     c.mesh.update(data=1, fsdp=1, tensor=1, num_devices=1)  # one CPU device: fake devices would only slow it down
     c.seed = seed
     if data:
@@ -89,7 +95,7 @@ def distinct_strategies(generations: list[dict], num_tags: int) -> float:
 
 
 def evaluate_method(run: dict, method: str, checker, classifier, heldout: list[dict], *, temperatures,
-                    max_new_tokens: int, seed: int):
+                    max_new_tokens: int, seed: int, batch_questions: int = 8):
     """Greedy and sampled evaluation of one trained model (`run`: train.run's or gfpo.run's result)."""
     from ssft_jax import evaluate
 
@@ -98,7 +104,8 @@ def evaluate_method(run: dict, method: str, checker, classifier, heldout: list[d
         res = evaluate.evaluate_model(
             run["model_config"], run["state"]["params"], run["tokenizer"], run["tags"], heldout, checker,
             classifier=classifier, num_samples_per_tag=1, temperature=temp, top_p=1.0,
-            max_new_tokens=max_new_tokens, seed=seed, shared_tag=method == "sft_mixed", tag_counts=run["tag_counts"])
+            max_new_tokens=max_new_tokens, seed=seed, shared_tag=method == "sft_mixed", tag_counts=run["tag_counts"],
+            validation=VALIDATION_FRACTION, batch_questions=batch_questions)
         m = res.metrics
         tc = m.get("tag_choice", {})
         per_temp[temp] = {
@@ -108,7 +115,10 @@ def evaluate_method(run: dict, method: str, checker, classifier, heldout: list[d
             "coverage_tag": m["pass@1_coverage"]["tag"],
             # The model's own tag choice (GFPO's target) and the best single tag; none for sft_mixed's one tag.
             "pass@1_self_chosen": tc.get("self_chosen_greedy"),
-            "pass@1_best_fixed_tag": tc.get("best_fixed_tag", {}).get("value"),
+            "pass@1_best_fixed_tag": tc.get("best_fixed_tag", {}).get("value"),  # chosen on the validation split
+            "best_fixed_tag": tc.get("best_fixed_tag", {}).get("tag"),
+            "pass@1_best_fixed_tag_in_hindsight": tc.get("best_fixed_tag_in_hindsight", {}).get("value"),
+            "split": m.get("split"),
             "pass@1_oracle": tc.get("oracle"),
             "cons@N_native": m["cons@N_native"],
             "pass@N": m["pass@k"][str(run["tags"].n)],
@@ -197,10 +207,17 @@ def plot(results: dict[str, Any], temperatures, path: pathlib.Path) -> None:
     plt.close(fig)
 
 
-def _gfpo_run(args, ssft_workdir: pathlib.Path, workdir: pathlib.Path, seed: int) -> dict:
+# GFPO on the pretrained model: the paper's released RL checkpoint took 10 RL steps on the forking tokens; 8 questions
+# x 6 sampled tags per step keep a step's rollouts (48 SmolLM2 generations) within the CPU budget.
+REAL_GFPO = dict(num_steps=10, questions_per_step=8, group_size=6)
+
+
+def _gfpo_run(args, ssft_workdir: pathlib.Path, workdir: pathlib.Path, seed: int, checker) -> dict:
     from ssft_jax import config as config_lib, gfpo
 
     g = config_lib.load_config("gfpo_demo", "tiny" if args.quick else "")
+    if args.real and not args.quick:
+        g.gfpo.update(**REAL_GFPO)
     g.mesh.update(data=1, fsdp=1, tensor=1, num_devices=1)
     g.seed = seed
     g.export_hf = False
@@ -208,17 +225,18 @@ def _gfpo_run(args, ssft_workdir: pathlib.Path, workdir: pathlib.Path, seed: int
     steps = args.gfpo_steps or (None if args.quick else DEMO_GFPO_STEPS)
     if steps:
         g.gfpo.num_steps = steps
-    return gfpo.run(g, workdir, progress=not args.quiet)
+    return gfpo.run(g, workdir, progress=not args.quiet, checker=checker)
 
 
 def run_seed(args, seed: int) -> dict[str, Any]:
     """Train and evaluate every row for one seed; returns {"methods": {row: result}, "meta": what the report names}
     and writes it to <out>/seed<seed>/result.json (what a parallel worker hands back)."""
-    from ssft_jax import datasets, train
+    from ssft_jax import datasets, evaluate, train
 
     out = pathlib.Path(args.out)
     rows = list(args.methods) + ([GFPO_ROW] if args.gfpo and "ssft" in args.methods else [])
-    config = demo_config(args.quick, args.steps, dataset=args.dataset, data=args.data, heldout=args.heldout, seed=seed)
+    config = demo_config(args.quick, args.steps, dataset=args.dataset, data=args.data, heldout=args.heldout, seed=seed,
+                         real=args.real, scale=args.scale)
     checker, classifier = _checker_and_classifier(args, config)
     budgets = fit_budgets(config)
     _, heldout = datasets.build_records(config)
@@ -231,7 +249,7 @@ def run_seed(args, seed: int) -> dict[str, Any]:
             shutil.rmtree(workdir)
         t0 = time.perf_counter()
         if method == GFPO_ROW:
-            run = _gfpo_run(args, out / f"seed{seed}" / "ssft", workdir, seed)
+            run = _gfpo_run(args, out / f"seed{seed}" / "ssft", workdir, seed, checker)
             final_loss = None
         else:
             c = config.copy_and_resolve_references()
@@ -241,7 +259,9 @@ def run_seed(args, seed: int) -> dict[str, Any]:
         train_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         ev = evaluate_method(run, "ssft" if method == GFPO_ROW else method, checker, classifier, heldout,
-                             temperatures=args.temperatures, max_new_tokens=config.data.max_trace_len, seed=seed)
+                             temperatures=args.temperatures, max_new_tokens=config.data.max_trace_len, seed=seed,
+                             # a 135M model's decode step reads all its weights: 16 questions x 6 tags share a read
+                             batch_questions=16 if args.real else 8)
         methods[method] = {"final_loss": final_loss, "train_seconds": train_s, "eval_seconds": time.perf_counter() - t0,
                            "steps": run["final_step"], "tag_counts": run["tag_counts"], "eval": ev}
         g = ev[0.0]
@@ -252,9 +272,14 @@ def run_seed(args, seed: int) -> dict[str, Any]:
     task = (f"synthetic multi-strategy arithmetic ({config.data.synthetic.difficulty}"
             f"{synthetic_sets[config.data.name]})" if config.data.name in synthetic_sets
             else f"dataset {config.data.name}" + (f" ({config.data.path})" if args.data else ""))
+    cfg = run["model_config"]  # the model every row trained (from scratch, or the pretrained one)
     meta = {"task": task, "M": int(config.ssft.max_traces), "N": int(config.ssft.num_tags),
-            "layers": int(config.model.init.num_hidden_layers), "hidden": int(config.model.init.hidden_size),
-            "batch_size": int(config.batch_size), "heldout": len(heldout), "budgets": budgets}
+            "layers": int(cfg.num_hidden_layers), "hidden": int(cfg.hidden_size),
+            "model": ("SmolLM2-135M-Instruct (pretrained), full fine-tuning, "
+                      f"{config.ssft.tag_mode} tags" if args.real else "from scratch"),
+            "batch_size": int(config.batch_size), "heldout": len(heldout), "budgets": budgets,
+            "validation": len(evaluate.validation_split([r.get("id", str(i)) for i, r in enumerate(heldout)],
+                                                        VALIDATION_FRACTION))}
     result = {"methods": methods, "meta": meta}
     (out / f"seed{seed}").mkdir(parents=True, exist_ok=True)
     (out / f"seed{seed}" / "result.json").write_text(json.dumps(_jsonable(result), indent=2, default=str))
@@ -358,7 +383,7 @@ def run_synthetic(args, argv: list[str] | None = None) -> dict[str, Any]:
     t_start = time.perf_counter()
     # A bad --classifier / --checker fails here, once, not in every worker.
     _checker_and_classifier(args, demo_config(args.quick, args.steps, dataset=args.dataset, data=args.data,
-                                              heldout=args.heldout))
+                                              heldout=args.heldout, real=args.real, scale=args.scale))
     if args.worker or args.workers <= 1 or len(args.seeds) == 1:
         per_seed = {seed: run_seed(args, seed) for seed in args.seeds}
     else:
@@ -377,10 +402,13 @@ def run_synthetic(args, argv: list[str] | None = None) -> dict[str, Any]:
     steps = next(iter(results[args.methods[0]]["seeds"].values()))["steps"]
     budgets = meta["budgets"]
     d = budgets["divergence"]
-    report = ["# SSFT demo: mode collapse vs mode preservation", "",
+    title = "a pretrained model" if args.real else "mode collapse vs mode preservation"
+    report = [f"# SSFT demo: {title}", "",
               f"{meta['task']}, M={M} traces, N={meta['N']} tags, {meta['layers']}-layer d={meta['hidden']} decoder "
-              f"from scratch, {steps} steps x {meta['batch_size']} questions per method, {meta['heldout']} held-out "
-              f"questions, seeds {list(args.seeds)} (cells: mean [min, max] over seeds), {seconds:.0f}s in all"
+              f"{meta.get('model', 'from scratch')}, {steps} steps x {meta['batch_size']} questions per method, "
+              f"{meta['heldout']} held-out questions ({meta['validation']} of them only choose the best fixed tag; "
+              f"every figure is on the other {meta['heldout'] - meta['validation']}), seeds {list(args.seeds)} "
+              f"(cells: mean [min, max] over seeds), {seconds:.0f}s in all"
               + (f" ({args.workers} seeds at a time, one core each)." if args.workers > 1 and len(args.seeds) > 1
                  else "."),
               f"Budgets fitted to the data: P={budgets['max_prompt_len']}, T={budgets['max_trace_len']}, "
@@ -410,47 +438,21 @@ def run_synthetic(args, argv: list[str] | None = None) -> dict[str, Any]:
     return results
 
 
-def run_real(args) -> dict[str, Any]:
-    """SmolLM2-135M on GSM8K multi-trace questions for a few steps: what that budget can honestly show is the training
-    signal (loss), the matching diagnostics and tag usage, not accuracy."""
-    from ssft_jax import config as config_lib, train
-
-    out = pathlib.Path(args.out) / "real"
-    rows = {}
-    for method in args.methods:
-        c = config_lib.load_config("smollm2_gsm8k")
-        c.mesh.update(data=1, num_devices=1)
-        c.ssft.method = method
-        c.export_hf = False
-        if args.steps:
-            c.num_steps = args.steps
-        workdir = out / method
-        if workdir.exists() and not args.resume:
-            shutil.rmtree(workdir)
-        run = train.run(c, workdir, progress=not args.quiet)
-        from ssft_jax.metrics_log import read_metrics
-        logged = read_metrics(workdir)
-        rows[method] = {"losses": run["losses"], "tag_counts": run["tag_counts"],
-                        "patterns": run["assignment_patterns"][:5],
-                        "matched_nll": [r["matched_nll"] for r in logged],
-                        "unmatched_nll": [r["unmatched_nll"] for r in logged],
-                        "seconds": run["seconds"]}
-        print(f"[real/{method}] losses {[round(v, 3) for v in run['losses'].values()]} tag_counts {run['tag_counts']} "
-              f"matched/unmatched NLL {rows[method]['matched_nll'][-1]:.3f}/{rows[method]['unmatched_nll'][-1]:.3f}")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(rows, indent=2, default=str))
-    return rows
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="demo_out")
     p.add_argument("--quick", action="store_true", help="tiny model and few steps (smoke test)")
-    p.add_argument("--real", action="store_true", help="SmolLM2-135M + GSM8K multi-trace instead of the synthetic task")
+    p.add_argument("--real", action="store_true",
+                   help="SmolLM2-135M-Instruct (pretrained) instead of a model from scratch (configs/demo_real.py); "
+                        "writes to <out>/real")
+    p.add_argument("--scale", default="cpu", choices=["cpu", "accelerator"],
+                   help="--real: 'accelerator' runs configs/demo_real.py:accelerator (more steps, a bigger "
+                        "evaluation, 3 seeds) for a GPU/TPU chip")
     p.add_argument("--steps", type=int, default=None, help="override the number of training steps")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS + ("fixed",))
-    p.add_argument("--seeds", type=lambda x: [int(v) for v in x.split(",")], default=[0, 1, 2],
-                   help="comma-separated seeds; the table reports mean [min, max] over them (e.g. 0,1,2)")
+    p.add_argument("--seeds", type=lambda x: [int(v) for v in x.split(",")], default=None,
+                   help="comma-separated seeds; the table reports mean [min, max] over them (default 0,1,2; --real "
+                        "on a CPU: 0, what its 60-minute budget allows)")
     p.add_argument("--gfpo", action=argparse.BooleanOptionalAction, default=True,
                    help="add the ssft+gfpo row (GFPO from each seed's ssft model, configs/gfpo_demo.py)")
     p.add_argument("--gfpo_steps", type=int, default=None,
@@ -472,6 +474,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--debug", action="store_true", help="show the traceback of a config/data error")
     args = p.parse_args(argv)
+    if args.seeds is None:
+        args.seeds = [0] if args.real and args.scale == "cpu" else [0, 1, 2]
+    if args.real:
+        args.out = str(pathlib.Path(args.out) / "real")
     if args.temperatures[0] != 0.0:
         args.temperatures = [0.0] + args.temperatures  # greedy is always reported
     if args.workers is None:
@@ -480,10 +486,7 @@ def main(argv: list[str] | None = None) -> int:
         # All seeds at once when the cores allow: equal-sized seeds then end together, where a second round would
         # leave a core idle (3 seeds on 2 cores: ~1.5x one seed's time, against 2x in two rounds).
         args.workers = max(1, min(len(args.seeds), 2 * cores))
-    if args.real:
-        run_real(args)
-    else:
-        run_synthetic(args, list(argv) if argv is not None else __import__("sys").argv[1:])
+    run_synthetic(args, list(argv) if argv is not None else __import__("sys").argv[1:])
     return 0
 
 

@@ -240,15 +240,30 @@ def compute_metrics(generations: Sequence[Mapping[str, Any]], num_tags: int, sam
     return m
 
 
+def validation_split(ids: Sequence[str], validation: int | float) -> set[int]:
+    """The positions of the questions that choose the best fixed tag (the validation split): `validation` of them
+    (a count, or a fraction of the questions, rounded), those whose ids hash lowest, so the split depends on neither
+    question order nor seed. Every other question is the test split, on which every Pass@1 figure is reported."""
+    import hashlib
+    k = validation if isinstance(validation, int) else int(round(validation * len(ids)))
+    if not 0 <= k < len(ids):
+        raise ValueError(f"validation={validation!r} leaves no test questions among {len(ids)}")
+    order = sorted(range(len(ids)), key=lambda i: (hashlib.sha256(str(ids[i]).encode()).hexdigest(), i))
+    return set(order[:k])
+
+
 def tag_choice_metrics(generations: Sequence[Mapping[str, Any]], log_pi: Mapping[int, Sequence[float]],
-                       valid: Sequence[bool]) -> dict[str, Any]:
+                       valid: Sequence[bool], *, select_on: Sequence[Mapping[str, Any]] | None = None
+                       ) -> dict[str, Any]:
     """What choosing the tag per question is worth (GFPO's metrics), from the per-tag generations and the model's
     own policy pi(tag | x) (`log_pi[question_index]`, [N], -inf for invalid tags):
 
       self_chosen_greedy   mean over questions of the accuracy under argmax_t pi(t | x);
       self_chosen_sampled  mean over questions of sum_t pi(t | x) acc(x, t) (a tag drawn from pi, then decoded);
-      best_fixed_tag       the single valid tag with the highest mean accuracy (chosen on these questions, so an
-                           optimistic bar) and its accuracy;
+      best_fixed_tag       the single valid tag with the highest mean accuracy and its accuracy here: chosen on
+                           `select_on` (the generations of other, validation questions) when given, otherwise on
+                           these questions themselves (an optimistic bar: the best of N on the questions it is
+                           scored on; `best_fixed_tag_in_hindsight` reports that bar beside the honest one);
       oracle               mean over questions of max_t acc(x, t) over valid tags: the best any tag choice can do.
     acc(x, t) is the mean correctness of the generations of question x under tag t (its S samples)."""
     valid = np.asarray(valid, bool)
@@ -269,12 +284,23 @@ def tag_choice_metrics(generations: Sequence[Mapping[str, Any]], log_pi: Mapping
     pi /= pi.sum(-1, keepdims=True)
     greedy = np.argmax(lp, -1)
     per_tag = np.where(valid, A.mean(0), -np.inf)
-    best = int(np.argmax(per_tag))
+    hindsight = int(np.argmax(per_tag))
+    best, chosen_on = hindsight, "these questions"
+    if select_on is not None:
+        sel_acc, sel_cnt = np.zeros(N), np.zeros(N)
+        for g in select_on:
+            sel_acc[g["tag"]] += float(bool(g["correct"]))
+            sel_cnt[g["tag"]] += 1
+        if not sel_cnt[valid].all():
+            raise ValueError("tag_choice_metrics: select_on lacks generations of some valid tag")
+        best = int(np.argmax(np.where(valid, sel_acc / np.maximum(sel_cnt, 1), -np.inf)))
+        chosen_on = f"validation ({len({g['question_index'] for g in select_on})} other questions)"
     ent = -np.sum(np.where(pi > 0, pi * np.log(np.where(pi > 0, pi, 1.0)), 0.0), -1)
     return {
         "self_chosen_greedy": float(A[np.arange(len(qs)), greedy].mean()),
         "self_chosen_sampled": float(np.sum(pi * A, -1).mean()),
-        "best_fixed_tag": {"tag": best, "value": float(per_tag[best])},
+        "best_fixed_tag": {"tag": best, "value": float(per_tag[best]), "chosen_on": chosen_on},
+        "best_fixed_tag_in_hindsight": {"tag": hindsight, "value": float(per_tag[hindsight])},
         "oracle": float(np.where(valid, A, -np.inf).max(-1).mean()),
         "valid_tags": np.flatnonzero(valid).tolist(),
         "policy_mean": pi.mean(0).tolist(),
@@ -309,7 +335,7 @@ def evaluate_model(cfg, params, tokenizer, tags, questions: Sequence[Mapping[str
                    cons_ks: Sequence[int] | None = None, batch_questions: int = 8,
                    eos_token_ids: Sequence[int] | None = None, vocab_limit: int | None = None,
                    share_prefix: bool = True, progress: bool = False,
-                   tag_choice: bool = True) -> EvalResult:
+                   tag_choice: bool = True, validation: int | float = 0) -> EvalResult:
     """Sample N tags x S samples per question (or N*S under tag 0 with shared_tag), check, compute the metrics.
 
     questions: records with 'question' (or 'messages') and 'answer' (optional 'id'). checker: a `checkers.CHECKERS`
@@ -318,6 +344,9 @@ def evaluate_model(cfg, params, tokenizer, tags, questions: Sequence[Mapping[str
     repeating a question, so a run compiles once). Generation seeds: seed + batch index.
     tag_choice: with forking tags, also read the model's own policy over the tags (`tag_policy`) and report what
     choosing the tag per question is worth (`tag_choice_metrics`; valid tags: those with tag_counts > 0, else all).
+    validation: questions (a count or a fraction, `validation_split`) that only choose the best fixed tag; every
+    metric is then computed on the other questions (the test split), so picking the best of N tags never scores
+    itself. 0: one split, the best fixed tag chosen on the questions it is scored on.
     """
     from ssft_jax import sampling, tokenization
 
@@ -373,7 +402,9 @@ def evaluate_model(cfg, params, tokenizer, tags, questions: Sequence[Mapping[str
     if bar is not None:
         bar.close()
     seconds = time.perf_counter() - t0
-    metrics = compute_metrics(gens, N, S, pass1_tag=pass1_tag, tag_counts=tag_counts, pass_ks=pass_ks,
+    held = validation_split([r.get("id", str(i)) for i, r in enumerate(questions)], validation) if validation else set()
+    scored = [g for g in gens if g["question_index"] not in held]
+    metrics = compute_metrics(scored, N, S, pass1_tag=pass1_tag, tag_counts=tag_counts, pass_ks=pass_ks,
                               cons_ks=cons_ks, strategy_names=classifier.names if classifier is not None else None,
                               greedy=temperature == 0.0)
     if tag_choice and not shared_tag and N > 1:
@@ -386,7 +417,12 @@ def evaluate_model(cfg, params, tokenizer, tags, questions: Sequence[Mapping[str
         else:
             valid = tag_policy.used_tags(tag_counts, N)
             lp = tag_policy.TagPolicy(cfg, params, choice, valid, batch=B).log_probs(prompts)
-            metrics["tag_choice"] = tag_choice_metrics(gens, dict(enumerate(lp.tolist())), valid)
+            metrics["tag_choice"] = tag_choice_metrics(
+                scored, dict(enumerate(lp.tolist())), valid,
+                select_on=[g for g in gens if g["question_index"] in held] if held else None)
+    if held:
+        metrics["split"] = {"validation_questions": len(held), "test_questions": len(questions) - len(held),
+                            "validation_ids": [questions[i].get("id", str(i)) for i in sorted(held)]}
     metrics["seconds"] = seconds
     metrics["generated_tokens"] = new_tokens
     settings = dict(checker=checker.name, num_tags=N, samples_per_tag=S, shared_tag=shared_tag,
@@ -570,6 +606,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--pass_k", default=None, help="comma-separated k for pass@k (default 1,N,N*S)")
     p.add_argument("--cons_k", default=None, help="comma-separated k for cons@k (default N,N*S)")
     p.add_argument("--synthetic_difficulty", default="easy")
+    p.add_argument("--validation", type=float, default=0,
+                   help="questions (a count >= 1, or a fraction < 1) that only choose the best fixed tag; every "
+                        "metric is then reported on the others (the test split). 0: one split, the best fixed tag "
+                        "chosen on the questions it is scored on (an optimistic bar)")
     p.add_argument("--no_plots", action="store_true")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
@@ -601,7 +641,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                             max_new_tokens=a.max_new_tokens, seed=a.seed, shared_tag=shared,
                             pass1_tag=a.pass1_tag, tag_counts=lm.tag_counts, pass_ks=_ints(a.pass_k),
                             cons_ks=_ints(a.cons_k), batch_questions=a.batch_questions,
-                            eos_token_ids=lm.eos_token_ids, vocab_limit=lm.vocab_limit, progress=True)
+                            eos_token_ids=lm.eos_token_ids, vocab_limit=lm.vocab_limit, progress=True,
+                            validation=int(a.validation) if a.validation >= 1 else a.validation)
     result.settings.update(source=lm.source, method=lm.method, dataset=dataset, split=scored,
                            split_requested=a.split, num_questions=len(questions))
     paths = result.write(a.out, plots=not a.no_plots)
@@ -620,7 +661,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "self_chosen_greedy" in m.get("tag_choice", {}):
         tc = m["tag_choice"]
         print(f"pass@1[self-chosen tag] greedy={tc['self_chosen_greedy']:.3f} sampled={tc['self_chosen_sampled']:.3f}"
-              f"  best fixed tag {tc['best_fixed_tag']['tag']}={tc['best_fixed_tag']['value']:.3f}"
+              f"  best fixed tag {tc['best_fixed_tag']['tag']}={tc['best_fixed_tag']['value']:.3f} (chosen on "
+              f"{tc['best_fixed_tag']['chosen_on']})"
               f"  per-question oracle={tc['oracle']:.3f}")
     if "strategy" in m:
         st = m["strategy"]

@@ -46,7 +46,7 @@ from ssft_jax import train_state
 from ssft_jax import checkpoint as ckpt_lib
 from ssft_jax import config as config_lib
 from ssft_jax import mesh as mesh_lib
-from ssft_jax.data import DataError
+from ssft_jax.data import DataError, RawRecord, read_records
 from ssft_jax.model import ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -118,12 +118,21 @@ class Questions:
     A record that cannot be used (no answer to check, a template error, a prompt longer than data.max_prompt_len)
     raises DataError naming it, or, with data.on_bad_record='skip', is counted in `skipped` and logged."""
 
-    def __init__(self, records: Sequence[Mapping[str, Any]], tokenizer, tags, *, max_prompt_len: int,
+    def __init__(self, records: Sequence[Mapping[str, Any] | RawRecord], tokenizer, tags, *, max_prompt_len: int,
                  on_bad_record: str = "error"):
         self.records, self.prompts, self.skipped = [], [], {}
         for i, rec in enumerate(records):
-            rid = rec.get("id", i)
+            where = f"record {i}"
+            if isinstance(rec, RawRecord):  # read from files (data.name=jsonl): unreadable ones carry their reason
+                where, unreadable, rec = rec.where, (rec.reason, rec.detail) if rec.reason else None, rec.record
+            else:
+                unreadable = None
+            rid = rec.get("id", i) if isinstance(rec, Mapping) else i
             try:
+                if unreadable is not None:
+                    raise ValueError(f"{unreadable[0]}: {unreadable[1]}")
+                if not isinstance(rec, Mapping):
+                    raise ValueError(f"a record must be an object, got {type(rec).__name__}")
                 if rec.get("answer") in (None, ""):
                     raise ValueError("no 'answer' to check rollouts against")
                 prompt = rec.get("messages") or rec.get("question")
@@ -134,7 +143,7 @@ class Questions:
                     raise ValueError(f"prompt is {len(ids)} tokens, more than data.max_prompt_len={max_prompt_len}")
             except (ValueError, KeyError) as e:  # PromptPrefixError and TemplateError are ValueErrors
                 if on_bad_record != "skip":
-                    raise DataError(f"GFPO question {rid!r} (record {i}): {e} (data.on_bad_record=skip skips such "
+                    raise DataError(f"GFPO question {rid!r} ({where}): {e} (data.on_bad_record=skip skips such "
                                     "records, counted)") from None
                 reason = str(e).split(":")[0][:60]
                 self.skipped[reason] = self.skipped.get(reason, 0) + 1
@@ -353,9 +362,11 @@ def _check_data_item(item) -> None:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progress: bool = True,
-        stop_after: int | None = None, reward_fn: RewardFn | None = None) -> dict[str, Any]:
+        stop_after: int | None = None, reward_fn: RewardFn | None = None,
+        checker: str | checkers.Checker | None = None) -> dict[str, Any]:
     """Run (or resume) GFPO and return its summary. reward_fn replaces the checker's 1/0 reward (it receives the
-    record, the generated text and the checker's result)."""
+    record, the generated text and the checker's result); checker: a `checkers` name or Checker instead of the
+    dataset's."""
     mesh_lib.maybe_initialize_distributed()
     if jax.process_count() > 1:
         raise config_lib.ConfigError("GFPO runs in one process (any number of local devices); multi-host rollouts "
@@ -393,6 +404,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
         logger.warning("GFPO: only tag(s) %s are valid: the policy has nothing to choose between",
                        np.flatnonzero(valid).tolist())
     train_records, _ = datasets.build_records(config)
+    if any(isinstance(r, (str, pathlib.PurePath)) for r in train_records):  # data.name=jsonl: the files themselves
+        train_records = read_records(list(train_records), format=config.data.format)
     questions = Questions(train_records, tokenizer, tags, max_prompt_len=int(config.data.max_prompt_len),
                           on_bad_record=config.data.on_bad_record)
     if config.data.num_questions:
@@ -400,7 +413,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
         questions.prompts = questions.prompts[: config.data.num_questions]
     if len(questions) < 1:
         raise config_lib.ConfigError(f"GFPO has no usable questions (skipped: {questions.skipped})")
-    checker = checkers.get_checker(datasets.get_dataset(config.data.name).checker)
+    # the dataset's checker unless the caller judges answers its own way (the demo's --checker for a user's file)
+    checker = checkers.get_checker(checker or datasets.get_dataset(config.data.name).checker)
     B, N = int(g.questions_per_step), tags.n
     width = sampling.bucket_length(max(len(p) for p in questions.prompts) + len(choice.prefix_ids))
     choice_ids = jnp.asarray(choice.choice_ids, jnp.int32)

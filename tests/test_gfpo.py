@@ -223,8 +223,33 @@ def test_tag_choice_metrics_by_hand():
     m = evaluate.tag_choice_metrics(gens, log_pi, [True, True, False])
     assert m["self_chosen_greedy"] == 0.0  # q0 picks tag 1 (wrong), q1 picks tag 0 (wrong)
     np.testing.assert_allclose(m["self_chosen_sampled"], (0.2 + 0.4) / 2)
-    assert m["best_fixed_tag"] == {"tag": 0, "value": 0.5} and m["oracle"] == 1.0
+    assert m["best_fixed_tag"] == {"tag": 0, "value": 0.5, "chosen_on": "these questions"} and m["oracle"] == 1.0
     assert m["greedy_tag_counts"] == [1, 1, 0]
+
+
+def test_the_best_fixed_tag_is_chosen_on_validation_questions_and_scored_on_the_others():
+    # test questions 0, 1: tag 1 is right on both; validation question 5: only tag 0 is right, so tag 0 is chosen
+    # (a best-of-N chosen on the test questions themselves would pick tag 1 and score 1.0)
+    test = [dict(question_index=q, tag=t, correct=c) for q, t, c in
+            [(0, 0, 0), (0, 1, 1), (0, 2, 1), (1, 0, 1), (1, 1, 1), (1, 2, 1)]]
+    val = [dict(question_index=5, tag=t, correct=c) for t, c in [(0, 1), (1, 0), (2, 1)]]
+    log_pi = {0: np.log([0.2, 0.8, 1e-3]), 1: np.log([0.6, 0.4, 0.5])}
+    m = evaluate.tag_choice_metrics(test, log_pi, [True, True, False], select_on=val)
+    assert m["best_fixed_tag"] == {"tag": 0, "value": 0.5, "chosen_on": "validation (1 other questions)"}
+    assert m["best_fixed_tag_in_hindsight"] == {"tag": 1, "value": 1.0}
+    assert m["self_chosen_greedy"] == 1.0 and m["oracle"] == 1.0  # on the test questions only
+    with pytest.raises(ValueError, match="lacks generations"):
+        evaluate.tag_choice_metrics(test, log_pi, [True, True, True], select_on=val[:2])
+
+
+def test_validation_split_is_by_id_hash_whatever_the_order():
+    ids = [f"q{i}" for i in range(30)]
+    held = {ids[i] for i in evaluate.validation_split(ids, 1 / 3)}
+    assert len(held) == 10
+    rev = ids[::-1]
+    assert {rev[i] for i in evaluate.validation_split(rev, 10)} == held
+    with pytest.raises(ValueError, match="no test questions"):
+        evaluate.validation_split(ids, 30)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -306,8 +306,20 @@ def splits_from_config(config, strategy_set: str = "order") -> tuple[list[dict],
     with ``strategy_set='styles'``): sizes and difficulty from ``data.synthetic``, one trace per strategy up to
     ``ssft.max_traces``, seeded by ``seed``."""
     s = config.data.synthetic
-    return build_splits(s.num_questions, s.heldout, seed=config.seed, num_strategies=config.ssft.max_traces,
-                        difficulty=s.difficulty, strategy_set=strategy_set)
+    splits = build_splits(s.num_questions, s.heldout, seed=config.seed, num_strategies=config.ssft.max_traces,
+                          difficulty=s.difficulty, strategy_set=strategy_set)
+    system = s.get("system_prompt")
+    if system is None:  # the chat template's own (SmolLM2's default system turn is ~16 tokens of every row)
+        return splits
+    return tuple([with_system_prompt(r, system) for r in split] for split in splits)
+
+
+def with_system_prompt(record: dict, system: str) -> dict:
+    """The record asked as messages under an explicit system turn (`data.synthetic.system_prompt`; "" gives an
+    empty one) instead of the chat template's default."""
+    out = {k: v for k, v in record.items() if k != "question"}
+    out["messages"] = [{"role": "system", "content": system}, {"role": "user", "content": record["question"]}]
+    return out
 
 
 def style_splits_from_config(config) -> tuple[list[dict], list[dict]]:
@@ -338,6 +350,8 @@ _BINARY_RE = re.compile(r"(?:^|(?<=\s))(\d+)\+(\d+)=(-?\d+)")
 
 def _operands_of(question_or_record: Any) -> tuple[int, ...]:
     if isinstance(question_or_record, Mapping):
+        if question_or_record.get("question") is None:  # a record with a system turn: the user turn asks
+            return parse_question(next(m["content"] for m in question_or_record["messages"] if m["role"] == "user"))
         return parse_question(question_or_record["question"])
     if isinstance(question_or_record, str):
         return parse_question(question_or_record)
