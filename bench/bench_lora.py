@@ -78,8 +78,9 @@ def main(argv=None) -> dict:
         if use_lora:  # evaluate the adapted model through its merged weights (equal to 1e-5, tests/test_lora.py)
             run = dict(run, state={"params": lora_lib.merge(run["model_config"], run["lora"], run["frozen"],
                                                             run["state"]["params"])})
+        # every held-out question scores MI and the matrix (no best-fixed-tag choice here): the README's figures
         ev = demo.evaluate_method(run, "ssft", checker, classifier, heldout, temperatures=[0.0],
-                                  max_new_tokens=config.data.max_trace_len, seed=0)[0.0]
+                                  max_new_tokens=config.data.max_trace_len, seed=0, validation=0)[0.0]
         plan = memory_plan.make_plan(c, num_devices=1)
         state_rows = ("parameters", "adapters (trainable)", "optimizer state", "gradients", "optimizer update")
         arms[name] = {"train_seconds": train_s, "final_loss": run["losses"][max(run["losses"])],

@@ -408,7 +408,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def torch_vs_jax(S, rows, args, torch):
+def torch_vs_jax(S, rows, args, torch, *, pairs: int | None = None):
     """Each framework timed in its own process (two runtimes' thread pools in one process slow each other down,
     measured 0.71x even on a quiet machine), back to back in pairs, jax then torch; the machine load is printed
     before each process. The rows and the weights (an HF folder of ours) are written once and read by both."""
@@ -428,7 +428,7 @@ def torch_vs_jax(S, rows, args, torch):
     np.savez(work / "rows.npz", **cr)
     # >= 2 warm-up calls: the second call sees the first one's output layouts (one more compile in JAX)
     steps, warmup = args.torch_steps, (2 if args.quick else max(args.warmup, 3))
-    pairs = 1 if args.quick else 3
+    pairs = pairs or (1 if args.quick else 3)
     remats = [cfg.remat] + (["none"] if cfg.remat != "none" and not args.quick else [])
     chunk = S["config"].model.logprob_chunk
     results: dict[str, list[dict]] = {}
@@ -453,10 +453,12 @@ def torch_vs_jax(S, rows, args, torch):
           "slot tokens/s | throughput / torch (median of per-pair ratios) |")
     print("|---|---|---|---|---|---|")
     torch_ms = [r["median_ms"] for r in results["torch"]]
+    torch_class = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}.get(cfg.model_type, cfg.model_type)
     for k, rs in results.items():
         t = med([r["median_ms"] for r in rs]) / 1e3
         per_pair = [b / a for a, b in zip([r["median_ms"] for r in rs], torch_ms)]
-        label = "PyTorch transformers Qwen2 eager" if k == "torch" else f"JAX (ours, jitted), {k[5:-1]}"
+        label = (f"PyTorch transformers {torch_class} eager" if k == "torch"
+                 else f"JAX (ours, jitted), {k[5:-1]}")
         print(f"| {label} | {t * 1e3:.1f} | {loss_tok / t:,.0f} | {real / t:,.0f} | {nrows * S_len / t:,.0f} | "
               f"{med(per_pair):.2f}x |")
 
@@ -472,11 +474,11 @@ def worker(args) -> None:
     if args.worker == "torch":
         import torch
         import transformers
-        from transformers import Qwen2ForCausalLM
+        from transformers import AutoModelForCausalLM  # the folder's config names the class (Qwen2, Llama)
         transformers.logging.set_verbosity_error()
         torch.set_num_threads(2)
         torch.manual_seed(0)
-        tm = Qwen2ForCausalLM.from_pretrained(str(d / "hf"), dtype=torch.float32, attn_implementation="sdpa")
+        tm = AutoModelForCausalLM.from_pretrained(str(d / "hf"), dtype=torch.float32, attn_implementation="sdpa")
         tm.train()
         topt = torch.optim.AdamW(tm.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=wd)
         ids = torch.tensor(cr["tokens"], dtype=torch.long)

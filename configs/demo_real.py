@@ -5,7 +5,7 @@ from-scratch demo (`python -m ssft_jax.demo --real`, `make demo-real`).
     python -m ssft_jax.demo --real [--seeds 0] [--scale accelerator]
     python -m ssft_jax.train --config configs/demo_real.py --workdir /tmp/real [--config.ssft.method=sft_mixed]
 
-Why each value (measured on this project's 2-core CPU, README "A pretrained model"):
+Each value says below why it was chosen; the figures it produced are in README.md, "A pretrained model".
 """
 from ssft_jax.config import base_config, parse_arg
 

@@ -279,10 +279,6 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
     for field, value, allowed in choices:
         if value not in allowed:
             raise ConfigError(f"{field}={value!r}: expected one of {tuple(allowed)}")
-    if datasets.get_dataset(c.data.name).reads_path and not str(c.data.path or "").strip(", "):
-        raise ConfigError(f"data.name={c.data.name!r} trains on the files data.path names, and data.path is empty: "
-                          "give --config.data.path=FILE.jsonl (several: comma-separated; parquet files, `datasets` "
-                          "folders and hub dataset ids too)")
     h = c.data.heldout
     if not (h == "auto" or (type(h) is int and h >= 0) or (type(h) is float and 0 < h < 1)):
         raise ConfigError(f"data.heldout={h!r}: expected 'auto', a count >= 0 or a fraction in (0, 1)")

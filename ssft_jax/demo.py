@@ -95,8 +95,10 @@ def distinct_strategies(generations: list[dict], num_tags: int) -> float:
 
 
 def evaluate_method(run: dict, method: str, checker, classifier, heldout: list[dict], *, temperatures,
-                    max_new_tokens: int, seed: int, batch_questions: int = 8):
-    """Greedy and sampled evaluation of one trained model (`run`: train.run's or gfpo.run's result)."""
+                    max_new_tokens: int, seed: int, batch_questions: int = 8,
+                    validation: float = VALIDATION_FRACTION):
+    """Greedy and sampled evaluation of one trained model (`run`: train.run's or gfpo.run's result). validation:
+    the share of `heldout` that only chooses the best fixed tag (0: every figure on all of them)."""
     from ssft_jax import evaluate
 
     per_temp = {}
@@ -105,7 +107,7 @@ def evaluate_method(run: dict, method: str, checker, classifier, heldout: list[d
             run["model_config"], run["state"]["params"], run["tokenizer"], run["tags"], heldout, checker,
             classifier=classifier, num_samples_per_tag=1, temperature=temp, top_p=1.0,
             max_new_tokens=max_new_tokens, seed=seed, shared_tag=method == "sft_mixed", tag_counts=run["tag_counts"],
-            validation=VALIDATION_FRACTION, batch_questions=batch_questions)
+            validation=validation, batch_questions=batch_questions)
         m = res.metrics
         tc = m.get("tag_choice", {})
         per_temp[temp] = {
@@ -207,9 +209,9 @@ def plot(results: dict[str, Any], temperatures, path: pathlib.Path) -> None:
     plt.close(fig)
 
 
-# GFPO on the pretrained model: the paper's released RL checkpoint took 10 RL steps on the forking tokens; 8 questions
-# x 6 sampled tags per step keep a step's rollouts (48 SmolLM2 generations) within the CPU budget.
-REAL_GFPO = dict(num_steps=10, questions_per_step=8, group_size=6)
+# GFPO on the pretrained model (DEMO_GFPO_STEPS steps, as the from-scratch demo): 8 questions x 6 sampled tags per
+# step keep a step's rollouts (48 SmolLM2 generations, ~25 s on the CPU) within the budget.
+REAL_GFPO = dict(questions_per_step=8, group_size=6)
 
 
 def _gfpo_run(args, ssft_workdir: pathlib.Path, workdir: pathlib.Path, seed: int, checker) -> dict:

@@ -380,6 +380,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
     mesh = mesh_lib.make_mesh(m.data, m.fsdp, m.tensor, devices=devices)
     config, lm = load_init(config, mesh)
     config_lib.validate(config, len(devices))
+    datasets.check_source(config)
     g = config.gfpo
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
     if g.questions_per_step % dp:

@@ -1,8 +1,7 @@
-"""Run logs: a JSON-lines file and TensorBoard summaries in the workdir (process 0 only), and the host-side
-histogram of assignment patterns (which tag each trace got), accumulated over the run."""
+"""Run logs: a JSON-lines file and TensorBoard summaries in the workdir (process 0 only). (The histogram of
+assignment patterns over the run is part of the run statistics, `ssft_jax.run_stats`.)"""
 from __future__ import annotations
 
-import collections
 import json
 import logging
 import os
@@ -218,24 +217,6 @@ def read_metrics(workdir) -> list[dict]:
             if k != len(lines) - 1:
                 raise
     return out
-
-
-class AssignmentHistogram:
-    """Counts of assignment patterns: the tuple (tag of trace 1, ..., tag of trace M) per question and step.
-
-    Padded traces (-1) are kept in the pattern so questions with fewer traces show up as their own patterns.
-    """
-
-    def __init__(self):
-        self.counts: collections.Counter = collections.Counter()
-
-    def update(self, assignments: np.ndarray) -> None:
-        for row in np.asarray(assignments).tolist():
-            if any(t >= 0 for t in row):
-                self.counts[tuple(row)] += 1
-
-    def top(self, k: int = 10) -> list[tuple[str, int]]:
-        return [(" ".join(str(t) for t in p), n) for p, n in self.counts.most_common(k)]
 
 
 def plot_training_curves(workdir, out_path) -> pathlib.Path | None:

@@ -84,6 +84,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
         raise config_lib.ConfigError(f"stage={config.stage!r}: a GFPO config runs with `python -m ssft_jax.gfpo`, "
                                      "not the SSFT trainer")
     config_lib.validate(config, jax.device_count())
+    datasets.check_source(config)
     m = config.mesh
     mesh = mesh_lib.make_mesh(m.data, m.fsdp, m.tensor, devices=jax.devices()[: m.num_devices or None])
     prepare_workdir(workdir)

@@ -24,6 +24,9 @@ EXPECTED = {
     "bench_packing.py": r"(?s)\| longtail \| tokens \| \d+x4 \| .* \| [\d.]+% \| [\d.]+ of \d+ \| \d+ \| [\d.]+x \|"
                         r".*\| longtail \| [\d.]+ \| [\d.]+ \| [\d.]+ \|.*\| qwen2p5_32b \| packed ",
     "bench_matching.py": r"\| 6x4 \| hungarian \| [\d.]+ \| [\d.]+ \| .* \| 100\.0% \| 100\.0% \|",
+    # SmolLM2: the trainer's ssft/sft_mixed ratio beside its floor, and the PyTorch Llama row beside ours
+    "bench_smollm2_step.py": r"(?s)ssft / sft_mixed = [\d.]+; FLOP floor .* = [\d.]+; measured / floor = [\d.]+"
+                             r".*\| JAX \(ours, jitted\).*\| PyTorch transformers LlamaForCausalLM eager \| [\d.]+ \|",
     # the headline step, and the two cost layouts the step variants trace agreeing with the trainer's
     "bench_train_step.py": r"(?s)\| ssft \| [\d.]+ \| [\d.]+ \|.*\| repeated \| [\d.e+-]+ \| \d+/\d+ \|"
                            r".*\| prefix_cache \| [\d.e+-]+ \| \d+/\d+ \|",

@@ -89,7 +89,8 @@ CLI_MISTAKES = {  # what a user mistypes -> what the one message must name
     "unknown_key": (["--config.nope=1"], ["--config.nope: no such config field"]),
     "missing_config_file": (["--config=configs/nope.py"], ["--config", "configs/nope.py", "No such file"]),
     "bad_config_argument": (["--config=configs/demo.py:nope"], ["configs/demo.py:nope", "accepts ['tiny']"]),
-    "jsonl_without_a_path": (["--config.data.name=jsonl"], ["data.name='jsonl'", "data.path is empty"]),
+    "jsonl_without_a_path": (["--config.data.name=jsonl", "--config.mesh.num_devices=1", "--config.mesh.data=1"],
+                             ["data.name='jsonl'", "data.path must name"]),
     "not_an_int": (["--config.num_steps=abc"], ["--config.num_steps=abc", "invalid literal"]),
 }
 

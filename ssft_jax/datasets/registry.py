@@ -102,14 +102,23 @@ def build_records(config) -> tuple[Records, Records]:
     return get_dataset(config.data.name).build(config)
 
 
+def check_source(config) -> None:
+    """A dataset that is the files `data.path` names needs a path: a FormatError (one CLI message) naming both keys,
+    raised by a stage before it loads any model. Not part of `config.validate`: the memory planner and the launch
+    dry runs read configs (configs/qwen2p5_7b.py) whose data.path the user fills in later."""
+    if get_dataset(config.data.name).reads_path and not str(config.data.path or "").strip(", "):
+        raise formats.FormatError(
+            "data.path must name the JSONL/parquet file(s), `datasets` folder(s) or hub dataset id(s) for "
+            f"data.name={config.data.name!r}, and it is empty: give --config.data.path=FILE.jsonl (several: "
+            "comma-separated)")
+
+
 def jsonl_sources(config) -> tuple[list, list]:
     """The comma-separated sources of `data.path` (files, `datasets` folders, hub ids; read and validated by
     `ssft_jax.data`). With `data.heldout` "auto" or 0 they all train, unread here; otherwise they are read (in their
     `data.format`) and the questions whose ids hash lowest are held out (`ssft_jax.data.split_heldout`): training
     gets `RawRecord`s, evaluation record dicts."""
-    if not config.data.path:
-        raise ValueError("data.path must name the JSONL/parquet file(s), `datasets` folder(s) or hub dataset id(s) "
-                         "for data.name='jsonl'")
+    check_source(config)
     sources = [p for p in config.data.path.split(",") if p]
     if config.data.heldout in ("auto", 0):
         return sources, []
