@@ -30,9 +30,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ssft_jax import assembly, config as config_lib, data as data_lib, demo, flops, mesh as mesh_lib  # noqa: E402
-from ssft_jax import train, train_state  # noqa: E402
+from ssft_jax import train  # noqa: E402
 import bench_train_step as B  # noqa: E402
-from timing_helpers import block, interleaved, med, ratio  # noqa: E402
+from timing_helpers import interleaved, med, ratio  # noqa: E402
 
 
 def build(args):
@@ -51,26 +51,6 @@ def build(args):
     return dict(config=c, mesh=mesh, cfg=cfg, params=params, layout=inp.layout, table=inp.tag_table,
                 lengths=inp.tag_lengths, host_batches=host, batches=[train.to_global(b, mesh) for b in host],
                 tok=inp.tokenizer, tags=inp.tags)
-
-
-def step_of(S, method: str):
-    c = S["config"].copy_and_resolve_references()
-    c.ssft.method = method
-    optimizer = assembly.make_optimizer(c, 1000)
-    state = train_state.init_state(jax.tree.map(jnp.copy, S["params"]), optimizer, c.seed, S["mesh"])
-    jitted = assembly.make_step(c, S["cfg"], S["layout"], optimizer, state, S["batches"][0], S["mesh"])
-    table, lengths = jnp.asarray(S["table"]), jnp.asarray(S["lengths"])
-    t0 = time.perf_counter()
-    compiled = jitted.lower(state, S["batches"][0], table, lengths).compile()
-    compile_s = time.perf_counter() - t0
-    box = {"state": state, "i": 0, "metrics": None}
-
-    def run():
-        b = S["batches"][box["i"] % len(S["batches"])]
-        box["i"] += 1
-        box["state"], box["metrics"] = compiled(box["state"], b, table, lengths)
-        block((box["state"], box["metrics"]))
-    return run, compile_s, box
 
 
 def main(argv=None) -> int:
@@ -108,10 +88,10 @@ def main(argv=None) -> int:
     floor = 1 + cost_f / (3 * train_f)
 
     runs = {}
-    for method in ("sft_mixed", "ssft"):
-        run, compile_s, _ = step_of(S, method)
-        runs[method] = run
-        print(f"{method}: compiled in {compile_s:.1f} s")
+    for method in ("sft_mixed", "ssft"):  # the config's cost layout and diagnostics, as `make demo-real` runs them
+        step = B.compile_step(S, method, cost=S["config"].ssft.cost_layout)
+        runs[method] = step["run"]
+        print(f"{method}: compiled in {step['compile_s']:.1f} s")
     times = interleaved(runs, args.steps, args.warmup)
     r = ratio(times["ssft"], times["sft_mixed"])
     counts = [data_lib.batch_token_counts(b) for b in S["host_batches"]]
