@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup demo demo-real test test-fast bench clean accel-wheels
+.PHONY: setup demo demo-real agreement-real test test-fast bench clean accel-wheels
 
 $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ demo: $(STAMP)
 # The same comparison on SmolLM2-135M-Instruct (pretrained): one seed on a CPU (README, "A pretrained model").
 demo-real: $(STAMP)
 	$(PY) -m ssft_jax.demo --real
+
+# GSM8K's four model solutions as four teachers: held-out tag-teacher agreement, ssft vs random (README).
+agreement-real: $(STAMP)
+	$(PY) -m ssft_jax.teacher_agreement
 
 test: $(STAMP)
 	$(PY) -m pytest -q

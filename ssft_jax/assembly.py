@@ -48,7 +48,8 @@ def resolve_hf_dir(hf_dir: str) -> str:
 def build_tokenizer(config):
     """The tokenizer the config names (`tokenizer`, else the model's folder); "char" is rebuilt deterministically in
     a private folder per process (no race on a shared workdir)."""
-    path = config.tokenizer or resolve_hf_dir(config.model.hf_dir)
+    path = config.tokenizer or config.model.hf_dir
+    path = path if path == "char" else resolve_hf_dir(path)  # "smollm2" names the shipped model's tokenizer too
     if path == "char":
         return tokenization.build_char_tokenizer(tempfile.mkdtemp(prefix="ssft_char_tokenizer_"))
     if not path:

@@ -44,6 +44,17 @@ class RunStats:
             if any(t >= 0 for t in row):
                 self.patterns[tuple(row)] += 1
 
+    def trace_tag_counts(self) -> list[list[int]]:
+        """[M][num_tags]: how often trace position j was matched to each tag over the run (from the patterns). For a
+        dataset whose trace j is always the same source (`gsm8k_teachers`), row j is that source's tag histogram."""
+        num_traces = max((len(p) for p in self.patterns), default=0)
+        counts = np.zeros((num_traces, self.num_tags), np.int64)
+        for pattern, n in self.patterns.items():
+            for j, tag in enumerate(pattern):
+                if tag >= 0:
+                    counts[j, tag] += n
+        return counts.tolist()
+
     def top_patterns(self, k: int = 20) -> list[tuple[str, int]]:
         return [(" ".join(str(t) for t in p), n) for p, n in self.patterns.most_common(k)]
 

@@ -248,6 +248,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
         "stopped_early": stopped_early,
         **run_common.stats_summary(stats, per_step="losses"),
         "assignment_patterns": stats.top_patterns(20),
+        "trace_tag_counts": stats.trace_tag_counts(),
         "seconds": elapsed,
         "compiles": train_step.compiles,
         "questions": len(questions),

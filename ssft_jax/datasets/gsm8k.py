@@ -340,6 +340,52 @@ def splits_from_config(config) -> tuple[list[dict], list[dict]]:
     return (records[:-held], records[-held:]) if held else (records, [])
 
 
+# ------------------------------------------------------------------------------------- teachers (Figure 5)
+
+# The four model solutions of example_model_solutions.jsonl, each a "teacher"; a gsm8k_teachers record's trace j is
+# always TEACHERS[j], so a run's per-trace-position tag counts (summary['trace_tag_counts']) are per teacher.
+TEACHERS: tuple[str, ...] = ("6b_finetuning", "6b_verification", "175b_finetuning", "175b_verification")
+TEACHERS_HELDOUT = 48  # data.heldout="auto" for gsm8k_teachers: the last 48 of its 151 questions
+
+
+def load_gsm8k_teachers(data_dir: str | os.PathLike | None = None, clean_calculator: bool = True) -> list[dict]:
+    """The questions of ``example_model_solutions.jsonl`` on which all four model solutions are labelled correct,
+    end in the gold answer and differ from each other (151 of 1319), traces in ``TEACHERS`` order with ``source``
+    the teacher. The rest are counted and logged by reason, never dropped silently."""
+    root = resolve_data_dir(data_dir)
+    path = root / "example_model_solutions.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"GSM8K file {path} not found (set {ENV_VAR} or pass data_dir)")
+    out, skipped = [], collections.Counter()
+    for line, row in enumerate(_read_jsonl(path), start=1):
+        gold = extract_gsm8k_answer(row.get("ground_truth", ""))
+        entries = [row.get(t) for t in TEACHERS]
+        if gold is None or not all(isinstance(e, dict) and "solution" in e for e in entries):
+            skipped["no gold answer or a teacher missing"] += 1
+            continue
+        if not all(e.get("is_correct") and answer_is_correct(gold, e["solution"]) for e in entries):
+            skipped["a teacher's solution is wrong"] += 1
+            continue
+        texts = [make_trace_text(e["solution"], gold, clean_calculator=clean_calculator) for e in entries]
+        if len({_ws(t) for t in texts}) < len(texts):
+            skipped["two teachers wrote the same text"] += 1
+            continue
+        out.append({"id": f"gsm8k-teachers-{line:04d}", "question": row["question"], "answer": gold,
+                    "traces": [{"text": t, "source": s} for t, s in zip(texts, TEACHERS)]})
+    logger.info("GSM8K teachers: %d questions with all %d teachers correct and distinct; skipped %s", len(out),
+                len(TEACHERS), dict(skipped))
+    return out
+
+
+def teacher_splits_from_config(config) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) of the ``gsm8k_teachers`` dataset: the last ``data.heldout`` questions ("auto":
+    TEACHERS_HELDOUT; a fraction: that share) are held out; ``data.path`` (empty: the default folder)."""
+    records = load_gsm8k_teachers(data_dir=config.data.path or None)
+    held = config.data.heldout
+    held = TEACHERS_HELDOUT if held == "auto" else formats.heldout_count(held, len(records))
+    return (records[:-held], records[-held:]) if held else (records, [])
+
+
 # ----------------------------------------------------------------------------------------------- summary
 
 def summary(records: Sequence[dict]) -> dict[str, Any]:

@@ -136,3 +136,5 @@ register_dataset(DatasetSpec("jsonl", jsonl_sources, checker="math", has_heldout
 # The demo's task: the same questions, strategies that differ in structure (synthetic.STYLE_STRATEGIES says why).
 register_dataset(DatasetSpec("synthetic_styles", synthetic.style_splits_from_config, checker="synthetic",
                              classifier=StrategyClassifier(synthetic.STYLE_STRATEGIES, synthetic.classify_style)))
+# GSM8K's four model solutions as four teachers, trace j = teacher j (`ssft_jax.teacher_agreement`).
+register_dataset(DatasetSpec("gsm8k_teachers", gsm8k.teacher_splits_from_config, checker="gsm8k"))
