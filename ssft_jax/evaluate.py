@@ -47,6 +47,7 @@ import dataclasses
 import json
 import math
 import pathlib
+import sys
 import time
 from typing import Any, Mapping, Sequence
 
@@ -450,7 +451,10 @@ def plot_metrics(metrics: Mapping[str, Any], generations: Sequence[Mapping[str, 
 
     fig, ax = plt.subplots(figsize=(max(4, 0.8 * N + 2), 3.2))
     acc = [p["accuracy"] for p in metrics["per_tag"]]
-    ax.bar(range(N), acc, color="tab:blue")
+    bars = ax.bar(range(N), acc, color="tab:blue")
+    ax.bar_label(bars, fmt="%.2f", fontsize=7)  # a 0 bar is invisible: its value is written instead
+    if not any(acc):
+        ax.text(0.5, 0.5, "every tag: accuracy 0", transform=ax.transAxes, ha="center", va="center", color="tab:red")
     ax.set_xticks(range(N), labels, rotation=30)
     ax.set_ylim(0, 1)
     ax.set_ylabel("accuracy")
@@ -558,7 +562,9 @@ def select_questions(dataset: str, *, path: str | None = None, train_config: Map
         if not isinstance(r, Mapping) or ("question" not in r and "messages" not in r) or "answer" not in r:
             raise data_lib.DataError(f"{raw.where}: a record needs 'question' (or 'messages') and 'answer'",
                                      where=raw.where, reason="missing_field")
-        out.append(r if "id" in r else {**r, "id": raw.where})
+        # the id training gives the record (`formats.record_id`: its own, else one derived from its prompt), so a
+        # question has one name in training's reports and evaluation's; where it was read from as the last resort
+        out.append(r if "id" in r else {**r, "id": data_lib.formats.record_id(r) or raw.where})
     return out, scored
 
 
@@ -567,12 +573,36 @@ def load_questions(dataset: str, **kw) -> list[dict]:
     return select_questions(dataset, **kw)[0]
 
 
+def _trained_questions(workdir: str | None) -> int | None:
+    """How many questions the run in `workdir` trained on (its summary.json), if known."""
+    path = pathlib.Path(workdir) / "summary.json" if workdir else None
+    if path is None or not path.is_file():
+        return None
+    return json.loads(path.read_text()).get("questions")
+
+
 def _ints(s: str | None) -> list[int] | None:
     return [int(x) for x in s.split(",") if x.strip()] if s else None
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the description's layout and shows every default."""
+
+
+def unfinished_warning(metrics: Mapping[str, Any], max_new_tokens: int) -> str | None:
+    """A warning when generations stopped at `max_new_tokens` before their end-of-turn token (their answers are
+    then mostly missing, and every accuracy figure with them)."""
+    rates = [p["finished_rate"] for p in metrics["per_tag"]]
+    unfinished = 1.0 - float(np.mean(rates))
+    if unfinished <= 0.0:
+        return None
+    what = "every generation" if unfinished >= 1.0 else f"{unfinished:.0%} of the generations"
+    return (f"warning: {what} stopped at --max_new_tokens={max_new_tokens} before its end-of-turn token (finished "
+            f"per tag: {' '.join(f'{r:.2f}' for r in rates)}); raise --max_new_tokens or the scores count them wrong")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=_HelpFormatter,
                                 epilog="The metrics and the outputs are described in the module docstring (pydoc ssft_jax.evaluate).")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--workdir", help="a training run's workdir (Orbax checkpoint; see --prefer)")
@@ -584,19 +614,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="a registered dataset (ssft_jax.datasets); default: the training run's, else synthetic")
     p.add_argument("--path", default=None,
                    help="data.path: the file(s) to evaluate for jsonl (comma separated), or the GSM8K data folder")
-    p.add_argument("--split", default="heldout", choices=["heldout", "train"])
+    p.add_argument("--split", default="heldout", choices=["heldout", "train"], help="which part of the dataset")
     p.add_argument("--checker", default=None, choices=sorted(checkers.CHECKERS), help="default: the dataset's")
     p.add_argument("--classifier", default=None,
                    help="module:function naming a generation's strategy (fn(record, text) -> name or None, with "
                         "fn.names), for the tag -> strategy matrix; default: the dataset's")
     p.add_argument("--num_questions", type=int, default=0, help="0 = all")
-    p.add_argument("--samples_per_tag", type=int, default=1)
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--top_p", type=float, default=0.95)
-    p.add_argument("--top_k", type=int, default=0)
-    p.add_argument("--max_new_tokens", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch_questions", type=int, default=8)
+    p.add_argument("--samples_per_tag", type=int, default=1, help="S: generations per tag and question")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (0: greedy)")
+    p.add_argument("--top_p", type=float, default=0.95, help="nucleus sampling mass")
+    p.add_argument("--top_k", type=int, default=0, help="top-k sampling (0: off)")
+    p.add_argument("--max_new_tokens", type=int, default=256, help="generation budget per sample")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--batch_questions", type=int, default=8, help="questions decoded together (x N tags x S)")
     p.add_argument("--tags_mode", default="auto", choices=["auto", "forking", "shared"],
                    help="shared: N parallel generations = N*S samples under tag 0 (sft_mixed); auto: shared iff the "
                         "run's method is sft_mixed")
@@ -605,14 +635,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--pass1_tag", type=int, default=0, help="0-based tag index for pass@1 (0 = <think1>)")
     p.add_argument("--pass_k", default=None, help="comma-separated k for pass@k (default 1,N,N*S)")
     p.add_argument("--cons_k", default=None, help="comma-separated k for cons@k (default N,N*S)")
-    p.add_argument("--synthetic_difficulty", default="easy")
+    p.add_argument("--synthetic_difficulty", default="easy", help="synthetic task without a run config")
     p.add_argument("--validation", type=float, default=0,
                    help="questions (a count >= 1, or a fraction < 1) that only choose the best fixed tag; every "
                         "metric is then reported on the others (the test split). 0: one split, the best fixed tag "
                         "chosen on the questions it is scored on (an optimistic bar)")
-    p.add_argument("--no_plots", action="store_true")
-    p.add_argument("--out", required=True)
+    p.add_argument("--no_plots", action="store_true", help="skip the PNG figures")
+    p.add_argument("--out", default=None, help="output folder (default: <workdir>/eval, or eval_out for --hf_dir)")
     a = p.parse_args(argv)
+    if a.out is None:
+        a.out = str(pathlib.Path(a.workdir) / "eval") if a.workdir else "eval_out"
 
     from ssft_jax import assembly
     t0 = time.perf_counter()
@@ -630,7 +662,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                          synthetic_difficulty=a.synthetic_difficulty, seed=a.seed)
     if a.num_questions:
         questions = questions[: a.num_questions]
+    trained = _trained_questions(a.workdir) if scored == "train" and not a.num_questions else None
     print(f"scoring {len(questions)} {SCORED[scored]}"
+          + (f" (the run trained on {trained}: the others were skipped by its data validation, see its "
+             "summary.json 'validation')" if trained is not None and trained != len(questions) else "")
           + (" (the run holds none out: set data.heldout to hold some out)"
              if scored == "train" and a.split == "heldout" else ""))
     shared = a.tags_mode == "shared" or (a.tags_mode == "auto" and lm.method == "sft_mixed")
@@ -652,6 +687,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if curves is not None:
             paths["training_curves"] = curves
     m = result.metrics
+    warning = unfinished_warning(m, a.max_new_tokens)
+    if warning:
+        print(warning, file=sys.stderr)
     line = (f"pass@1[tag {m['pass@1']['tag']}]={m['pass@1']['value']}  cons@N={m['cons@N_native']:.3f}  "
             + "  ".join(f"pass@{k}={v:.3f}" for k, v in m["pass@k"].items()) + "  "
             + "  ".join(f"cons@{k}={v:.3f}" for k, v in m["cons@k"].items()))

@@ -559,8 +559,7 @@ def main(argv):
     if flags.FLAGS.init_from:
         config.gfpo.init_from = flags.FLAGS.init_from
     summary = run(config, flags.FLAGS.workdir)
-    print(json.dumps({k: v for k, v in summary.items()
-                      if k not in ("state", "model_config", "tokenizer", "tags", "rewards")}, indent=2, default=str))
+    print(run_common.summary_table(summary, flags.FLAGS.workdir))
 
 
 def cli() -> None:

@@ -180,20 +180,26 @@ def _wandb_record(record: dict) -> dict:
     return out
 
 
-def quiet_library_logs() -> None:
-    """Orbax logs every checkpoint step at INFO through absl (over a hundred lines in a six-step run), burying the
-    trainer's own lines: keep its warnings and errors only."""
-    class _OrbaxInfo(logging.Filter):
-        def filter(self, record: logging.LogRecord) -> bool:
-            return record.levelno >= logging.WARNING or "orbax" not in record.pathname
+# INFO lines from libraries that bury the run's own: orbax logs every checkpoint step (over a hundred lines in a
+# six-step run), optax one line per schedule piece when warmup is 0, and jax names every backend it did not find
+# ("Unable to initialize backend 'tpu'" on every CPU run). Their warnings and errors always pass.
+_QUIET_LIBRARY_PATHS = ("orbax", f"optax{os.sep}schedules", f"jax{os.sep}_src{os.sep}xla_bridge")
 
+
+class _LibraryInfo(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or not any(p in record.pathname for p in _QUIET_LIBRARY_PATHS)
+
+
+def quiet_library_logs() -> None:
+    """Keep only the warnings and errors of the libraries in `_QUIET_LIBRARY_PATHS` (the CLIs call this)."""
     for name in ("absl", ""):
         logger = logging.getLogger(name)
-        if not any(isinstance(f, _OrbaxInfo) for f in logger.filters):
-            logger.addFilter(_OrbaxInfo())
+        if not any(isinstance(f, _LibraryInfo) for f in logger.filters):
+            logger.addFilter(_LibraryInfo())
     for h in logging.getLogger().handlers:
-        if not any(isinstance(f, _OrbaxInfo) for f in h.filters):
-            h.addFilter(_OrbaxInfo())
+        if not any(isinstance(f, _LibraryInfo) for f in h.filters):
+            h.addFilter(_LibraryInfo())
 
 
 # Measured wall-clock figures: they differ between two runs of the same steps, unlike every other logged number.

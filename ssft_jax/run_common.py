@@ -127,3 +127,37 @@ def export_hf(dest, cfg, params, tokenizer, tags):
             for f in local.iterdir():
                 (dest / f.name).write_bytes(f.read_bytes())
     return dest
+
+
+def report_first_step(seconds: float | None, compiles: int, bar, *, running_for: float = 0.0) -> None:
+    """Log the run's first step on its own line (it holds the compilation) and restart the progress bar's clock
+    after it, so its rate and ETA are those of the steps that follow (`running_for`: seconds the next step has run)."""
+    if seconds is not None:
+        logging.info("first step: %.1f s, compilation included (%d compile%s); the rates logged leave it out",
+                     seconds, compiles, "" if compiles == 1 else "s")
+    if bar is not None:  # tqdm.reset restarts its clock and rate smoothing; the steps done stay shown
+        done = bar.n
+        bar.reset()
+        bar.initial = bar.n = bar.last_print_n = done  # its rate is (n - initial) / (now - start_t)
+        bar.start_t -= running_for
+
+
+def summary_table(summary: dict, workdir) -> str:
+    """The end of a run on the console: a few lines (the whole summary is `<workdir>/summary.json`)."""
+    rows = [("steps", f"{summary.get('start_step', 0)} -> {summary['final_step']}"
+             + (" (stopped early: run the same command to resume)" if summary.get("stopped_early") else ""))]
+    per_step = summary.get("losses") or summary.get("rewards") or {}
+    if per_step:
+        values = list(per_step.values())
+        rows.append(("loss" if summary.get("losses") else "mean reward", f"{values[0]:.4f} -> {values[-1]:.4f}"))
+    if summary.get("tag_counts") is not None:
+        rows.append(("traces per tag", " ".join(str(int(n)) for n in summary["tag_counts"])))
+    if summary.get("skipped_steps"):
+        rows.append(("skipped steps", str(summary["skipped_steps"])))
+    if summary.get("seconds") is not None:
+        rows.append(("wall time", f"{summary['seconds']:.1f} s"))
+    if summary.get("export_dir"):
+        rows.append(("HF export", str(summary["export_dir"])))
+    rows.append(("summary", str(epath.Path(workdir) / "summary.json")))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

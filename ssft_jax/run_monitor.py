@@ -14,18 +14,22 @@ from ssft_jax import flops as flops_lib
 
 
 class Throughput:
-    """Per-step token counts (from the host batch, before it goes to the devices) and wall time between log points.
+    """Per-step token counts (from the host batch, before it goes to the devices) and wall time per step.
 
-    The loop dispatches step k+1 before it reads step k's metrics, so counts are kept per step and an interval's
-    time runs from one log point to the next (the first interval also holds compilation); time spent in
-    in-training evaluation is taken out (`exclude`)."""
+    Step k's time runs from when the loop took its batch to when it took step k+1's (or, for the newest step, to
+    the moment it is reported). That is the step's time whether the backend runs a step asynchronously (the loop
+    waits on step k while step k+1 is queued) or inline in the dispatching call (CPU): time measured from one
+    report to the next would give a step reported right after its predecessor (log_every=1 before a checkpoint,
+    the last step) ~0 s and the other its time twice. Time spent in in-training evaluation is taken out
+    (`exclude`); the run's first step holds compilation (the trainer logs it on its own line)."""
 
     def __init__(self, model_flops_per_step: float, num_devices: int, peak_per_device: float | None):
         self.model_flops = model_flops_per_step
         self.peak = peak_per_device * num_devices if peak_per_device else None
         self._counts: dict[int, tuple[int, int]] = {}  # step -> (real tokens, computed slots)
+        self._started: dict[int, float] = {}  # step -> when the loop took its batch
+        self._excluded = 0.0
         self._last_step = None
-        self._t = time.perf_counter()
 
     def add_batch(self, step: int, batch: dict, *, with_cost_pass: bool) -> None:
         """Count step `step`'s tokens: each process sees its own rows, so its counts scale by the process count."""
@@ -33,25 +37,41 @@ class Throughput:
         scale = jax.process_count()
         segs = [np.asarray(batch[v]["segment_ids"]) for v in views]
         self._counts[step] = (sum(int((s != 0).sum()) for s in segs) * scale, sum(s.size for s in segs) * scale)
+        self._started[step] = time.perf_counter()
         if self._last_step is None:
             self._last_step = step - 1
 
     def exclude(self, seconds: float) -> None:
-        self._t += seconds
+        self._excluded += seconds
+
+    def step_seconds(self, step: int) -> float | None:
+        """Wall time of one step not yet reported (None if unknown), e.g. the first step with its compilation."""
+        if step not in self._started:
+            return None
+        return self._started.get(step + 1, time.perf_counter()) - self._started[step]
+
+    def running_for(self, step: int) -> float:
+        """Seconds since the loop took step `step`'s batch (0 if it has not)."""
+        return time.perf_counter() - self._started[step] if step in self._started else 0.0
 
     def scalars(self, step_done: int) -> dict[str, float]:
         """Over the steps since the previous call, up to `step_done`: mean step time, tokens/s (real and computed
         slots), padding share, MFU."""
         now = time.perf_counter()
+        first = (self._last_step or 0) + 1
         steps = [k for k in self._counts if k <= step_done]
         real = sum(self._counts[k][0] for k in steps)
         slots = sum(self._counts.pop(k)[1] for k in steps)
-        dt, n = now - self._t, max(step_done - (self._last_step or 0), 1)
+        begin = self._started.get(first, now)
+        dt = max(self._started.get(step_done + 1, now) - begin - self._excluded, 1e-9)
+        n = max(step_done - (self._last_step or 0), 1)
+        for k in [k for k in self._started if k <= step_done]:
+            del self._started[k]
         out = {"step_time_s": dt / n, "tokens_per_s": real / dt, "slots_per_s": slots / dt,
                "padding_frac": 1.0 - real / max(slots, 1), "model_tflops_per_step": self.model_flops / 1e12}
         if self.peak:
             out["mfu"] = self.model_flops * n / dt / self.peak
-        self._last_step, self._t = step_done, now
+        self._last_step, self._excluded = step_done, 0.0
         return out
 
 

@@ -104,7 +104,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
         raise config_lib.ConfigError(
             f"only {len(questions)} usable questions for batch_size={config.batch_size} ({report.summary()})")
     num_steps = config.num_steps or math.ceil(config.num_epochs * len(questions) / config.batch_size)
-    logging.info("%d questions, %d steps, %s", len(questions), num_steps, report.summary())
+    logging.info("%d questions, %d steps", len(questions), num_steps)  # the data report was logged as it was built
 
     optimizer = assembly.make_optimizer(config, num_steps)
     # LoRA: the state's params are the adapters only; the frozen base is the step's fifth argument.
@@ -171,6 +171,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
             stats.skipped_steps.append(step_done)
         consecutive_skips = consecutive_skips + 1 if m["step_skipped"] else 0
         diverged = consecutive_skips > config.max_consecutive_skips
+        if step_done == start + 1:  # compilation is this step's: its own line, out of the bar's rate and ETA
+            run_common.report_first_step(throughput.step_seconds(step_done), train_step.compiles, bar,
+                                         running_for=throughput.running_for(step_done + 1))
         if (step_done % config.log_every == 0 or step_done == num_steps or diverged
                 or step_done in eval_results):
             m.update(lr=float(schedule(step_done - 1)), **throughput.scalars(step_done),
@@ -178,7 +181,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
             logger.write(step_done, m)
             if bar is not None:
                 bar.set_postfix(loss=f"{m['loss']:.3f}", **({"matched": f"{m['matched_nll']:.3f}"}
-                                                           if "matched_nll" in m else {}))
+                                                           if "matched_nll" in m else {}),
+                                tok_s=f"{m['tokens_per_s']:.0f}", lr=f"{m['lr']:.2e}")
         if diverged:
             raise TrainingDivergedError(
                 f"training diverged: {consecutive_skips} consecutive steps (steps {step_done - consecutive_skips + 1}"
@@ -267,9 +271,7 @@ def main(argv):
     from absl import flags
     metrics_log.quiet_library_logs()
     summary = run(flags.FLAGS.config, flags.FLAGS.workdir)
-    print(json.dumps({k: v for k, v in summary.items() if k not in ("state", "model_config", "tokenizer", "tags", "losses",
-                                                                  "lora", "frozen")},
-                     indent=2, default=str))
+    print(run_common.summary_table(summary, flags.FLAGS.workdir))
 
 
 def cli() -> None:

@@ -82,6 +82,12 @@ def test_cli_trains_and_writes_logs(tmp_path):
     assert summary["method"] == "random" and summary["final_step"] == 2
     assert (tmp_path / "metrics.jsonl").exists() and list((tmp_path / "tensorboard").iterdir())
     assert (tmp_path / "hf_export" / "model.safetensors").exists()
+    # the console: no library noise, the data report once, compilation on its own line, a short summary table
+    assert "Unable to initialize backend" not in out and "transition_steps" not in out
+    assert out.count("records kept") == 1 and "first step:" in out and "compilation included" in out
+    assert "{" not in out.split("first step:")[-1]
+    assert re.search(r"^summary +" + re.escape(str(tmp_path / "summary.json")) + "$", out, re.M)
+    assert "traces per tag" in out and "steps" in out and "0 -> 2" in out
 
 
 CLI_MISTAKES = {  # what a user mistypes -> what the one message must name
@@ -92,6 +98,10 @@ CLI_MISTAKES = {  # what a user mistypes -> what the one message must name
     "jsonl_without_a_path": (["--config.data.name=jsonl", "--config.mesh.num_devices=1", "--config.mesh.data=1"],
                              ["data.name='jsonl'", "data.path must name"]),
     "not_an_int": (["--config.num_steps=abc"], ["--config.num_steps=abc", "invalid literal"]),
+    # a file given without data.name=jsonl used to train on the synthetic task without a word
+    "path_with_a_synthetic_dataset": (["--config.data.path=my.jsonl", "--config.mesh.num_devices=1",
+                                       "--config.mesh.data=1"],
+                                      ["data.path='my.jsonl'", "data.name='synthetic'", "--config.data.name=jsonl"]),
 }
 
 

@@ -137,7 +137,9 @@ def test_jsonl_questions_are_read_by_the_data_layer(tmp_path):
     other = tmp_path / "r.jsonl"
     other.write_text(json.dumps({"id": "r", "question": "2+2?", "answer": "4"}) + "\n")
     qs = E.load_questions("jsonl", path=f"{good},{other}", split="train")
-    assert [q["id"] for q in qs] == [f"{good}:1", "m", "r"]  # no id: where it was read
+    # no id: the one training gives it (from its prompt), so both name the question alike (not `file:line`)
+    from ssft_jax.data import formats
+    assert [q["id"] for q in qs] == [formats.record_id({"question": "1+1?"}), "m", "r"] and qs[0]["id"].startswith("q-")
     assert E.load_questions("jsonl", path=str(good)) == qs[:2]  # nothing is held out: every record is evaluated
     no_answer = tmp_path / "bad.jsonl"
     no_answer.write_text(json.dumps({"question": "1+1?", "answer": "2"}) + "\n" + json.dumps({"question": "x"}) + "\n")
@@ -174,9 +176,14 @@ def test_cli_evaluates_a_trained_workdir(tiny_run, tmp_path, capsys):
     wd, s = tiny_run
     out = tmp_path / "eval"
     rc = E.main(["--workdir", str(wd), "--num_questions", "3", "--samples_per_tag", "2", "--max_new_tokens", "24",
-                 "--temperature", "0.7", "--batch_questions", "2", "--out", str(out)])
+                 "--temperature", "0.7", "--batch_questions", "2"])  # --out defaults to <workdir>/eval
     assert rc == 0
-    assert "pass@1[tag 0]" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "pass@1[tag 0]" in captured.out
+    out = wd / "eval"
+    # a 2-step model rarely ends a generation within 24 tokens: evaluation says so instead of scoring silently
+    finished = [p["finished_rate"] for p in json.loads((out / "metrics.json").read_text())["metrics"]["per_tag"]]
+    assert ("stopped at --max_new_tokens=24" in captured.err) == (min(finished) < 1.0)
     gens = [json.loads(l) for l in (out / "generations.jsonl").read_text().splitlines()]
     N = len(s["tag_counts"])
     assert len(gens) == 3 * N * 2
@@ -200,6 +207,17 @@ def test_cli_evaluates_a_trained_workdir(tiny_run, tmp_path, capsys):
     for g in gens[:6]:
         v = synthetic.verify(g["id"].replace("add-", "").replace("-", " + ").join(["What is ", "?"]), g["text"])
         assert (v.correct, v.answer, v.strategy) == (g["correct"], g["answer"], g["strategy"])
+
+
+def test_unfinished_generations_are_named_and_help_shows_defaults(capsys):
+    per_tag = [{"finished_rate": r} for r in (1.0, 0.5)]
+    assert E.unfinished_warning({"per_tag": per_tag}, 64).startswith(
+        "warning: 25% of the generations stopped at --max_new_tokens=64")
+    assert "every generation" in E.unfinished_warning({"per_tag": [{"finished_rate": 0.0}]}, 8)
+    assert E.unfinished_warning({"per_tag": [{"finished_rate": 1.0}]}, 8) is None
+    with pytest.raises(SystemExit):
+        E.main(["--help"])
+    assert "(default: 256)" in capsys.readouterr().out.replace("\n", " ").replace("  ", " ")
 
 
 def test_library_shared_tag_mode_and_checkpoint_equals_export(tiny_run):

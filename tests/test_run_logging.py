@@ -156,3 +156,35 @@ def test_a_checkpoint_of_another_model_is_a_config_mismatch(tmp_path):
         train.run(c, tmp_path, progress=False)
     assert "fallback" not in str(e.value)
     assert "['params']['layers']['up_proj']: (2, 32, 64) -> (2, 32, 96)" in str(e.value)
+
+
+def test_throughput_times_each_step_when_steps_are_reported_back_to_back(monkeypatch):
+    """The trainer reports step k one step late, and back to back with step k-1 before a checkpoint and at the end.
+    With steps that run inline in the dispatching call (CPU) and take 2 s each, every report must say 2 s/step:
+    timing from one report to the next gave the back-to-back report ~0 s and inflated its tokens/s (issue 35)."""
+    from ssft_jax import run_monitor
+
+    clock = [100.0]
+    monkeypatch.setattr(run_monitor.time, "perf_counter", lambda: clock[0])
+    tp = run_monitor.Throughput(1e12, 1, None)
+    batch = {"train": {"segment_ids": np.array([[1, 1, 0, 0]])}}
+    reports, pending = {}, None
+    for step in range(1, 7):
+        tp.add_batch(step, batch, with_cost_pass=False)
+        clock[0] += 2.0  # the step runs inline
+        if pending is not None:
+            reports[pending] = tp.scalars(pending)
+        pending = step
+        if step in (3, 6):  # checkpoint / the last step: reported right after its predecessor
+            reports[step] = tp.scalars(step)
+            pending = None
+        clock[0] += 0.01  # host work between steps
+    assert sorted(reports) == [1, 2, 3, 4, 5, 6]
+    for step, r in reports.items():
+        assert r["step_time_s"] == pytest.approx(2.01, abs=0.011), step
+        assert r["tokens_per_s"] == pytest.approx(2 / r["step_time_s"]) and r["padding_frac"] == 0.5
+    # evaluation time inside a step's window is taken out
+    tp.add_batch(7, batch, with_cost_pass=False)
+    clock[0] += 2.0 + 5.0
+    tp.exclude(5.0)
+    assert tp.scalars(7)["step_time_s"] == pytest.approx(2.0)

@@ -44,6 +44,8 @@ class DatasetSpec:
         the files it is given.
     reads_path: True for a dataset whose records are the files `data.path` names (`jsonl`): an empty path is a
         config error, refused before any compute.
+    takes_path: False for a dataset that reads no files (the synthetic tasks): a `data.path` given with it is a
+        config error naming both keys (the user meant to train on that file), never silently ignored.
     """
 
     name: str
@@ -52,6 +54,7 @@ class DatasetSpec:
     classifier: StrategyClassifier | None = None
     has_heldout: bool = True
     reads_path: bool = False
+    takes_path: bool = True
 
 
 DATASETS: dict[str, DatasetSpec] = {}
@@ -106,7 +109,14 @@ def check_source(config) -> None:
     """A dataset that is the files `data.path` names needs a path: a FormatError (one CLI message) naming both keys,
     raised by a stage before it loads any model. Not part of `config.validate`: the memory planner and the launch
     dry runs read configs (configs/qwen2p5_7b.py) whose data.path the user fills in later."""
-    if get_dataset(config.data.name).reads_path and not str(config.data.path or "").strip(", "):
+    spec, path = get_dataset(config.data.name), str(config.data.path or "").strip(", ")
+    if path and not spec.takes_path:
+        # An error rather than inferring data.name=jsonl: the default name is a synthetic task, and a config that
+        # names one on purpose while a path is set is ambiguous; one line tells the user which key to add.
+        raise formats.FormatError(
+            f"data.path={config.data.path!r} is set but data.name={config.data.name!r} reads no files (it generates "
+            "its questions): to train on the file add --config.data.name=jsonl; for the synthetic task drop data.path")
+    if spec.reads_path and not path:
         raise formats.FormatError(
             "data.path must name the JSONL/parquet file(s), `datasets` folder(s) or hub dataset id(s) for "
             f"data.name={config.data.name!r}, and it is empty: give --config.data.path=FILE.jsonl (several: "
@@ -130,11 +140,13 @@ def jsonl_sources(config) -> tuple[list, list]:
 
 
 register_dataset(DatasetSpec("synthetic", synthetic.splits_from_config, checker="synthetic",
-                             classifier=StrategyClassifier(synthetic.STRATEGIES, synthetic.classify_strategy)))
+                             classifier=StrategyClassifier(synthetic.STRATEGIES, synthetic.classify_strategy),
+                             takes_path=False))
 register_dataset(DatasetSpec("gsm8k", gsm8k.splits_from_config, checker="gsm8k"))
 register_dataset(DatasetSpec("jsonl", jsonl_sources, checker="math", has_heldout=False, reads_path=True))
 # The demo's task: the same questions, strategies that differ in structure (synthetic.STYLE_STRATEGIES says why).
 register_dataset(DatasetSpec("synthetic_styles", synthetic.style_splits_from_config, checker="synthetic",
-                             classifier=StrategyClassifier(synthetic.STYLE_STRATEGIES, synthetic.classify_style)))
+                             classifier=StrategyClassifier(synthetic.STYLE_STRATEGIES, synthetic.classify_style),
+                             takes_path=False))
 # GSM8K's four model solutions as four teachers, trace j = teacher j (`ssft_jax.teacher_agreement`).
 register_dataset(DatasetSpec("gsm8k_teachers", gsm8k.teacher_splits_from_config, checker="gsm8k"))
