@@ -84,11 +84,27 @@ def _flag_error_message(e: BaseException, argv: list[str]) -> str:
     return text
 
 
+def _packaged_configs(argv: list[str], resolve: Callable[[str], str]) -> list[str]:
+    """`--config configs/X.py[:arg]` (either spelling) resolved by `resolve` (the project's configs from any folder)."""
+    out, i = list(argv), 1
+    while i < len(out):
+        if out[i].startswith("--config="):
+            out[i] = "--config=" + resolve(out[i][len("--config="):])
+        elif out[i] == "--config" and i + 1 < len(out):
+            out[i + 1] = resolve(out[i + 1])
+            i += 1
+        i += 1
+    return out
+
+
 def parse_absl_flags(argv: list[str]) -> list[str]:
     """absl's flags parser for our CLIs: every command line it cannot use is one `error:` line and exit code 2,
     like the run's own errors. absl alone exits 1 for a bad value and lets ml_collections' errors (an unknown
     `--config.a.b` key, a config file that does not exist) escape as 50-line tracebacks."""
     from absl import flags
+
+    from ssft_jax.config import resolve_config_path
+    argv = _packaged_configs(argv, resolve_config_path)
     try:
         rest = flags.FLAGS(argv)
         if "config" in flags.FLAGS:  # a config file that fails to load fails lazily, at first use: use it here

@@ -17,7 +17,20 @@ from ssft_jax import datasets, faults, lora as lora_lib, losses, matching, model
 from ssft_jax.checkpoint import ON_CORRUPT
 from ssft_jax.data import EXTRA_TRACES, FORMATS, ON_BAD_RECORD, OVERLONG
 
-CONFIGS_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
+# The repository's configs/ in a checkout (or an editable install); inside the package (ssft_jax/configs, see
+# pyproject.toml) after `pip install .`, where no repository is next to it.
+_PACKAGED_CONFIGS = pathlib.Path(__file__).resolve().parent / "configs"
+CONFIGS_DIR = _PACKAGED_CONFIGS if _PACKAGED_CONFIGS.is_dir() else pathlib.Path(__file__).resolve().parents[1] / "configs"
+
+
+def resolve_config_path(path: str) -> str:
+    """A `--config` value (`FILE.py[:arg]`) as given when that file exists; `configs/NAME.py[:arg]` that does not
+    exist from here (a console script run outside the repository) names the project's own config of that name."""
+    file, sep, arg = path.partition(":")
+    p = pathlib.Path(file)
+    if not p.is_file() and p.parent.name == "configs" and (CONFIGS_DIR / p.name).is_file():
+        return str(CONFIGS_DIR / p.name) + sep + arg
+    return path
 
 
 class ConfigError(ValueError):

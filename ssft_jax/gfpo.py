@@ -555,6 +555,8 @@ def main(argv):
     del argv
     from absl import flags
     metrics_log.quiet_library_logs()
+    if run_common.help_config_requested():
+        return
     config = flags.FLAGS.config
     if flags.FLAGS.init_from:
         config.gfpo.init_from = flags.FLAGS.init_from
@@ -576,7 +578,9 @@ def cli() -> None:
     flags.DEFINE_string("init_from", "", "the SSFT model: a training workdir or an HF folder (sets gfpo.init_from)")
     flags.DEFINE_string("workdir", None, "where GFPO's checkpoints, logs and HF export go")
     flags.DEFINE_bool("debug", False, "show the traceback of a config, data or checkpoint error")
-    flags.mark_flags_as_required(["config", "workdir"])
+    flags.DEFINE_bool("help_config", False, "print every config key with its value (overrides applied) and its "
+                      "documentation, then exit")
+    flags.mark_flags_as_required(["config"])  # --workdir too, unless --help_config (checked in main)
     cli_lib.absl_run(main)
 
 

@@ -161,3 +161,17 @@ def summary_table(summary: dict, workdir) -> str:
     rows.append(("summary", str(epath.Path(workdir) / "summary.json")))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def help_config_requested() -> bool:
+    """The absl CLIs' `--help_config`: print the config's keys (`config_help.describe`) and say so; otherwise
+    require `--workdir` (a ConfigError: one `error:` line)."""
+    from absl import flags
+
+    from ssft_jax import config_help
+    if flags.FLAGS.help_config:
+        print(config_help.describe(flags.FLAGS.config))
+        return True
+    if not flags.FLAGS.workdir:
+        raise config_lib.ConfigError("--workdir is required (where checkpoints, logs and the HF export go)")
+    return False

@@ -270,6 +270,8 @@ def main(argv):
     del argv
     from absl import flags
     metrics_log.quiet_library_logs()
+    if run_common.help_config_requested():
+        return
     summary = run(flags.FLAGS.config, flags.FLAGS.workdir)
     print(run_common.summary_table(summary, flags.FLAGS.workdir))
 
@@ -288,7 +290,9 @@ def cli() -> None:
                                     lock_config=True)
     flags.DEFINE_string("workdir", None, "where checkpoints, logs and the HF export go (local or gs://)")
     flags.DEFINE_bool("debug", False, "show the traceback of a config, data or checkpoint error")
-    flags.mark_flags_as_required(["config", "workdir"])
+    flags.DEFINE_bool("help_config", False, "print every config key with its value (overrides applied) and its "
+                      "documentation, then exit")
+    flags.mark_flags_as_required(["config"])  # --workdir too, unless --help_config (checked in main)
     cli_lib.absl_run(main)
 
 

@@ -198,3 +198,60 @@ def test_smollm2_gsm8k_real_step(tmp_path):
     assert 0.1 < loss < 5.0, loss  # a pretrained instruct model: low but non-zero NLL on GSM8K solutions
     assert sum(s["tag_counts"]) > 0
     assert "prompt_over_budget" in s["validation"]  # the skipped questions are counted, not silently dropped
+
+
+def test_pyproject_lists_every_package_on_disk():
+    """pyproject.toml lists the packages (package-dir maps configs/ into ssft_jax.configs): a new subpackage that is
+    not listed would be missing from `pip install .`."""
+    import tomllib
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    on_disk = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "ssft_jax").rglob("__init__.py")}
+    assert listed == on_disk | {"ssft_jax.configs", "ssft_jax.configs.sweeps"}
+
+
+@pytest.mark.slow
+def test_installed_package_runs_its_configs_from_another_folder(tmp_path):
+    """`pip install .` then a console script from a folder that is not the repository: `configs/demo.py` (as the
+    README writes it) names the packaged config, which used to be missing from the install."""
+    pip = [sys.executable, "-m", "pip", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "wheel"), str(ROOT)],
+                   check=True, timeout=300, capture_output=True)
+    wheel = next((tmp_path / "wheel").glob("ssft_jax-*.whl"))
+    site = tmp_path / "site"
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)], check=True, timeout=300,
+                   capture_output=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1"}
+    probe = ("import ssft_jax, ssft_jax.config as c; print(ssft_jax.__file__); print(c.CONFIGS_DIR); "
+             "c.load_config('demo', 'tiny'); assert (c.CONFIGS_DIR / 'sweeps' / 'demo_methods.py').is_file()")
+    p = subprocess.run([sys.executable, "-c", probe], cwd=elsewhere, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr
+    package_file, configs_dir = p.stdout.split()[:2]
+    assert package_file.startswith(str(site)) and configs_dir == str(site / "ssft_jax" / "configs")
+    p = subprocess.run([sys.executable, "-m", "ssft_jax.train", "--config", "configs/demo.py:tiny",
+                        f"--workdir={tmp_path / 'wd'}", "--config.num_steps=1", "--config.export_hf=False",
+                        "--config.mesh.num_devices=1", "--config.mesh.data=1"],
+                       cwd=elsewhere, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads((tmp_path / "wd" / "summary.json").read_text())["final_step"] == 1
+
+
+def test_help_config_lists_every_key_with_its_value_and_documentation(tmp_path):
+    from ssft_jax import config_help
+    c = config_lib.load_config("demo", "tiny")
+    text = config_help.describe(c)
+    keys = [line.split(" = ")[0] for line in text.splitlines() if " = " in line and not line.startswith((" ", "#"))]
+    assert keys == [k for k, _ in config_help._flatten(c)] and len(keys) > 100
+    assert "ssft.cost_prefix_len = 16\n    L: tokens of each trace scored for the cost matrix" in text
+    assert "gfpo.estimator = 'grpo'\n    grpo: G tags sampled from pi per question" in text  # gfpo_defaults()
+    assert "# [lora] LoRA (ssft_jax/lora.py)" in text
+    # on one line with three others, the comment above names on_corrupt: only on_corrupt gets it
+    assert "checkpoint.on_corrupt = 'error'\n" in text and "checkpoint.max_to_keep = 3\n    " not in text
+    # through the CLI, overrides applied, no --workdir needed
+    p = subprocess.run([sys.executable, "-m", "ssft_jax.train", f"--config={ROOT / 'configs' / 'demo.py'}",
+                        "--config.batch_size=3", "--help_config"], cwd=tmp_path, capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "batch_size = 3\n    questions per step" in p.stdout and not (tmp_path / "checkpoints").exists()

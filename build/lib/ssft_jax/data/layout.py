@@ -1,0 +1,327 @@
+"""Static-shape SSFT layout: LayoutConfig, the tag table, per-question cost/train views (numpy) and the in-graph
+helpers ``fill_tags`` and ``cost_matrix_from_token_nll`` (pure jnp). See ``ssft_jax.data`` for the layout."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Mapping
+
+import numpy as np
+
+from ssft_jax import tokenization
+from ssft_jax.data.question import TokenizedQuestion
+
+log = logging.getLogger("ssft_jax.data")
+
+
+# --------------------------------------------------------------------------------------------
+# Layout configuration
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LayoutConfig:
+    """Static shapes of an SSFT batch (see the module docstring for the layout)."""
+
+    num_tags: int  # N
+    num_traces: int  # M
+    cost_len: int  # L: cost prefix tokens per trace
+    max_prompt_len: int  # P
+    max_trace_len: int  # T: incl. the end-of-turn token
+    tag_len: int  # Lt: tag slot length (longest tag)
+    batch_size: int  # B: questions per batch (per process)
+    tag_valid: tuple[bool, ...] | None = None  # None: all N tags usable
+    # M > N is refused (each trace needs its own tag) unless this is set: the sft_mixed baseline puts every trace
+    # under one tag and never matches, so it may run with fewer tags than traces.
+    allow_more_traces_than_tags: bool = False
+    # Packed train rows (``ssft_jax.data.packing``): pack_rows > 0 rows per process of pack_len slots (0: S, so any
+    # one sequence fits) replace the M rows of S per question; 0 keeps the unpacked view (the reference).
+    # pack_micro_batches: the step's micro-batch count, since each micro-batch's rows hold only its questions.
+    pack_rows: int = 0
+    pack_len: int = 0
+    pack_micro_batches: int = 1
+    # "questions": exactly batch_size questions per batch; "tokens": at most batch_size, as many as fill the rows
+    # (``packing.PackedIterator``).
+    pack_fill: str = "questions"
+
+    def __post_init__(self):
+        for name in ("num_tags", "num_traces", "cost_len", "max_prompt_len", "max_trace_len", "tag_len", "batch_size"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"LayoutConfig.{name} must be a positive int, got {v!r}")
+        if self.num_traces > self.num_tags and not self.allow_more_traces_than_tags:
+            raise ValueError(
+                f"M={self.num_traces} traces per question > N={self.num_tags} tags: SSFT needs N >= M "
+                "(each trace gets its own tag)"
+            )
+        if self.tag_valid is not None:
+            tv = tuple(bool(x) for x in self.tag_valid)
+            if len(tv) != self.num_tags:
+                raise ValueError(f"tag_valid has {len(tv)} entries, expected N={self.num_tags}")
+            need = 1 if self.allow_more_traces_than_tags else self.num_traces
+            if sum(tv) < need:
+                raise ValueError(f"only {sum(tv)} valid tags for M={self.num_traces} traces (need {need})")
+            object.__setattr__(self, "tag_valid", tv)
+        for name in ("pack_rows", "pack_len"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"LayoutConfig.{name} must be an int >= 0, got {v!r}")
+        if self.pack_fill not in ("questions", "tokens"):
+            raise ValueError(f"LayoutConfig.pack_fill must be 'questions' or 'tokens', got {self.pack_fill!r}")
+        if self.pack_micro_batches < 1:
+            raise ValueError(f"LayoutConfig.pack_micro_batches must be >= 1, got {self.pack_micro_batches!r}")
+        if self.cost_len > self.max_trace_len:
+            log.info("cost_len L=%d > max_trace_len T=%d: the cost slot is clamped to T", self.cost_len,
+                     self.max_trace_len)
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer, tags: tokenization.ForkingTags, **kw) -> "LayoutConfig":
+        """N from ``tags``, Lt = the longest tag in tokens; the other fields as keywords."""
+        return cls(num_tags=tags.n, tag_len=tags.max_tag_len(tokenizer), **kw)
+
+    @property
+    def cost_slot_len(self) -> int:
+        """Le = min(L, T)."""
+        return min(self.cost_len, self.max_trace_len)
+
+    @property
+    def num_pairs(self) -> int:
+        return self.num_tags * self.num_traces
+
+    @property
+    def pair_block_len(self) -> int:
+        return self.tag_len + self.cost_slot_len
+
+    @property
+    def cost_row_len(self) -> int:
+        """R = P + N*M*(Lt + Le)."""
+        return self.max_prompt_len + self.num_pairs * self.pair_block_len
+
+    @property
+    def cost_tokens_repeated_prompt(self) -> int:
+        """Slots per question if every (tag, trace) pair repeated the prompt: N*M*(P + Lt + Le)."""
+        return self.num_pairs * (self.max_prompt_len + self.pair_block_len)
+
+    @property
+    def train_row_len(self) -> int:
+        """S = P + Lt + T."""
+        return self.max_prompt_len + self.tag_len + self.max_trace_len
+
+    @property
+    def packed(self) -> bool:
+        return self.pack_rows > 0
+
+    @property
+    def pack_row_len(self) -> int:
+        """S' = pack_len, or S when 0."""
+        return self.pack_len or self.train_row_len
+
+    @property
+    def tag_valid_array(self) -> np.ndarray:
+        return np.ones(self.num_tags, bool) if self.tag_valid is None else np.asarray(self.tag_valid, bool)
+
+    def pair_block_start(self, i: int, j: int) -> int:
+        return self.max_prompt_len + (i * self.num_traces + j) * self.pair_block_len
+
+
+def tag_table(tokenizer, tags: tokenization.ForkingTags, tag_len: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(table [N, Lt] int32, lengths [N] int32)``: tag i's ids LEFT-padded with 0 to Lt (default: longest tag)."""
+    ids = tags.all_tag_ids(tokenizer)
+    lt = max(len(t) for t in ids) if tag_len is None else int(tag_len)
+    table = np.zeros((tags.n, lt), np.int32)
+    lengths = np.zeros(tags.n, np.int32)
+    for i, t in enumerate(ids):
+        if not 1 <= len(t) <= lt:
+            raise ValueError(f"tag {i} ({tags.tag_string(i)!r}) has {len(t)} tokens; the tag slot holds 1..{lt}")
+        table[i, lt - len(t):] = t
+        lengths[i] = len(t)
+    return table, lengths
+
+
+# --------------------------------------------------------------------------------------------
+# Layout of one question (numpy; runs inside the Grain map)
+# --------------------------------------------------------------------------------------------
+
+
+class QuestionLayout:
+    """``TokenizedQuestion -> {"cost": ..., "train": ..., "question_index": ...}`` without the batch dimension."""
+
+    def __init__(self, layout: LayoutConfig, tag_table: np.ndarray, tag_lengths: np.ndarray):
+        tag_table, tag_lengths = np.asarray(tag_table, np.int32), np.asarray(tag_lengths, np.int32)
+        if tag_table.shape != (layout.num_tags, layout.tag_len):
+            raise ValueError(f"tag_table has shape {tag_table.shape}, expected (N, Lt)="
+                             f"({layout.num_tags}, {layout.tag_len})")
+        if tag_lengths.shape != (layout.num_tags,) or tag_lengths.min() < 1 or tag_lengths.max() > layout.tag_len:
+            raise ValueError(f"tag_lengths must be [N] in 1..Lt, got {tag_lengths}")
+        self.cfg = layout
+        self.tags = [tag_table[i, layout.tag_len - tag_lengths[i]:] for i in range(layout.num_tags)]
+        self.tag_valid = layout.tag_valid_array
+
+    def __call__(self, q: TokenizedQuestion) -> dict[str, Any]:
+        return {"cost": self.cost_view(q), "train": self.train_view(q), "question_index": np.int32(q.index)}
+
+    def _check(self, q: TokenizedQuestion):
+        c = self.cfg
+        if len(q.prompt_ids) > c.max_prompt_len or not 1 <= len(q.trace_ids) <= c.num_traces or any(
+                not 1 <= len(t) <= c.max_trace_len for t in q.trace_ids):
+            raise ValueError(f"{q.where}: question {q.id!r} does not fit {c} (tokenize with the same LayoutConfig)")
+
+    def cost_view(self, q: TokenizedQuestion) -> dict[str, np.ndarray]:
+        self._check(q)
+        c = self.cfg
+        N, M, Lt, Le, R = c.num_tags, c.num_traces, c.tag_len, c.cost_slot_len, c.cost_row_len
+        tokens, seg, prefix, pos, tgt, lm = (np.zeros(R, np.int32) for _ in range(6))
+        pair = np.full(R, -1, np.int32)
+        p = len(q.prompt_ids)
+        tokens[:p], seg[:p], pos[:p] = q.prompt_ids, 1, np.arange(p)
+        tgt[:p - 1] = q.prompt_ids[1:]
+        nt = len(q.trace_ids)
+        for i in range(N):
+            if not self.tag_valid[i]:
+                continue
+            tag = self.tags[i]
+            lt = len(tag)
+            for j in range(nt):
+                trace = q.trace_ids[j][:Le]
+                base = c.pair_block_start(i, j)
+                a, b = base + Lt - lt, base + Lt + len(trace)  # real tokens [a, b)
+                tokens[a:base + Lt], tokens[base + Lt:b] = tag, trace
+                seg[a:b], prefix[a:b], pos[a:b] = 2 + i * M + j, 1, p + np.arange(b - a)
+                tgt[a:b - 1] = tokens[a + 1:b]
+                lm[base + Lt - 1:b - 1] = 1
+                pair[base + Lt - 1:b - 1] = i * M + j
+        trace_valid = np.arange(M) < nt
+        lengths = np.zeros(M, np.int32)
+        lengths[:nt] = [len(t) for t in q.trace_ids]
+        return {"tokens": tokens, "segment_ids": seg, "prefix_segment_ids": prefix, "positions": pos, "targets": tgt,
+                "loss_mask": lm, "pair_ids": pair, "trace_valid": trace_valid, "tag_valid": self.tag_valid.copy(),
+                "trace_lengths": lengths, "cost_lengths": np.minimum(lengths, Le).astype(np.int32)}
+
+    def train_view(self, q: TokenizedQuestion) -> dict[str, np.ndarray]:
+        self._check(q)
+        c = self.cfg
+        M, P, Lt, S = c.num_traces, c.max_prompt_len, c.tag_len, c.train_row_len
+        tokens, seg, tgt, lm = (np.zeros((M, S), np.int32) for _ in range(4))
+        p, nt = len(q.prompt_ids), len(q.trace_ids)
+        t0 = P + Lt  # first trace slot
+        lengths = np.zeros(M, np.int32)
+        truncated = np.zeros(M, bool)
+        for j in range(nt):
+            tr = q.trace_ids[j]
+            n = len(tr)
+            tokens[j, :p], seg[j, :p] = q.prompt_ids, 1
+            tgt[j, :p - 1] = q.prompt_ids[1:]
+            tokens[j, t0:t0 + n], seg[j, t0:t0 + n] = tr, 1
+            tgt[j, t0 - 1:t0 + n - 1] = tr  # the slot's last position (last tag token) predicts trace token 0
+            lm[j, t0 - 1:t0 + n - 1] = 1
+            lengths[j], truncated[j] = n, q.truncated[j]
+        valid = np.arange(M) < nt
+        return {"tokens": tokens, "segment_ids": seg, "targets": tgt, "loss_mask": lm, "trace_valid": valid,
+                "prompt_lengths": np.where(valid, p, 0).astype(np.int32), "trace_lengths": lengths,
+                "tag_slot_start": np.full(M, P, np.int32), "truncated": truncated}
+
+
+# --------------------------------------------------------------------------------------------
+# In-graph helpers (pure jnp, jit-able)
+# --------------------------------------------------------------------------------------------
+
+
+def cost_matrix_from_token_nll(nll, cost_view: Mapping[str, Any], num_tags: int, num_traces: int):
+    """``C[B, N, M]``: the mean of ``nll[B, R]`` (per-token NLL of ``targets`` in the cost view) over each pair's
+    loss positions: C[b, i, j] = mean NLL of trace j's first L' tokens after (prompt, tag i).
+
+    NaN-free: ``nll`` is read only at loss positions (NaN/inf elsewhere are ignored); cells with no loss position
+    (invalid traces, invalid tags) are ``+inf`` -- pass ``tag_valid``/``trace_valid`` to the matcher, which ignores
+    them. Sums use ``segment_sum`` (exact float32 adds, no matmul precision loss).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    nll = jnp.asarray(nll, jnp.float32)
+    B, R = nll.shape
+    K = num_tags * num_traces
+    mask = jnp.asarray(cost_view["loss_mask"]) > 0
+    pair = jnp.asarray(cost_view["pair_ids"])
+    seg = jnp.where(mask & (pair >= 0), pair + K * jnp.arange(B, dtype=pair.dtype)[:, None], B * K)
+    x = jnp.where(mask, nll, 0.0)
+    sums = jax.ops.segment_sum(x.reshape(-1), seg.reshape(-1), num_segments=B * K + 1)[:B * K]
+    counts = jax.ops.segment_sum(mask.reshape(-1).astype(jnp.float32), seg.reshape(-1), num_segments=B * K + 1)[:B * K]
+    c = jnp.where(counts > 0, sums / jnp.maximum(counts, 1.0), jnp.inf).reshape(B, num_tags, num_traces)
+    valid = jnp.ones((B, num_tags, num_traces), bool)
+    if "tag_valid" in cost_view:
+        valid = valid & jnp.asarray(cost_view["tag_valid"])[:, :, None]
+    if "trace_valid" in cost_view:
+        valid = valid & jnp.asarray(cost_view["trace_valid"])[:, None, :]
+    return jnp.where(valid, c, jnp.inf)
+
+
+def next_real_targets(tokens, real, seq=None):
+    """targets[..., t]: the next real token after slot t of the row, found by a reverse running minimum of the real
+    slots' indices; 0 where slot t is not real or nothing real follows, and, given per-slot sequence ids ``seq``
+    (packed rows), where the next real token belongs to another sequence. The train views' one targets rule."""
+    import jax
+    import jax.numpy as jnp
+
+    S = tokens.shape[-1]
+    idx = jnp.where(real, jnp.arange(S, dtype=jnp.int32), S)
+    nxt = jax.lax.cummin(idx, axis=idx.ndim - 1, reverse=True)
+    nxt = jnp.concatenate([nxt[..., 1:], jnp.full(nxt.shape[:-1] + (1,), S, nxt.dtype)], axis=-1)
+    nxt_c = jnp.clip(nxt, 0, S - 1)
+    ok = real & (nxt < S)
+    if seq is not None:
+        ok = ok & (jnp.take_along_axis(seq, nxt_c, axis=-1) == seq)
+    return jnp.where(ok, jnp.take_along_axis(tokens, nxt_c, axis=-1), 0)
+
+
+def fill_tags(train_view: Mapping[str, Any], tag_of_trace, tag_table, tag_lengths) -> dict[str, Any]:
+    """Write each row's assigned tag into its (left-padded) tag slot; ready-for-the-model row arrays.
+
+    train_view: the batch's ``"train"`` dict (arrays ``[..., S]`` with leading dims ``[B, M]``, or already
+      flattened ``[B*M, S]`` with ``[B*M]`` side fields). tag_of_trace: ``[B, M]`` int32 tag index per trace, -1 for
+      none (the row becomes all padding with zero loss; invalid traces are padding whatever the tag).
+    tag_table, tag_lengths: from ``tag_table()`` (``[N, Lt]`` left-padded, ``[N]``).
+    Returns tokens, segment_ids, positions, targets, loss_mask (int32, same shape as ``train_view["tokens"]``);
+    reshape to ``[B*M, S]`` for ``model.forward``. The packed train view has its own,
+    ``packing.fill_packed_tags`` (``packing.fill_train_rows`` picks the right one).
+    """
+    import jax.numpy as jnp
+
+    tokens = jnp.asarray(train_view["tokens"], jnp.int32)
+    S = tokens.shape[-1]
+    table = jnp.asarray(tag_table, jnp.int32)
+    lengths = jnp.asarray(tag_lengths, jnp.int32)
+    N, Lt = table.shape
+    tag = jnp.asarray(tag_of_trace, jnp.int32).reshape(tokens.shape[:-1])
+    on = (tag >= 0) & jnp.asarray(train_view["trace_valid"], bool).reshape(tag.shape)
+    tag = jnp.clip(tag, 0, N - 1)
+    start = jnp.asarray(train_view["tag_slot_start"], jnp.int32).reshape(tag.shape)[..., None]
+    ar = jnp.arange(S, dtype=jnp.int32)
+    off = ar - start  # offset inside the tag slot
+    in_slot = (off >= 0) & (off < Lt)
+    row_tag = table[tag]  # [..., Lt]
+    slot_tok = jnp.take_along_axis(row_tag, jnp.clip(off, 0, Lt - 1), axis=-1)
+    slot_real = in_slot & (off >= Lt - lengths[tag][..., None])
+    real = ((jnp.asarray(train_view["segment_ids"]) != 0) & ~in_slot) | slot_real
+    real = real & on[..., None]
+    tokens = jnp.where(slot_real, slot_tok, tokens)
+    tokens = jnp.where(real, tokens, 0)
+    realtoi = real.astype(jnp.int32)
+    positions = jnp.where(real, jnp.cumsum(realtoi, axis=-1) - 1, 0)
+    targets = next_real_targets(tokens, real)
+    loss_mask = jnp.asarray(train_view["loss_mask"], jnp.int32) * on[..., None].astype(jnp.int32)
+    return {"tokens": tokens, "segment_ids": realtoi, "positions": positions.astype(jnp.int32),
+            "targets": targets, "loss_mask": loss_mask}
+
+
+def batch_token_counts(batch: Mapping[str, Any]) -> dict[str, int]:
+    """Real (non-padding) and slot token counts of a batch's cost and train views (for logging / benches)."""
+    cost, train = batch["cost"], batch["train"]
+    return {
+        "cost_real": int(np.count_nonzero(cost["segment_ids"])),
+        "cost_slots": int(np.size(cost["segment_ids"])),
+        "train_real": int(np.count_nonzero(train["segment_ids"])),  # excludes the (empty) tag slots
+        "train_slots": int(np.size(train["segment_ids"])),
+        "train_loss_tokens": int(np.sum(train["loss_mask"])),
+    }
+

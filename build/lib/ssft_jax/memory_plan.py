@@ -1,0 +1,779 @@
+"""Per-device memory plan of an SSFT training config: will it fit, on which TPU chip, with how much headroom?
+
+    python -m ssft_jax.memory_plan --config configs/qwen2p5_7b.py[:arg] [--config.a.b=v ...] [--compile]
+        [--num_devices K] [--tag_len LT]
+
+The plan is arithmetic over the config (nothing is allocated; the 32B plan takes a second). With `--compile`, when
+the config's mesh fits the local devices (fake CPU devices via `XLA_FLAGS=--xla_force_host_platform_device_count=8`,
+or a shrunk model), the real train step is also lowered and compiled on abstract inputs and XLA's
+`memory_analysis()` is printed beside the estimate.
+
+The inputs and every formula of the plan are in `METHOD` below (`pydoc ssft_jax.memory_plan`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import re
+import types
+from typing import Any, Mapping
+
+import numpy as np
+
+# The plan's inputs and formulas (kept out of the module docstring so that --help fits a screen).
+METHOD = """
+Inputs
+------
+* model: `model.hf_dir`'s config.json when that folder exists here; else `model.preset` from the built-in table
+  `PRESETS` (the Qwen2.5-0.5B/1.5B/7B/32B-Instruct config.json values), so the plan works offline before the weights are
+  staged; else (`hf_dir` empty) the from-scratch `model.init` with the tokenizer's vocabulary. compute dtype, param
+  dtype, remat and attention_chunk come from `config.model` (`assembly.model_overrides`). Special-token tags
+  grow the vocabulary to len(tokenizer) + N when the embedding has no room (`assembly.vocab_for_tags`).
+* Lt (tag slot length): exact from the tokenizer when one is available; for a preset without its folder, the
+  preset's `tag_len` (an upper bound of ChatML text tags `<|im_start|><thinkK>\\n`), or `--tag_len`.
+* mesh sizes (data d, fsdp f, tensor t) from `config.mesh`; a -1 axis takes the devices left by the others, the
+  device count being `--num_devices`, else `mesh.num_devices`, else the chips of `config.accelerator` (e.g.
+  "v5p-32" = 16 chips), else the local device count. `config.validate` refuses impossible combinations first.
+
+Notation (per device)
+---------------------
+dp = d*f (batch rows are split over 'data' and 'fsdp'); b = batch_size / (micro_batches * dp) questions per device
+per micro-batch; M traces, N tags, L cost prefix, P prompt budget, T trace budget; Le = min(L, T);
+cost row R = P + N*M*(Lt + Le) tokens (`LayoutConfig.cost_row_len`: the prompt once, then N*M (tag, trace prefix)
+blocks); train row S = P + Lt + T (`train_row_len`), M of them per question. D hidden, F MLP width, H/K query/KV
+heads of size Dh, V vocabulary, nl layers. Split by the tensor axis as `mesh.LOGICAL_AXIS_RULES` shards the
+weights that produce them: H_t = H/t, K_t = K/t, F_t = F/t, V_t = V/t, each left whole when t does not divide it
+(`mesh.logical_to_spec` then replicates the weight dimension, so the activation is not split either).
+a = bytes of the compute dtype (bf16: 2), w = bytes of the parameter dtype (fp32 master weights: 4), 4 for fp32.
+
+Formulas
+--------
+parameters      sum over `model.abstract_params(cfg)` leaves of prod(shape_i / split_i) * w, split_i = the product
+                of the mesh axes that `mesh.logical_to_spec(axes, shape, mesh)` assigns to dimension i: exact,
+                including dimensions replicated because they do not divide (e.g. 2 KV heads over tensor=4).
+optimizer       2 * parameters (AdamW's mu and nu in the parameter dtype, sharded like the parameters).
+gradients       2 * parameters: the micro-batch `lax.scan` carries the accumulated gradients and each micro-step
+                produces a fresh set before the add (fp32, sharded like the parameters).
+update          1 * parameters: the optimizer's `updates` tree, alive while new parameters and moments are written.
+batch           the step's input rows, all micro-batches: micro_batches * (7*b*R + 4*r*S) int32 (+ small masks),
+                plus `fill_tags`' rebuilt train rows for one micro-batch: 5 * r*S int32 (r, S: below).
+gathered        FSDP all-gathers each layer's weights before use: 2 * (one layer's parameters / t) * a (the layer in
+                use and the next one, prefetched), one layer's weight gradients before the reduce-scatter
+                (layer / t) * w, and the output head gathered for the logits V_t * D * a.
+Activations are counted per phase of one layer, since the layers run one at a time (`lax.scan`) and a layer's
+attention and MLP intermediates are not live together:
+attn_tok        (H_t + 2*K_t)*Dh*a + (H_t + K_t)*Dh*4 + H_t*Dh*a per token (q/k/v, RoPE's fp32 q/k, attention out)
+mlp_tok         3*F_t*a per token (gate, up, silu(gate)*up)
+stored_tok      (3*D + (H_t + 2*K_t)*Dh + H_t*Dh + 2*F_t)*a per token: what one layer's backward needs of its forward
+                (two RMSNorm outputs, the mid-layer residual, q/k/v, attention out, gate, up)
+scores(r, n, c) r * H_t * q * n * (4*c + a) + r * q * n for r rows of n tokens: c live fp32 copies of a query
+                block's [q, n] scores per head (scores, softmax; + their cotangent in the backward), the
+                compute-dtype probabilities and the boolean mask; q = attention_chunk when the model chunks the
+                queries (`model._attention`: chunk > 0 and n > chunk, the row padded up to a multiple of the block),
+                else q = n (dense: the whole [n, n] scores).
+head(r, n, c)   the chunked log-softmax (`logprobs.token_logprobs`): min(logprob_chunk, r*n) * V_t * 4 * c (c = 2
+                live fp32 copies in the forward: logits, exp; 3 in the backward: + their cotangent) + r*n*D*a (the
+                padded hidden copy).
+(a) cost pass   no-grad forward over b rows of R tokens:
+                b*R*2*D*a (residual + normed input) + max(b*R*attn_tok + scores(b, R, 2), b*R*mlp_tok)
+                + head(b, R, 2)
+                with ssft.cost_layout='prefix_cache', over b*N*M rows of W = Lt + Le queries reading P + W keys: the
+                KV cache 2*nl*b*N*M*(P + W)*K_t*Dh*a + the same terms with b*N*M*W tokens, scores of [q, P + W]
+(b) train pass  forward + backward over r = b*M rows of S tokens (packed, `data.packed`: r = pack_rows /
+                (micro_batches * dp) rows of S = pack_len, 0 meaning P + Lt + T; its memory and FLOPs are those of
+                the rows, so what a length distribution needs is the pack_rows that fits it):
+                saved + stored + max(r*S*(H_t + 2*K_t)*Dh*a + scores(r, S, 3), r*S*(mlp_tok + D*(a + 4)))
+                + r*S*D*(a + 4) (the residual's cotangent) + head(r, S, 3), with, by `model.remat`:
+                full            saved = nl*r*S*D*a + r*S*D*a (each layer's input, kept by the layer scan, and the
+                                final hidden); stored = r*S*stored_tok (one layer recomputed for its backward)
+                none            saved = that + nl*r*S*(stored_tok + 2*F_t*4 + 2*D*4 + (H_t + K_t)*Dh*4 +
+                                blocks*2*K_t*Dh*a) (+ nl*scores(r, S, 2) when dense; blocks = query blocks, whose
+                                checkpoints keep k/v), stored = 0: every layer keeps everything (least precise)
+                dots            saved = the carry + nl*r*S*[(H_t + 2K_t)*Dh + H_t*Dh + 2D + 2F_t]*a (+ nl*r*H_t*S*S*4
+                                dense scores, a batched dot); stored as for full
+                dots_no_batch   saved = the carry + nl*r*S*[(H_t + 2K_t)*Dh + 2D + 2F_t]*a; stored as for full
+                (chunked attention is always rematerialised per query block, so chunked scores are never saved.)
+total           parameters + optimizer + gradients + update + batch + gathered + max((a), (b)): the cost pass ends
+                (C is [b, N, M]) before the train rows' forward starts.
+LoRA            (`lora.enabled`, ssft_jax/lora.py) parameters = the frozen base in `lora.base_dtype` (exact shards);
+                adapters = the trainable pytree (`lora.trainable_shapes`: A, B per target, special-mode tag rows),
+                fp32, sharded by the same rules; optimizer = 2 * adapters, gradients = 2 * adapters, update =
+                1 * adapters (nothing base-sized); tag-row copies = the [V, D] embedding (and untied lm_head) with
+                the tag rows written in, in the base dtype, plus its cotangent of the same size (the gradient of
+                the rows is gathered from it), per device (V_t * D / fsdp); gathered: two layers of the base in the
+                compute dtype and the head (0 when fsdp = 1 and the base is in the compute dtype: nothing is
+                gathered or cast), no base weight gradients. Activations as above (the backward still runs through
+                every layer); the adapters' own [tokens, r] intermediates are r/D of a residual and left out.
+
+Checked against XLA on CPU (`tests/test_memory_plan.py`; one device, Qwen2.5-0.5B shapes with 2-4 layers and 8k-16k
+token rows): the full-remat estimate of the temporaries is 1.0-1.4x XLA's; with the mesh's data axis only, the
+tiny demo model agrees within 10%.
+
+XLA's figures (`--compile`): argument (state + batch), output (new state + metrics), alias (donated state reused
+for the output), temp (everything else) and peak = argument + output - alias + temp; compare the estimate's
+"arguments" (parameters + optimizer + batch) and "temporaries" (the rest) with them. On TPU, leave a margin for
+the runtime and fragmentation: the verdict calls a chip tight below 10% headroom.
+"""
+
+GiB = 1024 ** 3
+
+# HBM per chip (GiB). JAX sees one device per chip on all four (v4 and v5p are megacore: 2 TensorCores, 1 device).
+CHIPS: dict[str, float] = {"v4": 32.0, "v5e": 16.0, "v5p": 95.0, "v6e": 32.0}
+TIGHT_HEADROOM = 0.10
+
+# The config.json values of the Qwen2.5 Instruct models (Hugging Face Qwen/Qwen2.5-*-Instruct), for planning
+# without the weights. `tokenizer_len`: len(tokenizer) (151643 BPE tokens + 22 special); `tag_len`: an upper bound
+# of the ChatML text tag "<|im_start|><thinkK>\n" in tokens (exact once the folder, with its tokenizer, is here).
+_QWEN25_COMMON = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_act="silu",
+                      max_position_embeddings=32768, rms_norm_eps=1e-06, rope_theta=1000000.0,
+                      use_sliding_window=False, bos_token_id=151643, eos_token_id=151645, torch_dtype="bfloat16")
+PRESETS: dict[str, dict[str, Any]] = {
+    "qwen2.5-0.5b": dict(_QWEN25_COMMON, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                         num_attention_heads=14, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "qwen2.5-1.5b": dict(_QWEN25_COMMON, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                         num_attention_heads=12, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "qwen2.5-7b": dict(_QWEN25_COMMON, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                       num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
+    "qwen2.5-32b": dict(_QWEN25_COMMON, hidden_size=5120, intermediate_size=27648, num_hidden_layers=64,
+                        num_attention_heads=40, num_key_value_heads=8, vocab_size=152064, tie_word_embeddings=False),
+}
+PRESET_TOKENIZER = {name: dict(tokenizer_len=151665, tag_len=6) for name in PRESETS}
+
+
+class PlanError(ValueError):
+    """The plan cannot be made (no model description, bad accelerator name, ...); the message says why."""
+
+
+def normalise_preset(name: str) -> str:
+    key = name.strip().lower().removeprefix("qwen/").removesuffix("-instruct")
+    if key not in PRESETS:
+        raise PlanError(f"model.preset={name!r}: known presets are {sorted(PRESETS)}")
+    return key
+
+
+def accelerator_chips(accelerator: str) -> tuple[str, int]:
+    """'v5p-32' -> ('v5p', 16). v4/v5p names count TensorCores (2 per chip), v5e ('v5litepod-16') / v6e chips."""
+    m = re.fullmatch(r"(v4|v5p|v5e|v5litepod|v6e)-(\d+)", accelerator.strip().lower())
+    if not m:
+        raise PlanError(f"accelerator={accelerator!r}: expected e.g. v4-8, v5p-32, v5litepod-16, v6e-8")
+    gen, n = m.group(1), int(m.group(2))
+    gen = "v5e" if gen == "v5litepod" else gen
+    return gen, (n // 2 if gen in ("v4", "v5p") else n)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model, tokenizer facts, mesh
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class ModelFacts:
+    cfg: Any  # model.ModelConfig
+    tag_len: int
+    source: str
+    notes: list[str]
+
+
+def resolve_model(config, tag_len: int | None = None) -> ModelFacts:
+    """The ModelConfig the trainer would build for `config` (`assembly`), and the tag slot length Lt."""
+    from ssft_jax import assembly, tokenization
+
+    s = config.ssft
+    notes: list[str] = []
+    hf_dir = config.model.hf_dir
+    try:
+        hf_dir = assembly.resolve_hf_dir(hf_dir)
+    except FileNotFoundError:  # not staged here (yet): plan from model.preset instead
+        pass
+    preset = config.model.preset
+    tokenizer = None
+    if hf_dir and (pathlib.Path(hf_dir) / "config.json").exists():
+        cfg = assembly.base_model_config(config)
+        source = f"{hf_dir}/config.json"
+        tok_path = pathlib.Path(config.tokenizer or hf_dir)
+        if (tok_path / "tokenizer_config.json").exists() or (tok_path / "tokenizer.json").exists():
+            tokenizer = tokenization.load_tokenizer(tok_path)
+    elif preset:
+        key = normalise_preset(preset)
+        cfg = assembly.base_model_config(config, hf_config=PRESETS[key])
+        source = f"preset {key} (built-in config.json values" + (f"; {hf_dir} is not here)" if hf_dir else ")")
+    elif not hf_dir:
+        if not config.tokenizer:
+            raise PlanError("model.hf_dir and tokenizer are both empty: nothing says the vocabulary size")
+        tokenizer = assembly.build_tokenizer(config)
+        cfg = assembly.base_model_config(config, tokenizer)
+        source = f"from scratch (model.init, {config.tokenizer} tokenizer)"
+    else:
+        raise PlanError(f"model.hf_dir={hf_dir!r} has no config.json here and model.preset is empty: set "
+                        f"--config.model.preset to one of {sorted(PRESETS)}")
+
+    if tokenizer is not None:
+        tags = assembly.build_tags(config, tokenizer)
+        cfg = cfg.replace(vocab_size=assembly.vocab_for_tags(cfg, tokenizer, tags))
+        lt = tags.max_tag_len(tokenizer)
+        if tag_len is not None and tag_len != lt:
+            notes.append(f"--tag_len={tag_len} overrides the tokenizer's Lt={lt}")
+            lt = tag_len
+    else:
+        info = PRESET_TOKENIZER.get(normalise_preset(preset), {}) if preset else {}
+        if s.tag_mode == "special":
+            grown = info.get("tokenizer_len", cfg.vocab_size) + s.num_tags
+            if grown > cfg.vocab_size:
+                cfg = cfg.replace(vocab_size=grown)
+            lt = 1
+        else:
+            lt = info.get("tag_len", 6)
+        if tag_len is not None:
+            lt = tag_len
+        else:
+            notes.append(f"Lt={lt} assumed (no tokenizer here; exact once model.hf_dir holds the folder, or --tag_len)")
+    return ModelFacts(cfg, int(lt), source, notes)
+
+
+def mesh_sizes(config, num_devices: int | None = None) -> tuple[dict[str, int], int, str]:
+    """({'data', 'fsdp', 'tensor'} sizes, device count, where the count came from); validates the config."""
+    from ssft_jax import config as config_lib
+
+    m = config.mesh
+    sizes = {"data": m.data, "fsdp": m.fsdp, "tensor": m.tensor}
+    if num_devices:
+        n, why = int(num_devices), "--num_devices"
+    elif m.num_devices:
+        n, why = int(m.num_devices), "mesh.num_devices"
+    elif config.accelerator:
+        gen, n = accelerator_chips(config.accelerator)
+        why = f"accelerator {config.accelerator} ({n} {gen} chips)"
+    elif -1 not in sizes.values():
+        n, why = math.prod(sizes.values()), "the mesh axes"
+    else:
+        import jax
+        n, why = jax.device_count(), "the local devices"
+    config_lib.validate(config, n)
+    known = math.prod(v for v in sizes.values() if v != -1)
+    for k, v in sizes.items():
+        if v == -1:
+            sizes[k] = n // known
+    return sizes, n, why
+
+
+def mesh_stub(sizes: Mapping[str, int]):
+    """What `mesh.logical_to_spec` reads of a Mesh (its axis sizes), without devices."""
+    return types.SimpleNamespace(shape=dict(sizes))
+
+
+def _split(n: int, parts: int) -> float:
+    return n / parts if parts > 1 and n % parts == 0 else n
+
+
+def local_bytes(shape, dtype, axes, sizes: Mapping[str, int]) -> int:
+    """Bytes one device holds of an array with these logical axes, sharded exactly as `mesh.logical_to_spec`."""
+    from ssft_jax import mesh as mesh_lib
+
+    spec = mesh_lib.logical_to_spec(axes, shape, mesh_stub(sizes))
+    n = 1
+    for dim, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+        split = math.prod(sizes[a] for a in names)
+        assert dim % split == 0, (shape, spec)
+        n *= dim // split
+    return n * np.dtype(dtype).itemsize
+
+
+def parameter_bytes(cfg, sizes: Mapping[str, int]) -> dict[str, Any]:
+    """Exact parameter count, global bytes and per-device bytes (total, per top-level group, one layer)."""
+    import jax
+
+    from ssft_jax import model as model_lib
+
+    shapes, axes = model_lib.abstract_params(cfg)
+    flat_s = jax.tree_util.tree_leaves_with_path(shapes)
+    flat_a = dict(jax.tree_util.tree_leaves_with_path(axes, is_leaf=lambda x: isinstance(x, tuple)))
+    count = glob = local = layer_local_unsharded_fsdp = 0
+    for path, s in flat_s:
+        ax = flat_a[path]
+        count += math.prod(s.shape)
+        glob += math.prod(s.shape) * np.dtype(s.dtype).itemsize
+        local += local_bytes(s.shape, s.dtype, ax, sizes)
+        if "layers" in jax.tree_util.keystr(path):
+            # One layer's weights as they are used: FSDP-gathered (fsdp=1), still split over tensor, in elements.
+            layer_local_unsharded_fsdp += local_bytes(s.shape, s.dtype, ax, {**sizes, "fsdp": 1, "data": 1}) \
+                // np.dtype(s.dtype).itemsize // cfg.num_hidden_layers
+    return dict(count=count, global_bytes=glob, local_bytes=local, layer_elems_gathered=layer_local_unsharded_fsdp)
+
+
+def lora_spec_for_plan(config, cfg):
+    """The run's LoraSpec (None without `lora.enabled`). The planner has no tokenizer for a preset: the N tag
+    rows are counted as N ids (their values do not change the memory)."""
+    from ssft_jax import lora as lora_lib
+
+    lc = config.get("lora")
+    if lc is None or not lc.enabled:
+        return None
+    s = config.ssft
+    ids = tuple(range(cfg.vocab_size - s.num_tags, cfg.vocab_size)) if (
+        lc.train_tag_rows and s.tag_mode == "special") else ()
+    return lora_lib.LoraSpec(rank=int(lc.rank), alpha=float(lc.alpha), dropout=float(lc.dropout),
+                             targets=tuple(lc.targets), tag_token_ids=ids,
+                             base_dtype=lc.base_dtype or cfg.param_dtype)
+
+
+def lora_bytes(cfg, spec, sizes: Mapping[str, int]) -> dict[str, int]:
+    """Count and per-device bytes of the trainable LoRA pytree (`lora.trainable_shapes`), sharded as the mesh
+    rules shard it."""
+    import jax
+
+    from ssft_jax import lora as lora_lib
+
+    shapes, axes = lora_lib.trainable_shapes(cfg, spec)
+    flat_a = dict(jax.tree_util.tree_leaves_with_path(axes, is_leaf=lambda x: isinstance(x, tuple)))
+    count = local = 0
+    for path, x in jax.tree_util.tree_leaves_with_path(shapes):
+        count += math.prod(x.shape)
+        local += local_bytes(x.shape, x.dtype, flat_a[path], sizes)
+    return dict(count=count, local_bytes=local)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The plan
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Plan:
+    config_name: str
+    model_source: str
+    cfg: Any
+    sizes: dict[str, int]
+    num_devices: int
+    devices_from: str
+    dims: dict[str, Any]
+    params: dict[str, Any]
+    rows: list[tuple[str, float, str]]  # (item, bytes per device, how)
+    cost_pass: dict[str, float]
+    train_pass: dict[str, float]
+    notes: list[str]
+    accelerator: str = ""
+
+    @property
+    def activation_peak(self) -> float:
+        return max(self.cost_pass["total"], self.train_pass["total"])
+
+    @property
+    def total(self) -> float:
+        return sum(b for _, b, _ in self.rows) + self.activation_peak
+
+    @property
+    def arguments(self) -> float:
+        return sum(b for name, b, _ in self.rows
+                   if name in ("parameters", "adapters (trainable)", "optimizer state", "batch (inputs)"))
+
+    @property
+    def temporaries(self) -> float:
+        return self.total - self.arguments
+
+
+def _chunked(chunk: int, n: int) -> bool:
+    """Mirrors `model._attention`: rows longer than the block are processed in query blocks (padded up to a
+    multiple of the block)."""
+    return bool(chunk) and n > chunk
+
+
+def make_plan(config, *, num_devices: int | None = None, tag_len: int | None = None, config_name: str = "") -> Plan:
+    facts = resolve_model(config, tag_len)
+    cfg = facts.cfg
+    sizes, n_dev, why = mesh_sizes(config, num_devices)
+    s, d = config.ssft, config.data
+    N, M, L = s.num_tags, s.max_traces, s.cost_prefix_len
+    P, T, Lt = d.max_prompt_len, d.max_trace_len, facts.tag_len
+    Le = min(L, T)
+    R = P + N * M * (Lt + Le)
+    S = P + Lt + T
+    dp = sizes["data"] * sizes["fsdp"]
+    t = sizes["tensor"]
+    mb = config.micro_batches
+    b = config.batch_size // (mb * dp)
+    a = np.dtype(cfg.dtype).itemsize
+    w = np.dtype(cfg.param_dtype).itemsize
+    D, F, H, K, Dh, V, nl = (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads,
+                             cfg.num_key_value_heads, cfg.head_dim, cfg.vocab_size, cfg.num_hidden_layers)
+    Ht, Kt, Ft, Vt = _split(H, t), _split(K, t), _split(F, t), _split(V, t)
+    chunk, lchunk = cfg.attention_chunk, config.model.logprob_chunk
+    notes = list(facts.notes)
+    for name, full, part in (("query heads", H, Ht), ("KV heads", K, Kt), ("MLP width", F, Ft), ("vocab", V, Vt)):
+        if t > 1 and part == full:
+            notes.append(f"{name} ({full}) not divisible by tensor={t}: replicated")
+
+    lora_spec = lora_spec_for_plan(config, cfg)
+    if lora_spec is not None:  # the frozen base is held (and planned) in lora.base_dtype
+        cfg = cfg.replace(param_dtype=lora_spec.base_dtype)
+        w = np.dtype(cfg.param_dtype).itemsize
+    params = parameter_bytes(cfg, sizes)
+    pb = params["local_bytes"]
+    # Per token of a row: attention-phase and MLP-phase intermediates of one layer, what one layer's backward keeps.
+    attn_tok = (Ht + 2 * Kt) * Dh * a + (Ht + Kt) * Dh * 4 + Ht * Dh * a
+    mlp_tok = 3 * Ft * a
+    stored_tok = (3 * D + (Ht + 2 * Kt) * Dh + Ht * Dh + 2 * Ft) * a
+
+    def q_len(n):
+        return chunk if _chunked(chunk, n) else n
+
+    def scores(r, n, fp32_copies):
+        return r * Ht * q_len(n) * n * (4 * fp32_copies + a) + r * q_len(n) * n
+
+    def head(r, n, copies):
+        # lchunk 0: logprobs.token_logprobs' auto rule (one chunk when the logits fit in 64 MiB, else 1024)
+        c = lchunk if lchunk > 0 else (r * n if r * n * V * 4 <= 64 << 20 else 1024)
+        return min(c, r * n) * Vt * 4 * copies + r * n * D * a
+
+    for label, n in (("cost row", R), ("train row", S)):
+        if not _chunked(chunk, n) and n >= 8192:
+            notes.append(f"{label} of {n} tokens with dense attention: [{n}, {n}] scores per head (set "
+                         f"model.attention_chunk)")
+
+    # (a) the cost pass: no-grad forward, one layer live at a time.
+    if s.cost_layout == "prefix_cache":
+        # The prompt's KV cache for every layer, repeated to the N*M block rows (b*K rows of W queries reading
+        # P + W keys); the prompt's own pass is the smaller of the two.
+        W, Kp = Lt + Le, N * M
+        q = chunk if _chunked(chunk, W) else W
+        cost_attn = b * Kp * W * attn_tok + b * Kp * Ht * q * (P + W) * (8 + a) + b * Kp * q * (P + W)
+        cost_mlp = b * Kp * W * mlp_tok
+        cost = {"KV cache, repeated to N*M rows": 2 * nl * b * Kp * (P + W) * Kt * Dh * a,
+                "residual + normed input": b * Kp * W * 2 * D * a,
+                f"layer peak ({'attention' if cost_attn >= cost_mlp else 'MLP'} phase)": max(cost_attn, cost_mlp),
+                "head (log-softmax chunk)": head(b * Kp, W, 2)}
+    else:
+        cost_attn = b * R * attn_tok + scores(b, R, 2)
+        cost_mlp = b * R * mlp_tok
+        cost = {"residual + normed input": b * R * 2 * D * a,
+                f"layer peak ({'attention' if cost_attn >= cost_mlp else 'MLP'} phase)": max(cost_attn, cost_mlp),
+                "head (log-softmax chunk)": head(b, R, 2)}
+    cost["total"] = sum(cost.values())
+    # (b) the train rows: forward + backward, one layer's backward live at a time. Packed (data.packed): the
+    # device's share of the micro-batch's pack_rows rows of pack_len slots instead of b*M rows of S.
+    r = b * M
+    if d.packed:
+        r, S = d.pack_rows // (mb * dp), d.pack_len or S
+    remat = cfg.remat
+    carry = nl * r * S * D * a + r * S * D * a  # every layer's input (the scan's saved carry) + the final hidden
+    bwd_attn = r * S * (Ht + 2 * Kt) * Dh * a + scores(r, S, 3)
+    bwd_mlp = r * S * (mlp_tok + D * (a + 4))
+    stored = r * S * stored_tok
+    if remat == "full":
+        saved = carry
+    elif remat == "none":
+        # Every layer keeps its intermediates, plus the elementwise ones (silu, fp32 norms and RoPE) and, when the
+        # attention is chunked, each query block's residual k/v.
+        blocks = math.ceil(S / chunk) if _chunked(chunk, S) else 0
+        none_tok = stored_tok + 2 * Ft * 4 + 2 * D * 4 + (Ht + Kt) * Dh * 4 + blocks * 2 * Kt * Dh * a
+        saved = carry + nl * (r * S * none_tok + (0 if _chunked(chunk, S) else scores(r, S, 2)))
+        stored = 0  # already counted in every layer's saved intermediates
+    elif remat in ("dots", "dots_no_batch"):
+        per_tok = (Ht + 2 * Kt) * Dh + 2 * D + 2 * Ft + (Ht * Dh if remat == "dots" else 0)
+        saved = carry + nl * r * S * per_tok * a
+        if remat == "dots" and not _chunked(chunk, S):
+            saved += nl * r * Ht * S * S * 4
+    else:  # pragma: no cover - validate refuses
+        raise PlanError(f"remat={remat!r}")
+    train = {"saved for backward": saved, "one layer recomputed (stored)": stored,
+             f"layer backward peak ({'attention' if bwd_attn >= bwd_mlp else 'MLP'} phase)": max(bwd_attn, bwd_mlp),
+             "residual cotangent": r * S * D * (a + 4), "head (log-softmax chunk, bwd)": head(r, S, 3)}
+    train["total"] = sum(train.values())
+
+    layer = params["layer_elems_gathered"]
+    gathered = 2 * layer * a + layer * w + Vt * D * a
+    batch_in = mb * (b * 7 * R + 4 * r * S) * 4 + mb * b * (N + 6 * M)
+    fill = 5 * r * S * 4
+    if lora_spec is None:
+        rows = [
+            ("parameters", pb, f"exact per-device shards of {_count(params['count'])} params x {w} B"),
+            ("optimizer state", 2 * pb, "AdamW mu + nu, sharded like the parameters"),
+            ("gradients", 2 * pb, "accumulated + current micro-batch, sharded like the parameters"),
+            ("optimizer update", pb, "the `updates` tree"),
+            ("gathered weights", gathered, "FSDP all-gather: 2 layers (compute dtype) + 1 layer's grads + output head"),
+        ]
+    else:
+        ad = lora_bytes(cfg, lora_spec, sizes)
+        tables = 1 if cfg.tie_word_embeddings else 2
+        table = local_bytes((V, D), cfg.param_dtype, ("vocab", "embed"), sizes)
+        copies = 2 * tables * table if lora_spec.tag_token_ids else 0
+        params["lora_count"] = ad["count"]
+        rows = [
+            ("parameters", pb, f"frozen base: exact per-device shards of {_count(params['count'])} params x {w} B "
+                               f"({cfg.param_dtype}, no gradients or optimizer state)"),
+            ("adapters (trainable)", ad["local_bytes"],
+             f"LoRA r={lora_spec.rank} on {len(lora_spec.targets)} projections + {len(lora_spec.tag_token_ids)} tag "
+             f"rows: {_count(ad['count'])} params x 4 B"),
+            ("optimizer state", 2 * ad["local_bytes"], "AdamW mu + nu of the adapters only"),
+            ("gradients", 2 * ad["local_bytes"], "accumulated + current micro-batch, adapters only"),
+            ("optimizer update", ad["local_bytes"], "the `updates` tree (adapters)"),
+            ("tag-row table copies", copies, f"{tables} [V, D] table(s) with the tag rows written in + cotangent"),
+            # No copy at all when nothing is gathered and the base is already in the compute dtype.
+            ("gathered weights", (2 * layer * a + Vt * D * a) if (sizes["fsdp"] > 1 or cfg.param_dtype != cfg.dtype)
+             else 0, "FSDP all-gather / cast: 2 base layers (compute dtype) + output head; no base gradients"),
+        ]
+    rows += [
+        ("batch (inputs)", batch_in, f"{mb} micro-batch(es) x {b} question(s): cost + train rows, int32"),
+        ("fill_tags rows", fill, "one micro-batch's rebuilt train rows"),
+    ]
+    dims = dict(N=N, M=M, L=L, Le=Le, P=P, T=T, Lt=Lt, R=R, S=S, b=b, micro_batches=mb, dp=dp,
+                packed=bool(d.packed), train_rows=r,
+                batch_size=config.batch_size, remat=remat, attention_chunk=chunk, logprob_chunk=lchunk,
+                lora=(f"r={lora_spec.rank} alpha={lora_spec.alpha:g} base {lora_spec.base_dtype}"
+                      if lora_spec is not None else ""),
+                cost_attention="chunked" if _chunked(chunk, R) else "dense",
+                train_attention="chunked" if _chunked(chunk, S) else "dense",
+                dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    return Plan(config_name, facts.source, cfg, sizes, n_dev, why, dims, params, rows, cost, train, notes,
+                accelerator=config.accelerator)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Verdicts and the table
+# ---------------------------------------------------------------------------------------------------------------
+
+def verdict(total_bytes: float, chip: str) -> str:
+    hbm = CHIPS[chip]
+    need = total_bytes / GiB
+    if need > hbm:
+        return f"does not fit on {chip} (HBM {hbm:g} GiB): needs {need:.1f} GiB per chip, {need - hbm:.1f} GiB over"
+    head = hbm - need
+    tight = " (tight: under 10% headroom)" if head < TIGHT_HEADROOM * hbm else ""
+    return f"fits on {chip} (HBM {hbm:g} GiB) with {head:.{1 if head >= 1 else 3}f} GiB headroom{tight}"
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.3f}B" if n >= 1e8 else f"{n / 1e6:.3f}M"
+
+
+def format_plan(plan: Plan, xla: Mapping[str, float] | None = None, xla_notes: list[str] = ()) -> str:
+    c, d, sz = plan.cfg, plan.dims, plan.sizes
+    unit_name, unit = ("GiB", GiB) if plan.total >= GiB else ("MiB", 1024 ** 2)
+
+    def gib(x: float) -> str:
+        return f"{x / unit:9.3f}"
+
+    out = []
+    out.append(f"memory plan: {plan.config_name or 'config'}")
+    if d.get("lora"):
+        out.append(f"LoRA: {d['lora']}, {_count(plan.params['lora_count'])} trainable parameters")
+    out.append(f"model: {c.model_type}, {_count(plan.params['count'])} parameters ({plan.model_source}); "
+               f"D={c.hidden_size} F={c.intermediate_size} layers={c.num_hidden_layers} heads={c.num_attention_heads}"
+               f"/{c.num_key_value_heads} x {c.head_dim} vocab={c.vocab_size} tied={c.tie_word_embeddings}")
+    out.append(f"mesh: data={sz['data']} fsdp={sz['fsdp']} tensor={sz['tensor']} = {plan.num_devices} devices "
+               f"(count from {plan.devices_from})")
+    out.append(f"batch {d['batch_size']} questions / {d['micro_batches']} micro-batch(es) / dp {d['dp']} = "
+               f"{d['b']} per device per micro-batch; N={d['N']} M={d['M']} L={d['L']} P={d['P']} T={d['T']} "
+               f"Lt={d['Lt']}")
+    train_rows = (f"train {d['train_rows']} packed rows of S' = {d['S']} per device per micro-batch"
+                  if d.get("packed") else f"train S = P + Lt + T = {d['S']} tokens x M")
+    out.append(f"rows: cost R = P + N*M*(Lt+Le) = {d['R']} tokens ({d['cost_attention']} attention); "
+               f"{train_rows} ({d['train_attention']} attention); remat={d['remat']}, "
+               f"attention_chunk={d['attention_chunk']}, logprob_chunk={d['logprob_chunk']}, compute {d['dtype']}, "
+               f"params {d['param_dtype']}")
+    for n in plan.notes:
+        out.append(f"note: {n}")
+    out.append("")
+    out.append(f"{'per device':<44}{unit_name:>9}  how")
+    out.append("-" * 100)
+    for name, b, how in plan.rows:
+        out.append(f"{name:<44}{gib(b)}  {how}")
+    peak_is_cost = plan.cost_pass["total"] >= plan.train_pass["total"]
+    for title, part, is_peak in (("(a) cost pass, no grad", plan.cost_pass, peak_is_cost),
+                                 (f"(b) train fwd+bwd, remat={d['remat']}", plan.train_pass, not peak_is_cost)):
+        out.append(f"{title + (' [peak]' if is_peak else ''):<44}{gib(part['total'])}")
+        for k, v in part.items():
+            if k != "total":
+                out.append(f"    {k:<40}{gib(v)}")
+    out.append("-" * 100)
+    out.append(f"{'activations (max of a, b)':<44}{gib(plan.activation_peak)}")
+    out.append(f"{'TOTAL per device (estimate)':<44}{gib(plan.total)}   "
+               f"= arguments {plan.arguments / unit:.3f} + temporaries {plan.temporaries / unit:.3f}")
+    if xla:
+        out.append("")
+        out.append(f"XLA memory_analysis() of the compiled train step, per device ({unit_name}):")
+        out.append(f"    {'':<24}{'XLA':>10}{'estimate':>10}{'ratio':>8}")
+        for k, est in (("argument", plan.arguments), ("temp", plan.temporaries), ("peak", plan.total)):
+            v = xla.get(k)
+            if v is None:
+                continue
+            out.append(f"    {k:<24}{v / unit:10.4f}{est / unit:10.4f}{(est / v if v else float('nan')):8.2f}")
+        for k in ("output", "alias", "generated_code", "peak_reported"):
+            if xla.get(k) is not None:
+                out.append(f"    {k:<24}{xla[k] / unit:10.4f}")
+        out.append("    (peak = argument + output - alias + temp; the CPU backend upcasts bf16 matmuls and saved "
+                   "activations to fp32, so its temp overstates a TPU's)")
+    for n in xla_notes:
+        out.append(f"note (compiled): {n}")
+    out.append("")
+    for chip in CHIPS:
+        out.append(f"  {chip:<5} {verdict(plan.total, chip)}")
+    main_chip = accelerator_chips(plan.accelerator)[0] if plan.accelerator else None
+    if main_chip:
+        where = (plan.accelerator if accelerator_chips(plan.accelerator)[1] == plan.num_devices
+                 else f"{plan.num_devices} {main_chip} chips, not the config's {plan.accelerator}")
+        out.append(f"VERDICT ({where}): {verdict(plan.total, main_chip)}")
+    else:
+        fits = [ch for ch in sorted(CHIPS, key=CHIPS.get) if plan.total <= CHIPS[ch] * GiB]
+        out.append(f"VERDICT: {verdict(plan.total, fits[0])}" if fits else
+                   f"VERDICT: does not fit on any of {', '.join(CHIPS)} ({plan.total / GiB:.1f} GiB per chip needed)")
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The compiled step (shared with the step-time benchmark in bench/)
+# ---------------------------------------------------------------------------------------------------------------
+
+def memory_figures(compiled) -> dict[str, float] | None:
+    """XLA's `memory_analysis()` of a compiled executable as a dict of bytes (per device), with peak =
+    argument + output - alias + temp (and XLA's own `peak_memory_in_bytes` as peak_reported when the backend gives
+    one); None if the backend reports nothing."""
+    m = compiled.memory_analysis()
+    if m is None:
+        return None
+    out = {"argument": m.argument_size_in_bytes, "output": m.output_size_in_bytes, "alias": m.alias_size_in_bytes,
+           "temp": m.temp_size_in_bytes, "generated_code": m.generated_code_size_in_bytes}
+    out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
+    reported = getattr(m, "peak_memory_in_bytes", None)
+    if reported:  # the CPU backend's figure leaves the temporaries out; kept for reference only
+        out["peak_reported"] = reported
+    return {k: float(v) for k, v in out.items()}
+
+
+def abstract_step_inputs(config, cfg, tag_len: int, mesh):
+    """(optimizer, state, batch, tag_table, tag_lengths, layout): the step's inputs as sharded
+    `jax.ShapeDtypeStruct`s, built by `assembly` exactly as `train.run` builds the real ones (parameters and moments
+    with their logical shardings, counters replicated, batch rows over data*fsdp). With `lora.enabled`, two more:
+    the LoraSpec and the frozen base (the step's fifth argument)."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from ssft_jax import assembly, train_state
+
+    optimizer = assembly.make_optimizer(config, config.num_steps or 1000)
+    params = assembly.abstract_params(cfg, mesh)
+    spec = lora_spec_for_plan(config, cfg)
+    frozen = None
+    if spec is not None:  # LoRA: the state holds the adapters; the frozen base (its dtype) is the fifth argument
+        from ssft_jax import lora as lora_lib
+
+        frozen = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, np.dtype(spec.base_dtype), sharding=x.sharding),
+                              params)
+        params = lora_lib.abstract_trainable(cfg, spec, mesh)
+    state = train_state.abstract_state(params, optimizer, mesh)
+    layout = assembly.build_layout(config, tag_len, num_processes=1)
+    batch = assembly.abstract_batch(layout, config.batch_size, mesh)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    tbl = jax.ShapeDtypeStruct((config.ssft.num_tags, tag_len), np.int32, sharding=replicated)
+    lns = jax.ShapeDtypeStruct((config.ssft.num_tags,), np.int32, sharding=replicated)
+    if spec is not None:
+        return optimizer, state, batch, tbl, lns, layout, spec, frozen
+    return optimizer, state, batch, tbl, lns, layout
+
+
+def shard_bytes(tree) -> int:
+    """Bytes one device holds of a pytree of sharded arrays / ShapeDtypeStructs (from their shardings)."""
+    import jax
+
+    total = 0
+    for x in jax.tree.leaves(tree):
+        shape = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) is not None else x.shape
+        total += math.prod(shape) * np.dtype(x.dtype).itemsize
+    return total
+
+
+def compile_step(config, cfg, tag_len: int, mesh, *, return_state: bool = False):
+    """Lower and compile the trainer's real step (`assembly.make_step`) on abstract inputs: no weights or data are
+    needed. Returns the compiled executable (and the abstract state)."""
+    from ssft_jax import assembly
+
+    optimizer, state, batch, table, lengths, layout, *lora = abstract_step_inputs(config, cfg, tag_len, mesh)
+    spec, frozen = lora if lora else (None, None)
+    jitted = assembly.make_step(config, cfg, layout, optimizer, state, batch, mesh, lora=spec, frozen=frozen)
+    compiled = jitted.lower(state, batch, table, lengths, *([frozen] if spec is not None else [])).compile()
+    return (compiled, state) if return_state else compiled
+
+
+def compile_for_plan(config, plan: Plan):
+    """Compile on the first plan.num_devices local devices (PlanError if there are not enough)."""
+    import jax
+
+    from ssft_jax import mesh as mesh_lib
+
+    if plan.num_devices > jax.device_count():
+        raise PlanError(f"--compile: the mesh needs {plan.num_devices} devices, this host has {jax.device_count()} "
+                        f"({jax.devices()[0].platform}); fake more with XLA_FLAGS="
+                        f"--xla_force_host_platform_device_count={plan.num_devices} or shrink the model/mesh")
+    sz = plan.sizes
+    mesh = mesh_lib.make_mesh(sz["data"], sz["fsdp"], sz["tensor"], devices=jax.devices()[: plan.num_devices])
+    return compile_step(config, plan.cfg, plan.dims["Lt"], mesh, return_state=True)
+
+
+def compile_notes(plan: Plan, xla: Mapping[str, float] | None, state) -> list[str]:
+    """What the compiled step says about the plan's assumptions: activations split over the data-parallel axes.
+    (The optimizer moments are sharded like the parameters by construction: `train_state.opt_state_shardings`.)"""
+    del state
+    notes = []
+    if xla and xla["temp"] > 2 * plan.temporaries:
+        notes.append(f"XLA's temporaries are {xla['temp'] / plan.temporaries:.1f}x the estimate: the partitioner "
+                     "probably computes some activations on more rows than this device's share (not split over "
+                     "data*fsdp); look for the global batch size as a leading dimension in compiled.as_text()")
+    return notes
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------------------------
+
+def main(argv):
+    del argv
+    import time
+
+    from absl import flags
+
+    from ml_collections import config_flags
+
+    FLAGS = flags.FLAGS
+    config = FLAGS.config
+    config_name = config_flags.get_config_filename(FLAGS["config"])
+    plan = make_plan(config, num_devices=FLAGS.num_devices or None, tag_len=FLAGS.tag_len, config_name=config_name)
+    xla, xla_notes = None, []
+    if FLAGS.compile:
+        t0 = time.perf_counter()
+        compiled, state = compile_for_plan(config, plan)
+        xla = memory_figures(compiled)
+        xla_notes = compile_notes(plan, xla, state)
+        print(f"compiled the train step in {time.perf_counter() - t0:.1f}s")
+        if xla is None:
+            print("memory_analysis() is not reported by this backend")
+    print(format_plan(plan, xla, xla_notes))
+    if FLAGS.json:
+        pathlib.Path(FLAGS.json).write_text(json.dumps(
+            {"total_bytes": plan.total, "arguments": plan.arguments, "temporaries": plan.temporaries,
+             "rows": plan.rows, "cost_pass": plan.cost_pass, "train_pass": plan.train_pass, "dims": plan.dims,
+             "sizes": plan.sizes, "param_count": plan.params["count"], "xla": xla}, indent=2, default=str))
+
+
+def cli() -> None:
+    """`ssft-plan` / `python -m ssft_jax.memory_plan` (absl flags, like the trainer; formulas: the module doc)."""
+    import sys
+
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    from ssft_jax import cli as cli_lib
+
+    config_flags.DEFINE_config_file("config", None, "a configs/*.py file, optionally with :arg", lock_config=True)
+    flags.DEFINE_bool("compile", False, "also lower+compile the real train step and print XLA's memory_analysis()")
+    flags.DEFINE_integer("num_devices", 0, "devices of the slice (default: mesh.num_devices, the config's "
+                         "accelerator, or the local devices)")
+    flags.DEFINE_integer("tag_len", None, "Lt, the tag slot length in tokens (default: from the tokenizer)")
+    flags.DEFINE_string("json", "", "also write the plan as JSON here")
+    flags.DEFINE_bool("debug", False, "show the traceback of a config or plan error")
+    flags.mark_flags_as_required(["config"])
+    cli_lib.absl_run(main, extra=(PlanError,))
+
+
+if __name__ == "__main__":
+    cli()

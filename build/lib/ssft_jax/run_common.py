@@ -1,0 +1,163 @@
+"""What every stage's run loop shares (the SSFT trainer, `ssft_jax.train`, and GFPO, `ssft_jax.gfpo`): the
+workdir check, the resume-config check, the atomic summary, the HF export and the divergence error."""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import pathlib
+
+import jax
+from etils import epath
+
+from ssft_jax import checkpoint as ckpt_lib
+from ssft_jax import config as config_lib
+from ssft_jax import hf_io, metrics_log, tokenization
+from ssft_jax.run_stats import RunStats
+
+
+class TrainingDivergedError(RuntimeError):
+    """Too many consecutive steps had non-finite loss or gradients."""
+
+
+def prepare_workdir(workdir: epath.Path) -> None:
+    """Create the workdir and check it is writable before any compute (a clear error, not a crash at step 200)."""
+    if jax.process_index() == 0:
+        ckpt_lib.ensure_writable(workdir, "workdir")
+
+
+def check_resumed_config(checkpointer: ckpt_lib.Checkpointer, config) -> None:
+    """Compare the config saved with the latest checkpoint with this one (`config.check_resume`): refuse a change of
+    the run's meaning unless accepted, log the rest."""
+    step = checkpointer.latest_step()
+    if step is None:
+        return
+    try:
+        saved = ckpt_lib.read_json_item(checkpointer.directory / str(step) / "config")
+    except (FileNotFoundError, ValueError):  # a damaged step: restore_latest reports it with its own message
+        return
+    if not _looks_like_config(saved):  # valid JSON, but not a config: restore's item check names it
+        return
+    for line in config_lib.check_resume(saved, config):
+        logging.info("resume from step %d: %s", step, line)
+
+
+def _looks_like_config(item) -> bool:
+    return isinstance(item, dict) and all(isinstance(item.get(k), dict) for k in ("model", "ssft", "data"))
+
+
+def _check_config_item(step: int, item) -> None:
+    if not _looks_like_config(item):
+        raise ValueError("not a run config (an object with 'model', 'ssft' and 'data' sections)")
+
+
+def item_validators(num_tags: int, *, per_step: str, data):
+    """What a stage checks in each restored checkpoint item before using it (`Checkpointer.restore(validate=)`), so
+    damage that is still valid JSON is a CheckpointError naming the step (and `on_corrupt=fallback` applies) rather
+    than a KeyError later. data: applies the data-iterator item (raising on content it cannot use)."""
+    return {"data": lambda step, item: data(item),
+            "config": _check_config_item,
+            "stats": lambda step, item: RunStats.from_json(item, num_tags=num_tags, step=step, per_step=per_step)}
+
+
+def restored_stats(restored, num_tags: int, *, per_step: str) -> RunStats:
+    """The run statistics to continue from: fresh for a new run, the checkpoint's for a resumed one. A checkpoint
+    written before the statistics were checkpointed covers only the steps after it, and the run says so."""
+    if restored is None:
+        return RunStats(num_tags)
+    if restored.stats is None:
+        logging.warning("checkpoint step %d predates the run-statistics item: summary.json's %s, tag counts and "
+                        "assignment patterns cover steps %d.. only", restored.step, per_step, restored.step + 1)
+        return RunStats(num_tags, since=restored.step)
+    return RunStats.from_json(restored.stats, num_tags=num_tags, step=restored.step, per_step=per_step)
+
+
+def stats_summary(stats: RunStats, *, per_step: str) -> dict:
+    """summary.json's view of the run statistics (every step of the run, however often it was resumed)."""
+    out = {per_step: dict(getattr(stats, per_step)), "tag_counts": stats.tag_counts.tolist(),
+           "skipped_steps": list(stats.skipped_steps)}
+    if stats.since:
+        out["stats_cover_steps_from"] = stats.since + 1
+    return out
+
+
+@contextlib.contextmanager
+def loop_cleanup(checkpointer: ckpt_lib.Checkpointer, guard: ckpt_lib.PreemptionGuard,
+                 logger: metrics_log.MetricsLogger, bar=None):
+    """Around a stage's step loop. On any failure (a crash, Ctrl-C) let an in-flight checkpoint write of an earlier
+    step finish, so the next start has it (its own failure is secondary: logged); always close the progress bar,
+    restore the signal handlers and close the metrics logger."""
+    try:
+        yield
+    except BaseException:
+        try:
+            checkpointer.close()
+        except Exception as e:  # noqa: BLE001
+            logging.error("while stopping: %s", e)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+        guard.restore_handlers()
+        logger.close()
+
+
+def write_summary(workdir: epath.Path, summary: dict) -> None:
+    """summary.json; atomic on a local disk (a kill mid-write leaves the previous summary, never half of one)."""
+    text = json.dumps(summary, indent=2, default=str)
+    if metrics_log.is_remote(workdir):
+        (workdir / "summary.json").write_text(text)
+    else:
+        (workdir / "summary.json.tmp").write_text(text)
+        os.replace(str(workdir / "summary.json.tmp"), str(workdir / "summary.json"))
+
+
+def export_hf(dest, cfg, params, tokenizer, tags):
+    """HF folder at `dest` (local, or gs:// via a local staging folder: safetensors writes local files only)."""
+    eos = tokenization.eos_token_ids(tokenizer)
+    if not metrics_log.is_remote(dest):
+        return hf_io.save_hf_folder(dest, cfg, params, tokenizer=tokenizer, eos_token_ids=eos, tags=tags)
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        local = hf_io.save_hf_folder(pathlib.Path(tmp) / "hf_export", cfg, params, tokenizer=tokenizer, eos_token_ids=eos,
+                                     tags=tags)
+        if jax.process_index() == 0:
+            dest.mkdir(parents=True, exist_ok=True)
+            for f in local.iterdir():
+                (dest / f.name).write_bytes(f.read_bytes())
+    return dest
+
+
+def report_first_step(seconds: float | None, compiles: int, bar, *, running_for: float = 0.0) -> None:
+    """Log the run's first step on its own line (it holds the compilation) and restart the progress bar's clock
+    after it, so its rate and ETA are those of the steps that follow (`running_for`: seconds the next step has run)."""
+    if seconds is not None:
+        logging.info("first step: %.1f s, compilation included (%d compile%s); the rates logged leave it out",
+                     seconds, compiles, "" if compiles == 1 else "s")
+    if bar is not None:  # tqdm.reset restarts its clock and rate smoothing; the steps done stay shown
+        done = bar.n
+        bar.reset()
+        bar.initial = bar.n = bar.last_print_n = done  # its rate is (n - initial) / (now - start_t)
+        bar.start_t -= running_for
+
+
+def summary_table(summary: dict, workdir) -> str:
+    """The end of a run on the console: a few lines (the whole summary is `<workdir>/summary.json`)."""
+    rows = [("steps", f"{summary.get('start_step', 0)} -> {summary['final_step']}"
+             + (" (stopped early: run the same command to resume)" if summary.get("stopped_early") else ""))]
+    per_step = summary.get("losses") or summary.get("rewards") or {}
+    if per_step:
+        values = list(per_step.values())
+        rows.append(("loss" if summary.get("losses") else "mean reward", f"{values[0]:.4f} -> {values[-1]:.4f}"))
+    if summary.get("tag_counts") is not None:
+        rows.append(("traces per tag", " ".join(str(int(n)) for n in summary["tag_counts"])))
+    if summary.get("skipped_steps"):
+        rows.append(("skipped steps", str(summary["skipped_steps"])))
+    if summary.get("seconds") is not None:
+        rows.append(("wall time", f"{summary['seconds']:.1f} s"))
+    if summary.get("export_dir"):
+        rows.append(("HF export", str(summary["export_dir"])))
+    rows.append(("summary", str(epath.Path(workdir) / "summary.json")))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
