@@ -81,6 +81,11 @@ def test_cli_trains_and_writes_logs(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["method"] == "random" and summary["final_step"] == 2
     assert (tmp_path / "metrics.jsonl").exists() and list((tmp_path / "tensorboard").iterdir())
+    # the viewer installed with the project reads them (`tensorboard --logdir <workdir>/tensorboard`)
+    from tensorboard.backend.event_processing import event_accumulator
+    acc = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("loss")] == [1, 2]
     assert (tmp_path / "hf_export" / "model.safetensors").exists()
     # the console: no library noise, the data report once, compilation on its own line, a short summary table
     assert "Unable to initialize backend" not in out and "transition_steps" not in out
