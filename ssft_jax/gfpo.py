@@ -534,7 +534,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
 
     export_dir = None
     if config.export_hf and not stopped_early:
-        export_dir = run_common.export_hf(workdir / "hf_export", cfg, state["params"], tokenizer, tags)
+        export_dir = run_common.export_hf(workdir / "hf_export", cfg, state["params"], tokenizer, tags,
+                                          dtype=config.export.dtype or None)
     summary = {
         "stage": "gfpo", "method": config.ssft.method, "estimator": g.estimator, "init_from": g.init_from,
         "start_step": start, "final_step": step, "stopped_early": stopped_early,
@@ -546,6 +547,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
         "rollout_tokens": stats.rollout_tokens, "compiles": update.compiles, "questions": len(questions),
         "skipped_records": questions.skipped, "export_dir": str(export_dir) if export_dir else None,
     }
+    summary.update(run_common.publish_export(export_dir, config, summary))
     run_common.write_summary(workdir, summary)
     checkpointer.close()
     return {**summary, "state": state, "model_config": cfg, "tokenizer": tokenizer, "tags": tags}

@@ -239,7 +239,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
     if config.export_hf and not stopped_early:
         export_params = (state["params"] if lora_spec is None
                          else lora_lib.merge(cfg, lora_spec, frozen, state["params"], dtype=cfg.param_dtype))
-        export_dir = export_hf(workdir / "hf_export", cfg, export_params, tokenizer, tags)
+        export_dir = export_hf(workdir / "hf_export", cfg, export_params, tokenizer, tags,
+                               dtype=config.export.dtype or None)
         if lora_spec is not None and config.lora.export_adapter and not metrics_log.is_remote(workdir):
             adapter = lora_lib.save_peft_adapter(pathlib.Path(str(workdir / "lora_adapter")), cfg, lora_spec,
                                                  state["params"], base_model=config.model.hf_dir)
@@ -259,6 +260,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
         "validation": report.summary(),
         "export_dir": str(export_dir) if export_dir else None,
     }
+    summary.update(run_common.publish_export(export_dir, config, summary))
     if jax.process_index() == 0:
         write_summary(workdir, summary)
     checkpointer.close()

@@ -75,7 +75,7 @@ def _cli(workdir, *overrides, env=None, **popen):
 
 
 def test_cli_trains_and_writes_logs(tmp_path):
-    p = _cli(tmp_path, "--config.num_steps=2", "--config.ssft.method=random")
+    p = _cli(tmp_path, "--config.num_steps=2", "--config.ssft.method=random", "--config.export.dtype=bfloat16")
     out, _ = p.communicate(timeout=300)
     assert p.returncode == 0, out
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -86,7 +86,13 @@ def test_cli_trains_and_writes_logs(tmp_path):
     acc = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
     acc.Reload()
     assert [e.step for e in acc.Scalars("loss")] == [1, 2]
-    assert (tmp_path / "hf_export" / "model.safetensors").exists()
+    # the export in bf16 (export.dtype), with its model card
+    raw = (tmp_path / "hf_export" / "model.safetensors").read_bytes()
+    header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
+    assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {"BF16"}
+    assert json.loads((tmp_path / "hf_export" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    card = (tmp_path / "hf_export" / "README.md").read_text()
+    assert "SFT with a random assignment" in card and "forking_tag=k" in card and "| steps | 2 |" in card
     # the console: no library noise, the data report once, compilation on its own line, a short summary table
     assert "Unable to initialize backend" not in out and "transition_steps" not in out
     assert out.count("records kept") == 1 and "first step:" in out and "compilation included" in out
