@@ -290,6 +290,16 @@ def draw_row_tags(estimator: str, p_old: np.ndarray, valid: np.ndarray, *, group
     return tags.astype(np.int32)
 
 
+def has_learning_signal(rewards: np.ndarray) -> bool:
+    """Whether any question's rollouts [B, R] got different (finite) rewards: GRPO's group-centred advantages
+    (and the enumerate estimator's baseline-subtracted ones) are all 0 otherwise."""
+    for row in np.asarray(rewards, np.float64):
+        finite = row[np.isfinite(row)]
+        if finite.size > 1 and np.ptp(finite) > 0:
+            return True
+    return False
+
+
 def policy_reward(estimator: str, rewards: np.ndarray, row_tags: np.ndarray, logp_old: np.ndarray) -> float:
     """The mean reward of the policy the rollouts came from: the rollouts' mean under grpo (they were drawn from
     it); sum_t pi_old(t) rbar_t under enumerate (whose rollouts cover every tag evenly, so their plain mean is the
@@ -460,6 +470,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
                                                wandb_entity=config.logging.wandb_entity, config=config_json)
     guard = ckpt_lib.PreemptionGuard()
     consecutive_skips = int(state["consecutive_skips"])
+    no_signal_steps = 0  # this process's steps whose rewards gave no learning signal (warned about)
     rollout_s = update_s = 0.0
     bar = None
     if progress:
@@ -509,6 +520,16 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
                 pi_mean=metrics["pi"], rollout_seconds=t_upd - t_roll, update_seconds=t_end - t_upd,
                 rollout_tokens=ro.tokens, rollout_tokens_per_s=ro.tokens / max(t_upd - t_roll, 1e-9),
                 lr=float(schedule((step - 1) * int(g.updates_per_batch))))
+            # GRPO learns from reward differences inside a question's group: none anywhere means a zero update
+            record["no_signal"] = int(not has_learning_signal(ro.rewards))
+            if record["no_signal"]:
+                no_signal_steps += 1
+                if no_signal_steps == 1 or no_signal_steps % 10 == 0:
+                    logging.warning(
+                        "GFPO step %d: every question's rollouts got the same reward (mean %.3f): no learning signal, "
+                        "the update is zero (%d such step(s) so far). All 0 usually means the answers are never "
+                        "right or never extracted: check the checker, gfpo.max_new_tokens and the answer format",
+                        step, stats.rewards[step], no_signal_steps)
             for t in range(N):
                 sel = row_tags == t
                 finite = ro.rewards[sel][np.isfinite(ro.rewards[sel])]

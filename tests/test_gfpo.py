@@ -1,6 +1,7 @@
 """GFPO: the policy over the forking tags, the loss terms, the estimators' gradients, and the stage's run guarantees
 (resume, non-finite rewards, config and data errors)."""
 import json
+import logging
 import math
 import pathlib
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from ssft_jax import config as config_lib
-from ssft_jax import evaluate, gfpo, tag_policy, tokenization as T, train
+from ssft_jax import evaluate, gfpo, metrics_log, tag_policy, tokenization as T, train
 from ssft_jax import model as M
 from ssft_jax.data import DataError
 
@@ -378,3 +379,20 @@ def test_gfpo_from_an_hf_folder_on_two_devices_then_evaluate(ssft_workdir, tmp_p
                           "--no_plots", "--out", str(out)]) == 0
     tc = json.loads((out / "metrics.json").read_text())["metrics"]["tag_choice"]
     assert 0.0 <= tc["self_chosen_greedy"] <= tc["oracle"] <= 1.0 and len(tc["policy_mean"]) == 6
+
+
+def test_rewards_without_a_learning_signal_are_warned_about_and_plotted(ssft_workdir, tmp_path, caplog):
+    """All-0 rewards (a checker that never says right) give GRPO no signal: each such step is marked in
+    metrics.jsonl and a warning says why and what to check; the run's curves show reward, entropy, KL and pi."""
+    assert gfpo.has_learning_signal(np.array([[0.0, 0.0], [1.0, 0.0]]))
+    assert not gfpo.has_learning_signal(np.array([[1.0, 1.0], [0.0, np.nan]]))
+    with caplog.at_level(logging.WARNING):
+        gfpo.run(_gfpo_config(ssft_workdir), tmp_path / "zero", progress=False, reward_fn=lambda *a: 0.0)
+    recs = [json.loads(x) for x in (tmp_path / "zero" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["no_signal"] for r in recs] == [1, 1, 1]
+    warned = [r.getMessage() for r in caplog.records if "no learning signal" in r.getMessage()]
+    assert len(warned) == 1 and "check the checker" in warned[0]
+    png = metrics_log.plot_training_curves(tmp_path / "zero", tmp_path / "curves.png")
+    assert png.stat().st_size > 20_000
+    keys = set().union(*recs)
+    assert {"reward", "entropy", "kl_to_init", "pi_mean"} <= keys
