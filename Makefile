@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup demo demo-real agreement-real test test-fast bench clean accel-wheels
+.PHONY: setup demo demo-real agreement-real colab-zip test test-fast bench clean accel-wheels
 
 $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ demo-real: $(STAMP)
 # GSM8K's four model solutions as four teachers: held-out tag-teacher agreement, ssft vs random (README).
 agreement-real: $(STAMP)
 	$(PY) -m ssft_jax.teacher_agreement
+
+# The repository as one zip for Colab (upload to /content; launch/colab_quickstart.ipynb unpacks it).
+colab-zip:
+	$(PYTHON) -m launch.colab_zip dist/ssft-jax.zip
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -89,3 +89,15 @@ class Runner:
         if check and proc.returncode != 0:
             raise LaunchError(f"command failed with exit code {proc.returncode}: {shlex.join(argv)}")
         return proc.stdout or ""
+
+
+def modules_replaced(imported_before: Iterable[str], pip_output: str) -> list[str]:
+    """Top-level modules this process had imported before a `pip install` that then installed (replaced) their
+    distribution: the process still runs the old code, so the notebook restarts its runtime. `pip_output` holds pip's
+    'Successfully installed name-1.0 other-2.0' line."""
+    line = next((ln for ln in pip_output.splitlines() if ln.startswith("Successfully installed ")), "")
+    names = {re.sub(r"-[^-]+$", "", item).lower().replace("-", "_") for item in line.split()[2:]}
+    aliases = {"protobuf": "google", "pyyaml": "yaml", "pillow": "PIL", "scikit_learn": "sklearn",
+               "absl_py": "absl", "ml_collections": "ml_collections"}
+    before = {m.split(".")[0] for m in imported_before}
+    return sorted({aliases.get(n, n) for n in names} & before)

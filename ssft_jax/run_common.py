@@ -136,7 +136,7 @@ def report_first_step(seconds: float | None, compiles: int, bar, *, running_for:
     if seconds is not None:
         logging.info("first step: %.1f s, compilation included (%d compile%s); the rates logged leave it out",
                      seconds, compiles, "" if compiles == 1 else "s")
-    if bar is not None:  # tqdm.reset restarts its clock and rate smoothing; the steps done stay shown
+    if bar is not None and not bar.disable:  # tqdm.reset restarts its clock and smoothing; the steps done stay
         done = bar.n
         bar.reset()
         bar.initial = bar.n = bar.last_print_n = done  # its rate is (n - initial) / (now - start_t)

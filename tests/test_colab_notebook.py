@@ -46,17 +46,23 @@ def test_colab_quickstart_runs_on_cpu(tmp_path):
     # A plain CPU runtime, as on Colab without an accelerator: no fake host devices (conftest adds 8 for the suite).
     flags = env.get("XLA_FLAGS", "").split()
     env["XLA_FLAGS"] = " ".join(f for f in flags if not f.startswith("--xla_force_host_platform_device_count"))
+    # The repository the way the README tells a Colab user to bring it: `make colab-zip`, uploaded to /content (here
+    # a temporary folder), opened from a working directory that is not the repository.
+    from launch import colab_zip
+    content, elsewhere = tmp_path / "content", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    colab_zip.write_zip(content / "ssft-jax.zip")
     env.update(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", SSFT_NOTEBOOK_SKIP_INSTALL="1",
-               SSFT_NOTEBOOK_WORKDIR=str(tmp_path / "run"), PYTHONPATH=str(ROOT), TQDM_DISABLE="1")
-    env.pop("SSFT_NOTEBOOK_MODE", None)
-    env.pop("SSFT_REPO_DIR", None)
+               SSFT_NOTEBOOK_WORKDIR=str(tmp_path / "run"), SSFT_NOTEBOOK_CONTENT=str(content), TQDM_DISABLE="1")
+    for key in ("SSFT_NOTEBOOK_MODE", "SSFT_REPO_DIR", "SSFT_REPO_URL", "PYTHONPATH"):
+        env.pop(key, None)
 
     nb = nbformat.read(NOTEBOOK, as_version=4)
     client = nbclient.NotebookClient(nb, km=km, timeout=600, allow_errors=False,
-                                     resources={"metadata": {"path": str(ROOT)}})
+                                     resources={"metadata": {"path": str(elsewhere)}})
     t0 = time.perf_counter()
     try:
-        client.execute(env=env, cwd=str(ROOT))
+        client.execute(env=env, cwd=str(elsewhere))
     except nbclient.exceptions.CellExecutionError as e:  # pragma: no cover - the message names the cell
         pytest.fail(f"a notebook cell failed:\n{e}")
     seconds = time.perf_counter() - t0
@@ -67,6 +73,8 @@ def test_colab_quickstart_runs_on_cpu(tmp_path):
     errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors, text
     assert "SSFT_NOTEBOOK_SKIP_INSTALL is set: no installs" in text
+    assert f"unpacked {content / 'ssft-jax.zip'} -> {content / 'ssft-jax'}" in text
+    assert f"repository: {content / 'ssft-jax'}" in text
     assert "CPU fallback: tiny from-scratch model" in text
     assert "METRICS on 8 held-out questions: Pass@1[<think1>] = " in text and "Cons@N (native, N=6) = " in text
     assert "tag -> strategy" in text and "left_to_right" in text
@@ -79,3 +87,29 @@ def test_colab_quickstart_runs_on_cpu(tmp_path):
     assert (tmp_path / "run" / "lora" / "lora_adapter" / "adapter_model.safetensors").exists()
     assert (tmp_path / "run" / "summary.json").exists()
     assert seconds < 120, f"the CPU path should stay well under 2 minutes, took {seconds:.0f}s"
+
+
+def test_the_notebooks_tpu_settings_fit_the_chip_by_the_planner():
+    """The Qwen2.5-0.5B path (configs/qwen2p5_0p5b.py:colab) on a Colab TPU: one v5e chip (16 GiB) trains LoRA and
+    fits with headroom (full fine-tuning needed 17.4 GiB); more chips fine-tune fully with FSDP and fit too."""
+    from ssft_jax import memory_plan
+    from ssft_jax.config import load_config
+    for chips in (1, 2, 4, 8):
+        config = load_config("qwen2p5_0p5b", f"colab,chips={chips}")
+        assert config.lora.enabled == (chips == 1)
+        plan = memory_plan.make_plan(config, num_devices=chips)
+        assert plan.total / 2**30 < 0.9 * memory_plan.CHIPS["v5e"], (chips, plan.total / 2**30)
+    full = load_config("qwen2p5_0p5b", "colab,chips=1")
+    full.lora.enabled, full.micro_batches = False, 1
+    assert "does not fit on v5e" in memory_plan.verdict(memory_plan.make_plan(full, num_devices=1).total, "v5e")
+    # the notebook loads exactly this variant, with the runtime's chip count
+    nb = json.loads(NOTEBOOK.read_text())
+    code = "".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
+    assert 'load_config("qwen2p5_0p5b", f"colab,hf_dir={HF_DIR},chips={jax.device_count()}")' in code
+
+
+def test_modules_replaced_by_pip_are_found():
+    from launch.common import modules_replaced
+    out = "Collecting x\nSuccessfully installed jax-0.10.2 jaxlib-0.10.2 ml-collections-1.1.0 protobuf-7.1 tqdm-4.70.1\n"
+    assert modules_replaced({"jax", "jax._src", "google.colab", "os"}, out) == ["google", "jax"]
+    assert modules_replaced({"numpy"}, out) == [] and modules_replaced({"jax"}, "Requirement already satisfied") == []
