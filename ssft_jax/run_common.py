@@ -130,9 +130,9 @@ def export_hf(dest, cfg, params, tokenizer, tags, dtype: str | None = None):
     return dest
 
 
-def report_first_step(seconds: float | None, compiles: int, bar, *, running_for: float = 0.0) -> None:
+def report_first_step(seconds: float | None, compiles: int, bar) -> None:
     """Log the run's first step on its own line (it holds the compilation) and restart the progress bar's clock
-    after it, so its rate and ETA are those of the steps that follow (`running_for`: seconds the next step has run)."""
+    after it, so its rate and ETA are those of the steps that follow."""
     if seconds is not None:
         logging.info("first step: %.1f s, compilation included (%d compile%s); the rates logged leave it out",
                      seconds, compiles, "" if compiles == 1 else "s")
@@ -140,7 +140,6 @@ def report_first_step(seconds: float | None, compiles: int, bar, *, running_for:
         done = bar.n
         bar.reset()
         bar.initial = bar.n = bar.last_print_n = done  # its rate is (n - initial) / (now - start_t)
-        bar.start_t -= running_for
 
 
 def summary_table(summary: dict, workdir) -> str:

@@ -156,7 +156,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
 
     def consume(step_done: int, m) -> None:
         nonlocal consecutive_skips
+        was_ready = all(x.is_ready() for x in jax.tree.leaves(m) if hasattr(x, "is_ready"))
         m = jax.device_get(m)
+        throughput.finished(step_done, was_ready=was_ready)
         if step_done in deferred_at:
             m["questions_deferred"], n_questions = deferred_at.pop(step_done)
             if n_questions is not None:
@@ -172,8 +174,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
         consecutive_skips = consecutive_skips + 1 if m["step_skipped"] else 0
         diverged = consecutive_skips > config.max_consecutive_skips
         if step_done == start + 1:  # compilation is this step's: its own line, out of the bar's rate and ETA
-            run_common.report_first_step(throughput.step_seconds(step_done), train_step.compiles, bar,
-                                         running_for=throughput.running_for(step_done + 1))
+            run_common.report_first_step(throughput.step_seconds(step_done), train_step.compiles, bar)
         if (step_done % config.log_every == 0 or step_done == num_steps or diverged
                 or step_done in eval_results):
             m.update(lr=float(schedule(step_done - 1)), **throughput.scalars(step_done),

@@ -160,31 +160,54 @@ def test_a_checkpoint_of_another_model_is_a_config_mismatch(tmp_path):
 
 def test_throughput_times_each_step_when_steps_are_reported_back_to_back(monkeypatch):
     """The trainer reports step k one step late, and back to back with step k-1 before a checkpoint and at the end.
-    With steps that run inline in the dispatching call (CPU) and take 2 s each, every report must say 2 s/step:
-    timing from one report to the next gave the back-to-back report ~0 s and inflated its tokens/s (issue 35)."""
+    Steps of 2 s that run inline in the dispatching call (CPU) or asynchronously (the loop waits for them) must each
+    report 2 s/step: timing from one report to the next gave a back-to-back report ~0 s and inflated its tokens/s,
+    and the first step (compilation, 5 s here) is reported on its own with its execution (issue 35)."""
     from ssft_jax import run_monitor
 
-    clock = [100.0]
-    monkeypatch.setattr(run_monitor.time, "perf_counter", lambda: clock[0])
-    tp = run_monitor.Throughput(1e12, 1, None)
-    batch = {"train": {"segment_ids": np.array([[1, 1, 0, 0]])}}
-    reports, pending = {}, None
-    for step in range(1, 7):
-        tp.add_batch(step, batch, with_cost_pass=False)
-        clock[0] += 2.0  # the step runs inline
-        if pending is not None:
-            reports[pending] = tp.scalars(pending)
-        pending = step
-        if step in (3, 6):  # checkpoint / the last step: reported right after its predecessor
+    for mode in ("inline", "async"):
+        clock = [100.0]
+        monkeypatch.setattr(run_monitor.time, "perf_counter", lambda: clock[0])
+        tp = run_monitor.Throughput(1e12, 1, None)
+        batch = {"train": {"segment_ids": np.array([[1, 1, 0, 0]])}}
+        reports, pending, device_free = {}, None, 0.0
+
+        def dispatch(step):
+            nonlocal device_free
+            compile_s = 5.0 if step == 1 else 0.0
+            if mode == "inline":
+                clock[0] += compile_s + 2.0
+                device_free = clock[0]
+            else:
+                clock[0] += compile_s
+                device_free = max(device_free, clock[0]) + 2.0
+
+        def consume(step):
+            ready = clock[0] >= done_at[step]
+            clock[0] = max(clock[0], done_at[step])  # device_get waits
+            tp.finished(step, was_ready=ready)
             reports[step] = tp.scalars(step)
-            pending = None
-        clock[0] += 0.01  # host work between steps
-    assert sorted(reports) == [1, 2, 3, 4, 5, 6]
-    for step, r in reports.items():
-        assert r["step_time_s"] == pytest.approx(2.01, abs=0.011), step
-        assert r["tokens_per_s"] == pytest.approx(2 / r["step_time_s"]) and r["padding_frac"] == 0.5
+
+        done_at = {}
+        for step in range(1, 8):
+            tp.add_batch(step, batch, with_cost_pass=False)
+            dispatch(step)
+            done_at[step] = device_free
+            if pending is not None:
+                consume(pending)
+            pending = step
+            if step in (3, 7):  # a checkpoint / the last step: reported right after its predecessor
+                consume(step)
+                pending = None
+            clock[0] += 0.01  # host work between steps
+        assert sorted(reports) == [1, 2, 3, 4, 5, 6, 7], mode
+        assert reports[1]["step_time_s"] == pytest.approx(7.0, abs=0.05), mode  # compile + its execution
+        for step in range(2, 8):
+            assert reports[step]["step_time_s"] == pytest.approx(2.0, abs=0.05), (mode, step, reports[step])
+            assert reports[step]["padding_frac"] == 0.5
     # evaluation time inside a step's window is taken out
-    tp.add_batch(7, batch, with_cost_pass=False)
+    tp.add_batch(8, batch, with_cost_pass=False)
     clock[0] += 2.0 + 5.0
     tp.exclude(5.0)
-    assert tp.scalars(7)["step_time_s"] == pytest.approx(2.0)
+    tp.finished(8, was_ready=False)
+    assert tp.scalars(8)["step_time_s"] == pytest.approx(2.0, abs=0.02)
