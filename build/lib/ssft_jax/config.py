@@ -161,6 +161,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=200, max_to_keep=3, async_save=True, on_corrupt="error"))
     c.max_consecutive_skips = 20  # stop the run when more than this many steps in a row had non-finite loss/grads
     c.export_hf = True
+    # The HF export (<workdir>/hf_export) written at the end of a run: dtype of its weights ("" = model.param_dtype;
+    # "bfloat16" halves the folder, e.g. SmolLM2-135M 538 -> 269 MB). hub_repo_id: also upload it to the Hugging
+    # Face Hub under that id (`ssft_jax.hub.push_to_hub`; needs a token: `huggingface-cli login` or HF_TOKEN), a
+    # private repo unless hub_private=False. The folder gets a model card (README.md) either way.
+    c.export = ml_collections.ConfigDict(dict(dtype="", hub_repo_id="", hub_private=True))
     # Test-only fault injection, read when the step is traced (empty: nothing is added to the step). The syntax
     # ("cost:2,loss:3,grad:4:inf,loss:10+") is `faults.parse_inject_nonfinite`'s.
     c.debug = ml_collections.ConfigDict(dict(inject_nonfinite=""))
@@ -286,6 +291,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
         ("data.extra_traces", c.data.extra_traces, EXTRA_TRACES),
         ("model.remat", c.model.remat, model.REMAT_POLICIES),
         ("checkpoint.on_corrupt", c.checkpoint.on_corrupt, ON_CORRUPT),
+        ("export.dtype", c.export.dtype, ("", "float32", "bfloat16", "float16")),
     ]
     choices += [("stage", c.stage, ("ssft", "gfpo")), ("gfpo.estimator", c.gfpo.estimator, GFPO_ESTIMATORS),
                 ("gfpo.data", c.gfpo.data, GFPO_DATA)]
@@ -397,7 +403,7 @@ def validate_gfpo(g: ml_collections.ConfigDict, num_tags: int) -> None:
 # Fields a resumed run may change without changing what the run is: how it is logged, checkpointed, evaluated on the
 # way, exported and placed on devices (a run resumes onto any mesh). Everything else (method, model, data, N/M/L,
 # optimiser, schedule, batch, seed) changes the run's meaning: a resume that changes it is refused unless accepted.
-HARMLESS_ON_RESUME = ("log_every", "logging", "eval_every", "eval", "checkpoint", "export_hf", "max_consecutive_skips",
+HARMLESS_ON_RESUME = ("log_every", "logging", "eval_every", "eval", "checkpoint", "export_hf", "export", "max_consecutive_skips",
                       "mesh", "debug", "resume", "accelerator", "model.preset")
 
 

@@ -290,6 +290,16 @@ def draw_row_tags(estimator: str, p_old: np.ndarray, valid: np.ndarray, *, group
     return tags.astype(np.int32)
 
 
+def has_learning_signal(rewards: np.ndarray) -> bool:
+    """Whether any question's rollouts [B, R] got different (finite) rewards: GRPO's group-centred advantages
+    (and the enumerate estimator's baseline-subtracted ones) are all 0 otherwise."""
+    for row in np.asarray(rewards, np.float64):
+        finite = row[np.isfinite(row)]
+        if finite.size > 1 and np.ptp(finite) > 0:
+            return True
+    return False
+
+
 def policy_reward(estimator: str, rewards: np.ndarray, row_tags: np.ndarray, logp_old: np.ndarray) -> float:
     """The mean reward of the policy the rollouts came from: the rollouts' mean under grpo (they were drawn from
     it); sum_t pi_old(t) rbar_t under enumerate (whose rollouts cover every tag evenly, so their plain mean is the
@@ -460,6 +470,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
                                                wandb_entity=config.logging.wandb_entity, config=config_json)
     guard = ckpt_lib.PreemptionGuard()
     consecutive_skips = int(state["consecutive_skips"])
+    no_signal_steps = 0  # this process's steps whose rewards gave no learning signal (warned about)
     rollout_s = update_s = 0.0
     bar = None
     if progress:
@@ -509,6 +520,16 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
                 pi_mean=metrics["pi"], rollout_seconds=t_upd - t_roll, update_seconds=t_end - t_upd,
                 rollout_tokens=ro.tokens, rollout_tokens_per_s=ro.tokens / max(t_upd - t_roll, 1e-9),
                 lr=float(schedule((step - 1) * int(g.updates_per_batch))))
+            # GRPO learns from reward differences inside a question's group: none anywhere means a zero update
+            record["no_signal"] = int(not has_learning_signal(ro.rewards))
+            if record["no_signal"]:
+                no_signal_steps += 1
+                if no_signal_steps == 1 or no_signal_steps % 10 == 0:
+                    logging.warning(
+                        "GFPO step %d: every question's rollouts got the same reward (mean %.3f): no learning signal, "
+                        "the update is zero (%d such step(s) so far). All 0 usually means the answers are never "
+                        "right or never extracted: check the checker, gfpo.max_new_tokens and the answer format",
+                        step, stats.rewards[step], no_signal_steps)
             for t in range(N):
                 sel = row_tags == t
                 finite = ro.rewards[sel][np.isfinite(ro.rewards[sel])]
@@ -534,7 +555,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
 
     export_dir = None
     if config.export_hf and not stopped_early:
-        export_dir = run_common.export_hf(workdir / "hf_export", cfg, state["params"], tokenizer, tags)
+        export_dir = run_common.export_hf(workdir / "hf_export", cfg, state["params"], tokenizer, tags,
+                                          dtype=config.export.dtype or None)
     summary = {
         "stage": "gfpo", "method": config.ssft.method, "estimator": g.estimator, "init_from": g.init_from,
         "start_step": start, "final_step": step, "stopped_early": stopped_early,
@@ -546,6 +568,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
         "rollout_tokens": stats.rollout_tokens, "compiles": update.compiles, "questions": len(questions),
         "skipped_records": questions.skipped, "export_dir": str(export_dir) if export_dir else None,
     }
+    summary.update(run_common.publish_export(export_dir, config, summary))
     run_common.write_summary(workdir, summary)
     checkpointer.close()
     return {**summary, "state": state, "model_config": cfg, "tokenizer": tokenizer, "tags": tags}
@@ -555,6 +578,8 @@ def main(argv):
     del argv
     from absl import flags
     metrics_log.quiet_library_logs()
+    if run_common.help_config_requested():
+        return
     config = flags.FLAGS.config
     if flags.FLAGS.init_from:
         config.gfpo.init_from = flags.FLAGS.init_from
@@ -576,7 +601,9 @@ def cli() -> None:
     flags.DEFINE_string("init_from", "", "the SSFT model: a training workdir or an HF folder (sets gfpo.init_from)")
     flags.DEFINE_string("workdir", None, "where GFPO's checkpoints, logs and HF export go")
     flags.DEFINE_bool("debug", False, "show the traceback of a config, data or checkpoint error")
-    flags.mark_flags_as_required(["config", "workdir"])
+    flags.DEFINE_bool("help_config", False, "print every config key with its value (overrides applied) and its "
+                      "documentation, then exit")
+    flags.mark_flags_as_required(["config"])  # --workdir too, unless --help_config (checked in main)
     cli_lib.absl_run(main)
 
 

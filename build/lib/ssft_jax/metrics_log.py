@@ -226,8 +226,8 @@ def read_metrics(workdir) -> list[dict]:
 
 
 def plot_training_curves(workdir, out_path) -> pathlib.Path | None:
-    """Loss, matched vs unmatched NLL, learning rate and throughput of a run against its step (metrics.jsonl), as
-    one PNG; None when the run logged nothing. `python -m ssft_jax.evaluate --workdir W` writes it beside its own
+    """Loss, matched vs unmatched NLL, learning rate and throughput of a run against its step (metrics.jsonl), and
+    for a GFPO run its rewards, policy entropy and KL, and pi per tag, as one PNG; None when the run logged nothing. `python -m ssft_jax.evaluate --workdir W` writes it beside its own
     figures."""
     records = read_metrics(workdir)
     if not records:
@@ -239,14 +239,26 @@ def plot_training_curves(workdir, out_path) -> pathlib.Path | None:
     panels = [("loss", ["loss", "matched_nll", "unmatched_nll"]), ("learning rate", ["lr"]),
               ("tokens / s", ["tokens_per_s", "slots_per_s"]), ("held-out (greedy)", ["eval/pass1_think1",
                                                                                        "eval/pass1_coverage",
-                                                                                       "eval/consN_native"])]
+                                                                                       "eval/consN_native"]),
+              # GFPO: what the tag policy learns from and where it goes
+              ("GFPO reward", ["reward", "policy_reward", "accuracy", "answer_rate"]),
+              ("GFPO policy", ["entropy", "kl_to_init"]), ("GFPO pi per tag (batch mean)", ["pi_mean"])]
     panels = [(t, [k for k in keys if any(k in r for r in records)]) for t, keys in panels]
     panels = [(t, keys) for t, keys in panels if keys]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
-    for ax, (title, keys) in zip(axes[0], panels):
+    cols = min(len(panels), 4)
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    for ax in axes.ravel()[len(panels):]:
+        ax.set_visible(False)
+    for ax, (title, keys) in zip(axes.ravel(), panels):
         for k in keys:
             pts = [(r["step"], r[k]) for r in records if k in r]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 30 else None, label=k)
+            marker = "." if len(pts) < 30 else None
+            if pts and isinstance(pts[0][1], (list, tuple)):  # a vector per step (pi over the tags): one line each
+                for t in range(len(pts[0][1])):
+                    ax.plot([p[0] for p in pts], [p[1][t] for p in pts], marker=marker, label=f"<think{t + 1}>")
+                continue
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=k)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("step")
         ax.legend(fontsize=7)

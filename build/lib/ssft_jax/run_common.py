@@ -113,15 +113,16 @@ def write_summary(workdir: epath.Path, summary: dict) -> None:
         os.replace(str(workdir / "summary.json.tmp"), str(workdir / "summary.json"))
 
 
-def export_hf(dest, cfg, params, tokenizer, tags):
-    """HF folder at `dest` (local, or gs:// via a local staging folder: safetensors writes local files only)."""
+def export_hf(dest, cfg, params, tokenizer, tags, dtype: str | None = None):
+    """HF folder at `dest` (local, or gs:// via a local staging folder: safetensors writes local files only), its
+    weights in `dtype` (None: the params' dtype; `export.dtype`)."""
     eos = tokenization.eos_token_ids(tokenizer)
     if not metrics_log.is_remote(dest):
-        return hf_io.save_hf_folder(dest, cfg, params, tokenizer=tokenizer, eos_token_ids=eos, tags=tags)
+        return hf_io.save_hf_folder(dest, cfg, params, tokenizer=tokenizer, eos_token_ids=eos, tags=tags, dtype=dtype)
     import tempfile
     with tempfile.TemporaryDirectory() as tmp:
         local = hf_io.save_hf_folder(pathlib.Path(tmp) / "hf_export", cfg, params, tokenizer=tokenizer, eos_token_ids=eos,
-                                     tags=tags)
+                                     tags=tags, dtype=dtype)
         if jax.process_index() == 0:
             dest.mkdir(parents=True, exist_ok=True)
             for f in local.iterdir():
@@ -129,17 +130,16 @@ def export_hf(dest, cfg, params, tokenizer, tags):
     return dest
 
 
-def report_first_step(seconds: float | None, compiles: int, bar, *, running_for: float = 0.0) -> None:
+def report_first_step(seconds: float | None, compiles: int, bar) -> None:
     """Log the run's first step on its own line (it holds the compilation) and restart the progress bar's clock
-    after it, so its rate and ETA are those of the steps that follow (`running_for`: seconds the next step has run)."""
+    after it, so its rate and ETA are those of the steps that follow."""
     if seconds is not None:
         logging.info("first step: %.1f s, compilation included (%d compile%s); the rates logged leave it out",
                      seconds, compiles, "" if compiles == 1 else "s")
-    if bar is not None:  # tqdm.reset restarts its clock and rate smoothing; the steps done stay shown
+    if bar is not None and not bar.disable:  # tqdm.reset restarts its clock and smoothing; the steps done stay
         done = bar.n
         bar.reset()
         bar.initial = bar.n = bar.last_print_n = done  # its rate is (n - initial) / (now - start_t)
-        bar.start_t -= running_for
 
 
 def summary_table(summary: dict, workdir) -> str:
@@ -161,3 +161,32 @@ def summary_table(summary: dict, workdir) -> str:
     rows.append(("summary", str(epath.Path(workdir) / "summary.json")))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def help_config_requested() -> bool:
+    """The absl CLIs' `--help_config`: print the config's keys (`config_help.describe`) and say so; otherwise
+    require `--workdir` (a ConfigError: one `error:` line)."""
+    from absl import flags
+
+    from ssft_jax import config_help
+    if flags.FLAGS.help_config:
+        print(config_help.describe(flags.FLAGS.config))
+        return True
+    if not flags.FLAGS.workdir:
+        raise config_lib.ConfigError("--workdir is required (where checkpoints, logs and the HF export go)")
+    return False
+
+
+def publish_export(export_dir, config, summary: dict) -> dict:
+    """The export's model card (README.md, from the run's config and summary) and, with `export.hub_repo_id`, its
+    upload to the Hub; the summary entries that record it. Process 0 only; a local export only (a gs:// export is
+    published from where it is read)."""
+    if not export_dir or jax.process_index() != 0 or metrics_log.is_remote(export_dir):
+        return {}
+    from ssft_jax import hub
+    hub.write_model_card(export_dir, config, summary)
+    if not config.export.hub_repo_id:
+        return {}
+    url = hub.push_to_hub(export_dir, config.export.hub_repo_id, private=config.export.hub_private)
+    logging.info("uploaded %s to the Hub: %s", export_dir, url)
+    return {"hub_url": url}

@@ -16,18 +16,20 @@ from ssft_jax import flops as flops_lib
 class Throughput:
     """Per-step token counts (from the host batch, before it goes to the devices) and wall time per step.
 
-    Step k's time runs from when the loop took its batch to when it took step k+1's (or, for the newest step, to
-    the moment it is reported). That is the step's time whether the backend runs a step asynchronously (the loop
-    waits on step k while step k+1 is queued) or inline in the dispatching call (CPU): time measured from one
-    report to the next would give a step reported right after its predecessor (log_every=1 before a checkpoint,
-    the last step) ~0 s and the other its time twice. Time spent in in-training evaluation is taken out
-    (`exclude`); the run's first step holds compilation (the trainer logs it on its own line)."""
+    The loop dispatches step k+1 before it reads step k's metrics. Step k ends when its metrics are ready: if the
+    loop has to wait for them (`finished(k, was_ready=False)`, an asynchronous backend), when the wait returns; if
+    they were ready already (the CPU often runs a step inline in the dispatching call), no later than the moment the
+    loop took step k+1's batch. Timing from one report to the next instead gave a step reported right after its
+    predecessor (log_every=1 before a checkpoint, the last step) ~0 s and the step before it twice its time. Time
+    spent in in-training evaluation is taken out (`exclude`); the run's first step holds the compilation (the
+    trainer reports it on its own line, `step_seconds`)."""
 
     def __init__(self, model_flops_per_step: float, num_devices: int, peak_per_device: float | None):
         self.model_flops = model_flops_per_step
         self.peak = peak_per_device * num_devices if peak_per_device else None
         self._counts: dict[int, tuple[int, int]] = {}  # step -> (real tokens, computed slots)
         self._started: dict[int, float] = {}  # step -> when the loop took its batch
+        self._ended: dict[int, float] = {}  # step -> when it was known to have finished
         self._excluded = 0.0
         self._last_step = None
 
@@ -41,32 +43,35 @@ class Throughput:
         if self._last_step is None:
             self._last_step = step - 1
 
+    def finished(self, step: int, *, was_ready: bool) -> None:
+        """Step `step`'s metrics are on the host; `was_ready`: they were ready before the loop asked for them."""
+        now = time.perf_counter()
+        self._ended[step] = min(now, self._started.get(step + 1, now)) if was_ready else now
+
     def exclude(self, seconds: float) -> None:
         self._excluded += seconds
 
     def step_seconds(self, step: int) -> float | None:
-        """Wall time of one step not yet reported (None if unknown), e.g. the first step with its compilation."""
-        if step not in self._started:
+        """Wall time of one finished step from when the loop took its batch (the first step: with compilation)."""
+        if step not in self._started or step not in self._ended:
             return None
-        return self._started.get(step + 1, time.perf_counter()) - self._started[step]
-
-    def running_for(self, step: int) -> float:
-        """Seconds since the loop took step `step`'s batch (0 if it has not)."""
-        return time.perf_counter() - self._started[step] if step in self._started else 0.0
+        return self._ended[step] - self._started[step]
 
     def scalars(self, step_done: int) -> dict[str, float]:
-        """Over the steps since the previous call, up to `step_done`: mean step time, tokens/s (real and computed
-        slots), padding share, MFU."""
+        """Over the steps since the previous call, up to `step_done` (finished): mean step time, tokens/s (real and
+        computed slots), padding share, MFU."""
         now = time.perf_counter()
-        first = (self._last_step or 0) + 1
+        last = self._last_step or 0
+        begin = self._ended.get(last, self._started.get(last + 1, now))
+        end = self._ended.get(step_done, now)
         steps = [k for k in self._counts if k <= step_done]
         real = sum(self._counts[k][0] for k in steps)
         slots = sum(self._counts.pop(k)[1] for k in steps)
-        begin = self._started.get(first, now)
-        dt = max(self._started.get(step_done + 1, now) - begin - self._excluded, 1e-9)
-        n = max(step_done - (self._last_step or 0), 1)
-        for k in [k for k in self._started if k <= step_done]:
-            del self._started[k]
+        dt = max(end - begin - self._excluded, 1e-9)
+        n = max(step_done - last, 1)
+        for table in (self._started, self._ended):
+            for k in [k for k in table if k < step_done]:
+                del table[k]
         out = {"step_time_s": dt / n, "tokens_per_s": real / dt, "slots_per_s": slots / dt,
                "padding_frac": 1.0 - real / max(slots, 1), "model_tflops_per_step": self.model_flops / 1e12}
         if self.peak:

@@ -156,7 +156,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
 
     def consume(step_done: int, m) -> None:
         nonlocal consecutive_skips
+        was_ready = all(x.is_ready() for x in jax.tree.leaves(m) if hasattr(x, "is_ready"))
         m = jax.device_get(m)
+        throughput.finished(step_done, was_ready=was_ready)
         if step_done in deferred_at:
             m["questions_deferred"], n_questions = deferred_at.pop(step_done)
             if n_questions is not None:
@@ -172,8 +174,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
         consecutive_skips = consecutive_skips + 1 if m["step_skipped"] else 0
         diverged = consecutive_skips > config.max_consecutive_skips
         if step_done == start + 1:  # compilation is this step's: its own line, out of the bar's rate and ETA
-            run_common.report_first_step(throughput.step_seconds(step_done), train_step.compiles, bar,
-                                         running_for=throughput.running_for(step_done + 1))
+            run_common.report_first_step(throughput.step_seconds(step_done), train_step.compiles, bar)
         if (step_done % config.log_every == 0 or step_done == num_steps or diverged
                 or step_done in eval_results):
             m.update(lr=float(schedule(step_done - 1)), **throughput.scalars(step_done),
@@ -239,7 +240,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
     if config.export_hf and not stopped_early:
         export_params = (state["params"] if lora_spec is None
                          else lora_lib.merge(cfg, lora_spec, frozen, state["params"], dtype=cfg.param_dtype))
-        export_dir = export_hf(workdir / "hf_export", cfg, export_params, tokenizer, tags)
+        export_dir = export_hf(workdir / "hf_export", cfg, export_params, tokenizer, tags,
+                               dtype=config.export.dtype or None)
         if lora_spec is not None and config.lora.export_adapter and not metrics_log.is_remote(workdir):
             adapter = lora_lib.save_peft_adapter(pathlib.Path(str(workdir / "lora_adapter")), cfg, lora_spec,
                                                  state["params"], base_model=config.model.hf_dir)
@@ -259,6 +261,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
         "validation": report.summary(),
         "export_dir": str(export_dir) if export_dir else None,
     }
+    summary.update(run_common.publish_export(export_dir, config, summary))
     if jax.process_index() == 0:
         write_summary(workdir, summary)
     checkpointer.close()
@@ -270,6 +273,8 @@ def main(argv):
     del argv
     from absl import flags
     metrics_log.quiet_library_logs()
+    if run_common.help_config_requested():
+        return
     summary = run(flags.FLAGS.config, flags.FLAGS.workdir)
     print(run_common.summary_table(summary, flags.FLAGS.workdir))
 
@@ -288,7 +293,9 @@ def cli() -> None:
                                     lock_config=True)
     flags.DEFINE_string("workdir", None, "where checkpoints, logs and the HF export go (local or gs://)")
     flags.DEFINE_bool("debug", False, "show the traceback of a config, data or checkpoint error")
-    flags.mark_flags_as_required(["config", "workdir"])
+    flags.DEFINE_bool("help_config", False, "print every config key with its value (overrides applied) and its "
+                      "documentation, then exit")
+    flags.mark_flags_as_required(["config"])  # --workdir too, unless --help_config (checked in main)
     cli_lib.absl_run(main)
 
 
