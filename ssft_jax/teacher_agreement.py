@@ -183,7 +183,7 @@ def plot(results: dict[str, dict], teachers: Sequence[str], path: pathlib.Path) 
             for j in range(nll.shape[1]):
                 ax.text(j, i, f"{nll[i, j]:.3f}", ha="center", va="center", fontsize=7,
                         fontweight="bold" if r["modal_tags"][j] == i else "normal")
-        ax.set_title(f"{method}: held-out NLL per tag (centred per teacher)\n"
+        ax.set_title(f"{method}: held-out NLL per tag (colour: centred per teacher, +-{lim:.3f} nats)\n"
                      f"teacher on its tag {r['teacher_on_its_tag']:.2f} (chance {r['chance_teacher']:.2f})",
                      fontsize=8)
         ax.set_xticks(range(len(teachers)), [t.replace("_", "\n") for t in teachers], fontsize=7)
