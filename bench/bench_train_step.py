@@ -47,6 +47,7 @@ from configs.demo import get_config  # noqa: E402
 from ssft_jax import data as data_lib  # noqa: E402
 from ssft_jax import assembly, datasets, flops, losses, mesh as mesh_lib, train, train_state  # noqa: E402
 from ssft_jax.logprobs import token_logprobs  # noqa: E402
+from ssft_jax import memory_plan  # noqa: E402
 from ssft_jax.memory_plan import memory_figures  # noqa: E402
 from ssft_jax.model import forward, output_embedding  # noqa: E402
 import train_step_variants as V  # noqa: E402
@@ -287,6 +288,15 @@ def main(argv=None) -> int:
     for k, v in floor_flops.items():
         print(f"| FLOPs incl. dense attention, cost layout '{k}' | 1 + F_cost/(3 F_train) | {v:.3f} | "
               f"{'' if k != 'packed' else f'{r_ssft / v:.3f}'} |")
+    # What the trainer's default `ssft.cost_layout="auto"` picks for these shapes, and that layout's measured step.
+    auto = S["config"].copy_and_resolve_references()
+    auto.ssft.cost_layout = "auto"
+    choice = memory_plan.choose_cost_layout(auto, num_devices=1, tag_len=lay.tag_len)
+    timed_as = {"packed": "ssft, second_best_gap=False", "prefix_cache": "ssft, no gap, cost: prompt KV cache"}
+    measured = timed_as[choice.layout]
+    print(f"\nssft.cost_layout='auto' (the trainer's default): {choice.describe()}. Its step (variant '{measured}'): "
+          + (f"{ratio(times[measured], base):.3f}x sft_mixed against the FLOP floor "
+             f"{floor_flops[choice.layout]:.3f}" if measured in times else "not timed (--quick)"))
     tok_rep = N * M * (P + Lt + Le)
     print(f"\ncost-view slots per question: packed (shared prompt) R={R}; repeated prompt N*M*(P+Lt+Le)={tok_rep}; "
           f"prompt KV cache P + N*M*(Lt+Le)={R} tokens but attention keys per block P+Lt+Le={P + Lt + Le}. "

@@ -186,6 +186,9 @@ def make_step(config, cfg: ModelConfig, layout: data_lib.LayoutConfig, optimizer
     explicit shardings from `state` and the batch layout, the state donated. `state`/`batch_example` may be
     abstract (sharded ShapeDtypeStructs), e.g. to lower and compile without weights. With `lora` (`split_lora`),
     state['params'] are the adapters and the step takes the frozen base as a fifth argument."""
+    if config.ssft.cost_layout == "auto":  # decided by the planner, which builds on this module: its caller's job
+        raise config_lib.ConfigError("ssft.cost_layout='auto' reached make_step undecided: pass the config through "
+                                     "memory_plan.with_resolved_cost_layout(config, layout, mesh) first")
     step_fn = step_lib.make_train_step(cfg, config.ssft, optimizer, micro_batches=config.micro_batches,
                                        logprob_chunk=config.model.logprob_chunk,
                                        inject_nonfinite=config.debug.inject_nonfinite,

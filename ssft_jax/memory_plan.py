@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import pathlib
 import re
@@ -379,7 +380,98 @@ def _chunked(chunk: int, n: int) -> bool:
     return bool(chunk) and n > chunk
 
 
+@dataclasses.dataclass
+class CostLayoutChoice:
+    """`ssft.cost_layout="auto"` decided: the layout, and per layout its step FLOPs as a multiple of the SFT step's
+    (`flops.step_flops`), its planned bytes per device (`make_plan`) and whether that fits."""
+    layout: str
+    flops_ratio: dict[str, float]
+    bytes_per_device: dict[str, float]
+    fits: dict[str, bool]
+    limit_bytes: float | None
+
+    def describe(self) -> str:
+        limit = f"{self.limit_bytes / GiB:.1f} GiB" if self.limit_bytes else "no device memory limit known"
+        parts = [f"{k}: {self.flops_ratio[k]:.3f}x SFT FLOPs, {self.bytes_per_device[k] / GiB:.2f} GiB/device"
+                 + ("" if self.fits[k] else " (does not fit)") for k in self.flops_ratio]
+        return f"cost_layout auto -> {self.layout} ({'; '.join(parts)}; {limit})"
+
+
+def choose_cost_layout(config, *, num_devices: int | None = None, tag_len: int | None = None,
+                       limit_bytes: float | None = None) -> CostLayoutChoice:
+    """The cost layout with the fewest step FLOPs whose planned memory per device fits `limit_bytes` (None: the
+    config's accelerator chip, else no limit: the CPU). When none fits, the smaller one (training then fails on
+    memory, as it would have anyway). Same counts as `make_plan` and `flops.step_flops`."""
+    from ssft_jax import assembly, flops as flops_lib, losses
+
+    if limit_bytes is None and config.accelerator:
+        limit_bytes = CHIPS[accelerator_chips(config.accelerator)[0]] * GiB
+    ratio, mem = {}, {}
+    for name in losses.COST_LAYOUTS:
+        c = config.copy_and_resolve_references()
+        c.ssft.cost_layout = name
+        plan = make_plan(c, num_devices=num_devices, tag_len=tag_len)
+        layout = assembly.build_layout(c, plan.dims["Lt"], num_processes=1)
+        f = flops_lib.step_flops(plan.cfg, layout, c.batch_size, needs_costs=True, cost_layout=name)
+        sft = flops_lib.step_flops(plan.cfg, layout, c.batch_size, needs_costs=False)
+        ratio[name], mem[name] = f.model / sft.model, plan.total
+    fits = {k: limit_bytes is None or v <= limit_bytes for k, v in mem.items()}
+    fitting = [k for k in ratio if fits[k]]
+    best = min(fitting, key=lambda k: ratio[k]) if fitting else min(mem, key=mem.get)
+    return CostLayoutChoice(best, ratio, mem, fits, limit_bytes)
+
+
+def device_memory_limit(mesh=None) -> float | None:
+    """Bytes one device of `mesh` (default: the first device) can hold, where the backend says (GPU, TPU); None
+    on the CPU (host memory: no planned limit)."""
+    import jax
+
+    device = mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
+    try:
+        stats = device.memory_stats() or {}
+    except Exception:  # noqa: BLE001  (backends without memory statistics raise assorted errors)
+        stats = {}
+    return float(stats["bytes_limit"]) if "bytes_limit" in stats else None
+
+
+_COST_LAYOUT_CHOICES: dict[tuple, str] = {}  # resolve_cost_layout's decisions: one per config and device
+
+
+def resolve_cost_layout(config, tag_len: int, mesh=None) -> str:
+    """`ssft.cost_layout`, with "auto" decided by `choose_cost_layout` (fewest step FLOPs among the layouts whose
+    planned memory fits this device) and logged with its figures once per config and device. Deterministic in both,
+    so every use in a run (its step, throughput figures, the evaluation of its costs) agrees."""
+    name = config.ssft.cost_layout
+    if name != "auto":
+        return name
+    n, limit = (mesh.size if mesh is not None else None), device_memory_limit(mesh)
+    key = (json.dumps(config.to_dict(), sort_keys=True, default=str), tag_len, n, limit)
+    if key not in _COST_LAYOUT_CHOICES:
+        try:
+            choice = choose_cost_layout(config, num_devices=n, tag_len=tag_len, limit_bytes=limit)
+            _COST_LAYOUT_CHOICES[key] = choice.layout
+            logging.info("%s", choice.describe())
+        except PlanError as e:  # the planner cannot describe this model: the reference layout
+            _COST_LAYOUT_CHOICES[key] = "packed"
+            logging.warning("cost_layout auto -> packed: the memory planner cannot plan this config (%s)", e)
+    return _COST_LAYOUT_CHOICES[key]
+
+
+def with_resolved_cost_layout(config, layout, mesh=None):
+    """`config` itself when its cost layout is explicit, else a copy with "auto" decided (`resolve_cost_layout`):
+    what the trainer hands to `assembly.make_step` and the throughput figures."""
+    if config.ssft.cost_layout != "auto":
+        return config
+    resolved = config.copy_and_resolve_references()
+    resolved.ssft.cost_layout = resolve_cost_layout(config, layout.tag_len, mesh)
+    return resolved
+
+
 def make_plan(config, *, num_devices: int | None = None, tag_len: int | None = None, config_name: str = "") -> Plan:
+    if config.ssft.cost_layout == "auto":  # plan the layout the trainer would choose
+        choice = choose_cost_layout(config, num_devices=num_devices, tag_len=tag_len)
+        config = config.copy_and_resolve_references()
+        config.ssft.cost_layout = choice.layout
     facts = resolve_model(config, tag_len)
     cfg = facts.cfg
     sizes, n_dev, why = mesh_sizes(config, num_devices)
@@ -517,7 +609,7 @@ def make_plan(config, *, num_devices: int | None = None, tag_len: int | None = N
         ("batch (inputs)", batch_in, f"{mb} micro-batch(es) x {b} question(s): cost + train rows, int32"),
         ("fill_tags rows", fill, "one micro-batch's rebuilt train rows"),
     ]
-    dims = dict(N=N, M=M, L=L, Le=Le, P=P, T=T, Lt=Lt, R=R, S=S, b=b, micro_batches=mb, dp=dp,
+    dims = dict(N=N, M=M, L=L, Le=Le, P=P, T=T, Lt=Lt, R=R, S=S, b=b, micro_batches=mb, dp=dp, cost_layout=s.cost_layout,
                 packed=bool(d.packed), train_rows=r,
                 batch_size=config.batch_size, remat=remat, attention_chunk=chunk, logprob_chunk=lchunk,
                 lora=(f"r={lora_spec.rank} alpha={lora_spec.alpha:g} base {lora_spec.base_dtype}"
@@ -690,6 +782,7 @@ def compile_step(config, cfg, tag_len: int, mesh, *, return_state: bool = False)
 
     optimizer, state, batch, table, lengths, layout, *lora = abstract_step_inputs(config, cfg, tag_len, mesh)
     spec, frozen = lora if lora else (None, None)
+    config = with_resolved_cost_layout(config, layout, mesh)
     jitted = assembly.make_step(config, cfg, layout, optimizer, state, batch, mesh, lora=spec, frozen=frozen)
     compiled = jitted.lower(state, batch, table, lengths, *([frozen] if spec is not None else [])).compile()
     return (compiled, state) if return_state else compiled

@@ -25,7 +25,7 @@ from ssft_jax import checkpoint as ckpt_lib
 from ssft_jax import config as config_lib
 from ssft_jax import data as data_lib
 from ssft_jax import datasets
-from ssft_jax import mesh as mesh_lib, metrics_log, model as model_lib, run_monitor, tokenization
+from ssft_jax import memory_plan, mesh as mesh_lib, metrics_log, model as model_lib, run_monitor, tokenization
 from ssft_jax import lora as lora_lib, losses as losses_lib, run_common, train_state
 # Shared with the GFPO stage; re-exported here, where callers have always found them.
 from ssft_jax.run_common import (TrainingDivergedError, check_resumed_config, export_hf, loop_cleanup,  # noqa: F401
@@ -134,14 +134,16 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
     position = iterator.get_state()
     first = next(iterator)  # its shapes fix the jit; then rewind, so no batch is skipped
     iterator.set_state(position)
-    train_step = assembly.make_step(config, cfg, layout, optimizer, state, to_global(first, mesh), mesh,
+    # ssft.cost_layout="auto" decided for this model and device (logged); the saved config keeps "auto"
+    step_config = memory_plan.with_resolved_cost_layout(config, layout, mesh)
+    train_step = assembly.make_step(step_config, cfg, layout, optimizer, state, to_global(first, mesh), mesh,
                                     lora=lora_spec, frozen=frozen)
     table_d, lengths_d = jnp.asarray(table), jnp.asarray(lengths)
 
     method = losses_lib.get_method(config.ssft.method)
     with_costs = method.needs_costs or config.ssft.baseline_costs
     schedule = train_state.learning_rate_schedule(config.optim, num_steps)
-    throughput = run_monitor.make_throughput(config, cfg, layout, mesh, with_costs)
+    throughput = run_monitor.make_throughput(step_config, cfg, layout, mesh, with_costs)
     evaluator = (run_monitor.InTrainingEval(config, tokenizer, tags, shared_tag=not method.distinct_tags)
                  if config.eval_every else None)
     eval_results: dict[int, dict] = {}  # step -> eval scalars, merged into that step's record

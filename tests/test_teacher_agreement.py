@@ -10,6 +10,9 @@ import pytest
 from ssft_jax import teacher_agreement as ta
 from ssft_jax.datasets import gsm8k
 
+GSM_FILE = gsm8k.resolve_data_dir() / "example_model_solutions.jsonl"
+needs_gsm8k = pytest.mark.skipif(not GSM_FILE.is_file(), reason=f"GSM8K data file {GSM_FILE} is absent")
+
 
 def _cost_binding(perm, n_tags, rng, margin=1.0):
     """C [N, M] in which tag perm[j] fits teacher j best by `margin` (noise well below it)."""
@@ -69,6 +72,7 @@ def test_uninformative_costs_agree_at_chance_and_shared_modal_tags_cannot_all_ag
     assert math.perm(6, 4) == 360
 
 
+@needs_gsm8k
 def test_gsm8k_teachers_records_keep_teacher_order():
     records = gsm8k.load_gsm8k_teachers()
     assert len(records) == 151
@@ -77,6 +81,7 @@ def test_gsm8k_teachers_records_keep_teacher_order():
         assert len({t["text"] for t in r["traces"]}) == 4 and r["traces"][0]["text"].endswith(f"{r['answer']}.")
 
 
+@needs_gsm8k
 @pytest.mark.slow
 def test_quick_run_writes_the_agreement_table_and_heat_map(tmp_path):
     assert ta.main(["--quick", "--out", str(tmp_path), "--quiet"]) == 0

@@ -71,7 +71,10 @@ def base_config() -> ml_collections.ConfigDict:
         max_traces=4,         # M
         cost_prefix_len=1000,  # L: tokens of each trace scored for the cost matrix
         matcher="auto",       # a matching.METHODS name (matching.match's solver)
-        cost_layout="packed",  # packed | prefix_cache: how the cost pass runs (losses.cost_matrix; same C)
+        # auto | packed | prefix_cache: how the cost pass runs (losses.cost_matrix; the same C to float rounding).
+        # auto: the layout with the fewest step FLOPs whose planned memory fits the device
+        # (memory_plan.choose_cost_layout, logged at start with its figures); usually prefix_cache.
+        cost_layout="auto",
         tag_mode="text",      # text | special
         skip_invalid_questions=True,  # a question whose cost matrix is not finite is dropped from the step
         second_best_gap=True,  # diagnostics: exact gap to the second-best assignment (M extra tiny solves)
@@ -283,7 +286,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
         ("data.name", c.data.name, datasets.dataset_names()),
         ("ssft.method", s.method, tuple(losses.METHODS)),
         ("ssft.matcher", s.matcher, matching.METHODS),
-        ("ssft.cost_layout", s.cost_layout, losses.COST_LAYOUTS),
+        ("ssft.cost_layout", s.cost_layout, ("auto",) + tuple(losses.COST_LAYOUTS)),
         ("ssft.tag_mode", s.tag_mode, tokenization.TAG_MODES),
         ("data.on_bad_record", c.data.on_bad_record, ON_BAD_RECORD),
         ("data.overlong", c.data.overlong, OVERLONG),

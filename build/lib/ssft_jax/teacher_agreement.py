@@ -115,7 +115,7 @@ def heldout_costs(workdir: str | pathlib.Path, records: Sequence[dict]) -> np.nd
     layout and L as its training steps (`losses.cost_matrix`), one question at a time, in record order."""
     import jax
 
-    from ssft_jax import assembly, config as config_lib, data as data_lib, losses, mesh as mesh_lib
+    from ssft_jax import assembly, config as config_lib, data as data_lib, losses, memory_plan, mesh as mesh_lib
 
     lm = assembly.load_checkpoint_for_generation(workdir)
     config = config_lib.from_saved(lm.train_config)
@@ -128,7 +128,8 @@ def heldout_costs(workdir: str | pathlib.Path, records: Sequence[dict]) -> np.nd
     if len(questions) != len(records) or any(len(q.trace_ids) != s.max_traces for q in questions):
         raise ValueError(f"every held-out question needs all {s.max_traces} teachers in budget ({report.summary()})")
     cost_fn = jax.jit(lambda p, view: losses.cost_matrix(
-        lm.cfg, p, view, s.num_tags, s.max_traces, config.model.logprob_chunk, layout=s.cost_layout,
+        lm.cfg, p, view, s.num_tags, s.max_traces, config.model.logprob_chunk,
+        layout=memory_plan.resolve_cost_layout(config, layout.tag_len, mesh),
         prompt_len=layout.max_prompt_len, block_len=layout.pair_block_len))
     it = data_lib.make_iterator(questions, layout, pieces.tag_table, pieces.tag_lengths, epochs=1, shuffle=False,
                                 process_index=0, process_count=1)
@@ -183,7 +184,7 @@ def plot(results: dict[str, dict], teachers: Sequence[str], path: pathlib.Path) 
             for j in range(nll.shape[1]):
                 ax.text(j, i, f"{nll[i, j]:.3f}", ha="center", va="center", fontsize=7,
                         fontweight="bold" if r["modal_tags"][j] == i else "normal")
-        ax.set_title(f"{method}: held-out NLL per tag (centred per teacher)\n"
+        ax.set_title(f"{method}: held-out NLL per tag (colour: centred per teacher, +-{lim:.3f} nats)\n"
                      f"teacher on its tag {r['teacher_on_its_tag']:.2f} (chance {r['chance_teacher']:.2f})",
                      fontsize=8)
         ax.set_xticks(range(len(teachers)), [t.replace("_", "\n") for t in teachers], fontsize=7)
