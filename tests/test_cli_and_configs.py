@@ -226,7 +226,13 @@ def test_installed_package_runs_its_configs_from_another_folder(tmp_path):
     """`pip install .` then a console script from a folder that is not the repository: `configs/demo.py` (as the
     README writes it) names the packaged config, which used to be missing from the install."""
     pip = [sys.executable, "-m", "pip", "-q"]
-    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "wheel"), str(ROOT)],
+    # Built from a copy of the repository's files: setuptools writes build/ into the tree it builds.
+    from launch.colab_zip import repo_files
+    src = tmp_path / "src"
+    for f in repo_files(ROOT):
+        (src / f).parent.mkdir(parents=True, exist_ok=True)
+        (src / f).write_bytes((ROOT / f).read_bytes())
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "wheel"), str(src)],
                    check=True, timeout=300, capture_output=True)
     wheel = next((tmp_path / "wheel").glob("ssft_jax-*.whl"))
     site = tmp_path / "site"
