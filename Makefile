@@ -35,8 +35,9 @@ agreement-real: $(STAMP)
 colab-zip:
 	$(PYTHON) -m launch.colab_zip dist/ssft-jax.zip
 
+# --durations=10: the ten slowest tests at the end of every run (the suite's time budget, issue 36).
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=10
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
