@@ -51,17 +51,16 @@ def exact_assignment(cost: np.ndarray) -> np.ndarray:
 
 
 def counts_from_assignments(assignments: Iterable[Sequence[int]], num_tags: int) -> np.ndarray:
-    """[M, N] tag histogram per trace position from assignments (tag per trace, -1 for none), as
-    `RunStats.trace_tag_counts` keeps it for a run."""
+    """[M, N] tag histogram per trace position from assignments (tag per trace, -1 for none): what a run's
+    `summary.json` `trace_tag_counts` holds, counted by the same `RunStats`."""
+    from ssft_jax.run_stats import RunStats
+
     rows = [list(a) for a in assignments]
     if not rows:
         raise ValueError("no assignments")
-    counts = np.zeros((len(rows[0]), num_tags), np.int64)
-    for a in rows:
-        for j, tag in enumerate(a):
-            if tag >= 0:
-                counts[j, tag] += 1
-    return counts
+    stats = RunStats(num_tags)
+    stats.add_assignments(np.asarray(rows))
+    return np.asarray(stats.trace_tag_counts(), np.int64)
 
 
 def modal_tags(trace_tag_counts) -> np.ndarray:
