@@ -35,12 +35,15 @@ agreement-real: $(STAMP)
 colab-zip:
 	$(PYTHON) -m launch.colab_zip dist/ssft-jax.zip
 
-# --durations=10: the ten slowest tests at the end of every run (the suite's time budget, issue 36).
+# Parallel workers (pytest-xdist), one per core up to 4; tests/conftest.py makes each test file one unit of work
+# (its module fixtures built once) and starts the longest units first. --durations=10: the ten slowest tests at the
+# end of every run (the suite's time budget, README "Tests"). `make test XDIST=` runs everything in one process.
+XDIST ?= -n auto --maxprocesses=4 --dist loadgroup --no-loadscope-reorder
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=10
+	$(PY) -m pytest -q $(XDIST) --durations=10
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q $(XDIST) -m "not slow"
 
 # Wheels of the runtime dependencies the GPU machine's image lacks (it has jax 0.11.x + CUDA, flax, optax, orbax,
 # transformers, torch; no internet), for its Python 3.12: bench/run_on_gpu.sh installs them with --no-index.

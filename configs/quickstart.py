@@ -17,6 +17,12 @@ def get_config(arg: str = ""):
     # file order). Budgets for short traces; a longer one is cut to T and counted in the run's validation line.
     c.data.update(name="jsonl", path=a["data"], heldout=8, max_prompt_len=128, max_trace_len=128,
                   overlong="truncate")
+    # Packed rows: a step's 2 x 4 (prompt, tag, trace) sequences share 4 rows of P + tag + T slots, each attending
+    # only to itself, instead of one row each; short traces (the example file's need P=44, T=76) leave half the
+    # rows empty otherwise, and the step costs what its real tokens cost (measured: 2x faster on the example file).
+    # "tokens": a step takes questions until the rows are full, so any question within the budgets fits (its M
+    # sequences fill at most M rows), whatever the lengths of yours.
+    c.data.update(packed=True, pack_rows=4, pack_fill="tokens")
     # N=6 text tags (told apart by the pretrained embedding from the first step), M=4 traces per question, the
     # cost over each trace's first L=16 tokens with the prompt computed once (prefix_cache).
     c.ssft.update(method="ssft", num_tags=6, max_traces=4, cost_prefix_len=16, tag_mode="text",

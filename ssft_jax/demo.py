@@ -261,7 +261,8 @@ def run_seed(args, seed: int) -> dict[str, Any]:
         train_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         ev = evaluate_method(run, "ssft" if method == GFPO_ROW else method, checker, classifier, heldout,
-                             temperatures=args.temperatures, max_new_tokens=config.data.max_trace_len, seed=seed,
+                             temperatures=args.temperatures, seed=seed,
+                             max_new_tokens=args.max_new_tokens or config.data.max_trace_len,
                              # a 135M model's decode step reads all its weights: 16 questions x 6 tags share a read
                              batch_questions=16 if args.real else 8)
         methods[method] = {"final_loss": final_loss, "train_seconds": train_s, "eval_seconds": time.perf_counter() - t0,
@@ -407,7 +408,8 @@ def run_synthetic(args, argv: list[str] | None = None) -> dict[str, Any]:
     title = "a pretrained model" if args.real else "mode collapse vs mode preservation"
     report = [f"# SSFT demo: {title}", "",
               f"{meta['task']}, M={M} traces, N={meta['N']} tags, {meta['layers']}-layer d={meta['hidden']} decoder "
-              f"{meta.get('model', 'from scratch')}, {steps} steps x {meta['batch_size']} questions per method, "
+              f"{meta.get('model', 'from scratch')}, {steps} step{'s' * (steps != 1)} x {meta['batch_size']} questions "
+              f"per method, "
               f"{meta['heldout']} held-out questions ({meta['validation']} of them only choose the best fixed tag; "
               f"every figure is on the other {meta['heldout'] - meta['validation']}), seeds {list(args.seeds)} "
               f"(cells: mean [min, max] over seeds), {seconds:.0f}s in all"
@@ -468,6 +470,8 @@ def main(argv: list[str] | None = None) -> int:
                         "fn.names); default: the dataset's")
     p.add_argument("--checker", default=None, help="an ssft_jax.checkers name (default: the dataset's)")
     p.add_argument("--temperatures", nargs="+", type=float, default=list(TEMPERATURES))
+    p.add_argument("--max_new_tokens", type=int, default=None,
+                   help="evaluation's generation budget (default: the trace budget T fitted to the data)")
     p.add_argument("--resume", action="store_true", help="continue existing runs in --out instead of starting over")
     p.add_argument("--workers", type=int, default=None,
                    help="seeds run side by side in subprocesses, one XLA thread each (default: one per seed, at most "

