@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-torch", action="store_true")
     args = ap.parse_args(argv)
     if args.quick:
-        args.steps, args.warmup, args.batches, args.torch_steps, args.pairs = 1, 1, 1, 1, 1
+        args.steps, args.warmup, args.batches, args.torch_steps, args.pairs, args.batch = 1, 1, 1, 1, 1, 2
     t_start = time.perf_counter()
     print(f"load average at start: {os.getloadavg()[0]:.2f}; {B.cores()}")
     S = build(args)

@@ -58,3 +58,23 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.xdist_group(_unit(item)))
     # A stable sort: within a unit, tests keep their file order (module fixtures are built once either way).
     items.sort(key=lambda item: rank.get(_unit(item), len(rank)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Trained runs that several test files read
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def tiny_ssft_run(tmp_path_factory):
+    """configs/demo.py:tiny trained 4 steps on one device: its workdir (final checkpoint, tokenizer, summary.json,
+    hf_export/) and summary. Built once per worker for the evaluation, export and GFPO tests; they only read it (a
+    test that writes into a workdir copies it first)."""
+    from ssft_jax import config as config_lib, train
+    c = config_lib.load_config("demo", "tiny")
+    c.mesh.update(data=1, fsdp=1, tensor=1, num_devices=1)
+    c.num_steps = 4
+    c.checkpoint.every_steps = 1000
+    c.export_hf = True
+    wd = tmp_path_factory.mktemp("tiny_ssft_run")
+    summary = train.run(c, wd, progress=False)
+    return wd, {k: v for k, v in summary.items() if k in ("tag_counts", "losses", "final_step", "questions")}

@@ -3,6 +3,7 @@ on a tiny trained model. (The answer checkers: tests/test_registries.py.)"""
 import json
 import math
 import re
+import shutil
 
 import jax
 import numpy as np
@@ -159,17 +160,12 @@ def test_jsonl_questions_are_read_by_the_data_layer(tmp_path):
 # ------------------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    from test_train import demo_config
-
-    from ssft_jax import train
-    c = demo_config()
-    c.num_steps = 2
-    c.checkpoint.every_steps = 1000
-    wd = tmp_path_factory.mktemp("tiny_run")
-    s = train.run(c, wd, progress=False)
-    return wd, s
+@pytest.fixture
+def tiny_run(tiny_ssft_run, tmp_path):
+    """The shared tiny SSFT run (conftest), copied: evaluation writes into the workdir it reads by default."""
+    wd, s = tiny_ssft_run
+    shutil.copytree(wd, tmp_path / "run")
+    return tmp_path / "run", s
 
 
 def test_cli_evaluates_a_trained_workdir(tiny_run, tmp_path, capsys):
@@ -181,7 +177,7 @@ def test_cli_evaluates_a_trained_workdir(tiny_run, tmp_path, capsys):
     captured = capsys.readouterr()
     assert "pass@1[tag 0]" in captured.out
     out = wd / "eval"
-    # a 2-step model rarely ends a generation within 24 tokens: evaluation says so instead of scoring silently
+    # a 4-step model rarely ends a generation within 24 tokens: evaluation says so instead of scoring silently
     finished = [p["finished_rate"] for p in json.loads((out / "metrics.json").read_text())["metrics"]["per_tag"]]
     assert ("stopped at --max_new_tokens=24" in captured.err) == (min(finished) < 1.0)
     gens = [json.loads(l) for l in (out / "generations.jsonl").read_text().splitlines()]

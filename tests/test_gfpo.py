@@ -258,14 +258,9 @@ def test_validation_split_is_by_id_hash_whatever_the_order():
 # ---------------------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def ssft_workdir(tmp_path_factory):
-    """A tiny SSFT run to start from (the demo config's 'tiny' variant)."""
-    wd = tmp_path_factory.mktemp("ssft")
-    c = config_lib.load_config("demo", "tiny")
-    c.mesh.update(num_devices=1, data=1)
-    c.export_hf = True
-    train.run(c, wd, progress=False)
-    return wd
+def ssft_workdir(tiny_ssft_run):
+    """A tiny SSFT run to start from (the demo config's 'tiny' variant; conftest's shared run, read only)."""
+    return tiny_ssft_run[0]
 
 
 def _gfpo_config(init, **gfpo_overrides):

@@ -65,18 +65,10 @@ class Side:
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    """The demo model (configs/demo.py:tiny: character tokenizer, 6 special-token tags), trained a few steps by the
-    trainer, which writes the checkpoint and hf_export/."""
-    from test_train import demo_config
-
-    from ssft_jax import train
-    c = demo_config()
-    c.num_steps = 4
-    c.checkpoint.every_steps = 1000
-    wd = tmp_path_factory.mktemp("demo_run")
-    train.run(c, wd, progress=False)
-    return wd
+def demo_run(tiny_ssft_run):
+    """The demo model (configs/demo.py:tiny: character tokenizer, 6 special-token tags), trained 4 steps by the
+    trainer, which wrote the checkpoint and hf_export/ (conftest's shared run; read only)."""
+    return tiny_ssft_run[0]
 
 
 @pytest.fixture(scope="module")
