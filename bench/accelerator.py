@@ -181,7 +181,7 @@ def measure(args, mode: dict, flags_info: dict) -> dict:
     import numpy as np
 
     from ssft_jax import assembly, config as config_lib, data as data_lib, flops, losses, memory_plan
-    from ssft_jax import mesh as mesh_lib, train, train_state
+    from ssft_jax import mesh as mesh_lib, train_state
     from timing_helpers import block, interleaved, med, ratio
 
     dev = jax.devices()[0]
@@ -226,7 +226,7 @@ def measure(args, mode: dict, flags_info: dict) -> dict:
         lengths = np.full((layout.num_tags,), layout.tag_len, np.int32)
         it = data_lib.make_iterator(qs, layout, table, lengths, seed=seed)
         host = [next(it) for _ in range(count)]
-        return host, [train.to_global(b, mesh) for b in host], jnp.asarray(table), jnp.asarray(lengths)
+        return host, [mesh_lib.to_global(b, mesh) for b in host], jnp.asarray(table), jnp.asarray(lengths)
 
     results = {"models": {}}
     for run in mode["models"]:

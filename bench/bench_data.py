@@ -27,7 +27,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ssft_jax import data as D  # noqa: E402
-from ssft_jax import gguf_convert, tokenization  # noqa: E402
+from ssft_jax import gguf_convert, rows as rows_lib, tokenization  # noqa: E402
 
 WORDS = ("the of and to a in is that it for as with was on be by this are we step so then answer number let "
          "compute check sum total value equals therefore because first second next finally times plus minus "
@@ -121,8 +121,8 @@ def main(argv=None) -> int:
     # In-graph helpers on this CPU (what the train step adds per batch).
     N, M = cfg.num_tags, cfg.num_traces
     assign = np.tile(np.arange(M, dtype=np.int32), (args.B, 1))
-    fill = jax.jit(D.fill_tags)
-    cmat = jax.jit(lambda nll, cv: D.cost_matrix_from_token_nll(nll, cv, N, M))
+    fill = jax.jit(rows_lib.fill_tags)
+    cmat = jax.jit(lambda nll, cv: rows_lib.cost_matrix_from_token_nll(nll, cv, N, M))
     nll = np.random.RandomState(0).rand(*first["cost"]["tokens"].shape).astype(np.float32)
     jax.block_until_ready((fill(first["train"], assign, table, lengths), cmat(nll, first["cost"])))
     ts_f, ts_c = [], []

@@ -137,7 +137,7 @@ def demo_step_times(qs, layouts: dict, reps: int, tiny: bool):
     """Step time of the demo model on CPU (real trainer step, ssft) for each layout, interleaved in one process."""
     import jax
 
-    from ssft_jax import assembly, config as config_lib, data as D, mesh as mesh_lib, train, train_state
+    from ssft_jax import assembly, config as config_lib, data as D, mesh as mesh_lib, train_state
 
     first = next(iter(layouts.values()))
     c = config_lib.load_config("demo")
@@ -158,7 +158,7 @@ def demo_step_times(qs, layouts: dict, reps: int, tiny: bool):
         lay = dataclasses.replace(lay, tag_len=lt)
         c.batch_size = lay.batch_size
         it = D.make_iterator(qs, lay, table, lengths, seed=0)
-        batch = train.to_global(next(it), mesh)
+        batch = mesh_lib.to_global(next(it), mesh)
         opt = assembly.make_optimizer(c, 100)
         params = jax.tree.map(lambda x: x.copy(), pieces.params)  # each variant's state is donated
         state = train_state.init_state(params, opt, 0, mesh)

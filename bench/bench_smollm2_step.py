@@ -6,7 +6,7 @@ Usage:
   python bench/bench_smollm2_step.py            # configs/demo_real.py's run (P, T fitted to its data), ~10 minutes
   python bench/bench_smollm2_step.py --quick    # smoke run: SmolLM2 cut to 2 layers, 1 timed round
 
-Everything comes from the trainer's pieces: `train.build_inputs` (the converted SmolLM2 folder, its tokenizer and
+Everything comes from the trainer's pieces: `assembly.build_inputs` (the converted SmolLM2 folder, its tokenizer and
 text tags, the demo_real task), `assembly.make_step` (the very step `make demo-real` runs: cost layout, remat,
 logprob chunk as configured), on ONE CPU device. Steps are timed in interleaved rounds (compile excluded; every
 call blocks on its result), ratios are medians of per-round ratios. The PyTorch comparison is
@@ -30,18 +30,19 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ssft_jax import assembly, config as config_lib, data as data_lib, demo, flops, mesh as mesh_lib  # noqa: E402
-from ssft_jax import train  # noqa: E402
+from ssft_jax import rows as rows_lib  # noqa: E402
 import bench_train_step as B  # noqa: E402
 from timing_helpers import interleaved, med, ratio  # noqa: E402
 
 
 def build(args):
-    c = config_lib.load_config("demo_real")
+    # --quick: the config's 'tiny' data (48 questions to tokenize and fit budgets to, not 1024); same model and task
+    c = config_lib.load_config("demo_real", "tiny" if args.quick else "")
     c.mesh.update(data=1, fsdp=1, tensor=1, num_devices=1)
     c.batch_size = args.batch
     demo.fit_budgets(c)  # P, T, L as the demo runs them
     mesh = mesh_lib.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    inp = train.build_inputs(c, mesh)
+    inp = assembly.build_inputs(c, mesh)
     cfg, params = inp.model_config, inp.params
     if args.quick:  # the first two layers: the same vocabulary, head and data, a tenth of the compute
         cfg = cfg.replace(num_hidden_layers=2)
@@ -49,7 +50,7 @@ def build(args):
     it = data_lib.make_iterator(inp.questions, inp.layout, inp.tag_table, inp.tag_lengths, seed=0)
     host = [next(it) for _ in range(args.batches)]
     return dict(config=c, mesh=mesh, cfg=cfg, params=params, layout=inp.layout, table=inp.tag_table,
-                lengths=inp.tag_lengths, host_batches=host, batches=[train.to_global(b, mesh) for b in host],
+                lengths=inp.tag_lengths, host_batches=host, batches=[mesh_lib.to_global(b, mesh) for b in host],
                 tok=inp.tokenizer, tags=inp.tags)
 
 
@@ -108,7 +109,7 @@ def main(argv=None) -> int:
         import torch
         print("\n## Plain SFT step: ours vs transformers' PyTorch LlamaForCausalLM + AdamW (same rows, same weights)\n")
         tag0 = jnp.zeros(S["batches"][0]["train"]["trace_valid"].shape, jnp.int32)
-        rows = jax.jit(lambda t_: jax.tree.map(lambda x: x.reshape(-1, x.shape[-1]), data_lib.fill_tags(
+        rows = jax.jit(lambda t_: jax.tree.map(lambda x: x.reshape(-1, x.shape[-1]), rows_lib.fill_tags(
             S["batches"][0]["train"], t_, jnp.asarray(S["table"]), jnp.asarray(S["lengths"]))))(tag0)
         B.torch_vs_jax({"cfg": cfg, "params": S["params"], "config": S["config"]}, rows,
                        argparse.Namespace(quick=args.quick, torch_steps=args.torch_steps, warmup=2), torch,

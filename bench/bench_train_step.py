@@ -25,7 +25,6 @@ Tables:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import os
 import pathlib
@@ -45,9 +44,9 @@ import optax  # noqa: E402
 
 from configs.demo import get_config  # noqa: E402
 from ssft_jax import data as data_lib  # noqa: E402
-from ssft_jax import assembly, datasets, flops, losses, mesh as mesh_lib, train, train_state  # noqa: E402
+from ssft_jax import assembly, datasets, flops, losses, mesh as mesh_lib, train_state  # noqa: E402
 from ssft_jax.logprobs import token_logprobs  # noqa: E402
-from ssft_jax import memory_plan  # noqa: E402
+from ssft_jax import memory_plan, rows as rows_lib  # noqa: E402
 from ssft_jax.memory_plan import memory_figures  # noqa: E402
 from ssft_jax.model import forward, output_embedding  # noqa: E402
 import train_step_variants as V  # noqa: E402
@@ -119,32 +118,28 @@ def build(args, workdir: pathlib.Path):
     params = dict(params, embedding=emb.at[tag_rows].add(noise))
     it = data_lib.make_iterator(qs, layout, table, lengths, seed=0)
     host_batches = [next(it) for _ in range(args.batches)]
-    batches = [train.to_global(b, mesh) for b in host_batches]
+    batches = [mesh_lib.to_global(b, mesh) for b in host_batches]
     return dict(config=c, mesh=mesh, tok=tok, tags=tags, cfg=cfg, params=params, layout=layout, table=table,
                 lengths=lengths, host_batches=host_batches, batches=batches, report=report, tag_ids=tag_rows)
 
 
 def compile_step(S, method: str, *, gap: bool = True, cost: str = "packed", baseline_costs: bool = False,
                  compile: bool = True):
-    """A compiled trainer step + its own fresh state (same initial params for every variant). `cost`: a library
-    cost layout (`ssft.cost_layout`) or "repeated" (train_step_variants). compile=False: trace (lower) only, which
+    """A compiled trainer step + its own fresh state (same initial params for every variant). `cost`: a registered
+    cost layout (`ssft.cost_layout`; "repeated" is train_step_variants'). compile=False: trace (lower) only, which
     proves the variant still builds (--quick) and returns None."""
     c = S["config"].copy_and_resolve_references()
     c.ssft.method = method
     c.ssft.second_best_gap = gap
     c.ssft.baseline_costs = baseline_costs
-    if cost != "repeated":
-        c.ssft.cost_layout = cost
+    c.ssft.cost_layout = cost
     optimizer = assembly.make_optimizer(c, 1000)
     params = jax.tree.map(jnp.copy, S["params"])
     state = train_state.init_state(params, optimizer, c.seed, S["mesh"])
     jitted = assembly.make_step(c, S["cfg"], S["layout"], optimizer, state, S["batches"][0], S["mesh"])
     table, lengths = jnp.asarray(S["table"]), jnp.asarray(S["lengths"])
-    lay = S["layout"]
     t0 = time.perf_counter()
-    with (V.repeated_prompt_cost(P=lay.max_prompt_len, W=lay.pair_block_len) if cost == "repeated"
-          else contextlib.nullcontext()):
-        lowered = jitted.lower(state, S["batches"][0], table, lengths)
+    lowered = jitted.lower(state, S["batches"][0], table, lengths)
     if not compile:
         return None
     compiled = lowered.compile()
@@ -322,8 +317,8 @@ def main(argv=None) -> int:
     gap_fn = jax.jit(lambda c_, t_, tv, rv: losses.second_best_gap(c_, t_, tv, rv, matcher))
     tags0 = block(assign(costs["packed"], tag_valid, trace_valid))[0]
     rows = jax.jit(lambda t_: jax.tree.map(lambda x: x.reshape(-1, x.shape[-1]),
-                                           data_lib.fill_tags(trv, t_, table, lengths)))(tags0)
-    fill = jax.jit(lambda t_: data_lib.fill_tags(trv, t_, table, lengths))
+                                           rows_lib.fill_tags(trv, t_, table, lengths)))(tags0)
+    fill = jax.jit(lambda t_: rows_lib.fill_tags(trv, t_, table, lengths))
     train_vg = jax.jit(jax.value_and_grad(lambda p, r: losses.set_loss_sums(cfg, p, r, chunk), has_aux=True))
     train_fwd = jax.jit(lambda p, r: losses.set_loss_sums(cfg, p, r, chunk))
     pieces = {

@@ -5,7 +5,8 @@ The trainer's cost pass (`ssft_jax.losses.cost_matrix`) runs ONE packed row per 
 all ``R = P + N*M*W`` slots (masked to prompt + own block). The two alternatives below compute the same C[B, N, M]
 (up to float rounding) from the SAME batch arrays, by reshaping the packed row in-graph:
 
-* ``repeated`` (here only): N*M rows of ``P + W`` (the prompt copied into every row): more tokens through the MLPs
+* ``repeated`` (here only, registered as a `cost_layouts` layout on import, so the trainer's step runs it by
+  name): N*M rows of ``P + W`` (the prompt copied into every row): more tokens through the MLPs
   (``N*M*(P+W)`` vs ``P + N*M*W``) but attention ``N*M*(P+W)^2`` instead of ``R^2``.
 * ``prefix_cache`` (in the library: ``ssft.cost_layout="prefix_cache"``, so the benchmark just sets the config): the
   prompt is run once into a KV cache, the cache is broadcast to the N*M blocks, and each block row (``W`` queries)
@@ -14,15 +15,10 @@ all ``R = P + N*M*W`` slots (masked to prompt + own block). The two alternatives
 """
 from __future__ import annotations
 
-import contextlib
-import inspect
-
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ssft_jax import data as data_lib
-from ssft_jax import losses
+from ssft_jax import cost_layouts, losses
 from ssft_jax.logprobs import token_logprobs
 from ssft_jax.model import forward, output_embedding
 
@@ -32,12 +28,12 @@ def _blocks(x, P, K, W):
     return x[:, P:].reshape(B * K, W)
 
 
-def cost_matrix_repeated(cfg, params, cv, N, M, *, P, W, chunk_size=1024):
-    """Same C as `losses.cost_matrix`, from N*M rows ``[prompt | tag | trace prefix]`` (prompt repeated)."""
-    params = jax.lax.stop_gradient(params)
-    K = N * M
+def repeated_token_nll(cfg, params, cv, *, num_pairs, prompt_len, block_len, chunk_size=1024):
+    """The cost row's per-slot NLL [B, R] (0 on the prompt), from N*M rows ``[prompt | tag | trace prefix]`` (the
+    prompt repeated into every row): a `cost_layouts` NLL function, registered below as "repeated"."""
+    P, W, K = prompt_len, block_len, num_pairs
     B = cv["tokens"].shape[0]
-    rep = lambda x: jnp.repeat(x[:, :P], K, axis=0)  # [B*K, P]
+    rep = lambda x: jnp.repeat(x[:, :P], K, axis=0)  # noqa: E731  [B*K, P]
     real_p = (cv["segment_ids"][:, :P] != 0).astype(jnp.int32)
     seg = jnp.concatenate([rep(real_p), (_blocks(cv["segment_ids"], P, K, W) != 0).astype(jnp.int32)], 1)
     tok = jnp.concatenate([rep(cv["tokens"]), _blocks(cv["tokens"], P, K, W)], 1)
@@ -47,31 +43,26 @@ def cost_matrix_repeated(cfg, params, cv, N, M, *, P, W, chunk_size=1024):
     hidden = forward(cfg, params, tok, seg, pos, return_hidden=True)[:, P:]
     logp = token_logprobs(hidden, output_embedding(cfg, params), tgt, chunk_size=chunk_size)
     nll = (-logp * mask.astype(jnp.float32)).reshape(B, K * W)
-    nll = jnp.concatenate([jnp.zeros((B, P), jnp.float32), nll], 1)
-    return jax.lax.stop_gradient(data_lib.cost_matrix_from_token_nll(nll, cv, N, M))
+    return jnp.concatenate([jnp.zeros((B, P), jnp.float32), nll], 1)
 
 
-@contextlib.contextmanager
-def repeated_prompt_cost(*, P: int, W: int):
-    """Temporarily route `losses.cost_matrix` (looked up by train_step at trace time) to `cost_matrix_repeated`.
-    Only for tracing a benchmark variant in this process; the library files are untouched. The stand-in takes
-    exactly `losses.cost_matrix`'s parameters (checked here, so a change of the library's signature fails loudly
-    instead of the variant raising TypeError inside the trace); the layout keywords are ignored, it IS the layout."""
-    orig = losses.cost_matrix
+def repeated_flops(cfg, layout, batch_size, forward_flops):
+    """N*M rows of P + W per question; only the W block positions go through the head."""
+    P, W = layout.max_prompt_len, layout.pair_block_len
+    f = forward_flops(cfg, batch_size * layout.num_pairs, P + W)
+    return f["layers"] + f["head"] * W / (P + W)
 
-    def repeated(cfg, params, cost_view, num_tags, num_traces, chunk_size=1024, *, layout="packed", prompt_len=None,
-                 block_len=None):
-        return cost_matrix_repeated(cfg, params, cost_view, num_tags, num_traces, P=P, W=W, chunk_size=chunk_size)
 
-    want, got = inspect.signature(orig).parameters, inspect.signature(repeated).parameters
-    if list(want) != list(got) or any(want[k].kind != got[k].kind for k in want):
-        raise TypeError(f"losses.cost_matrix{inspect.signature(orig)} changed; update this stand-in "
-                        f"{inspect.signature(repeated)}")
-    losses.cost_matrix = repeated
-    try:
-        yield
-    finally:
-        losses.cost_matrix = orig
+def repeated_memory(t):
+    return cost_layouts.dense_rows_memory(t, t.b * t.N * t.M, t.P + t.W)
+
+
+cost_layouts.register("repeated", cost_layouts.CostLayout(repeated_token_nll, repeated_flops, repeated_memory))
+
+
+def cost_matrix_repeated(cfg, params, cv, N, M, *, P, W, chunk_size=1024):
+    """Same C as `losses.cost_matrix`, through the "repeated" layout."""
+    return losses.cost_matrix(cfg, params, cv, N, M, chunk_size, layout="repeated", prompt_len=P, block_len=W)
 
 
 def compact_rows(rows: dict) -> dict[str, np.ndarray]:

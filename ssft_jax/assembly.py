@@ -16,12 +16,13 @@ import dataclasses
 import json
 import pathlib
 import tempfile
-from typing import Any, Literal, Mapping
+from typing import Any, Literal, Mapping, NamedTuple
 
 import jax
 import numpy as np
 
 from ssft_jax import config as config_lib
+from ssft_jax import datasets
 from ssft_jax import data as data_lib
 from ssft_jax import hf_io, lora as lora_lib, losses, mesh as mesh_lib, model as model_lib, tokenization, train_state
 from ssft_jax import train_step as step_lib
@@ -172,6 +173,33 @@ def build(config, *, mesh=None, params: ParamsMode = "load", remat: str | None =
     layout = build_layout(config, tags.max_tag_len(tokenizer))
     table, lengths = data_lib.tag_table(tokenizer, tags, layout.tag_len)
     return Pieces(tokenizer, tags, cfg, layout, weights, table, lengths)
+
+
+class RunInputs(NamedTuple):
+    """Everything a run builds from its config before the train state: model, tags and tokenized data."""
+    tokenizer: Any
+    model_config: model_lib.ModelConfig
+    params: model_lib.Params
+    tags: tokenization.ForkingTags
+    layout: data_lib.LayoutConfig
+    questions: list
+    report: Any  # data_lib's validation report (kept / skipped / truncated counts)
+    tag_table: np.ndarray
+    tag_lengths: np.ndarray
+
+
+def build_inputs(config, mesh) -> RunInputs:
+    """The run's pieces (`assembly.build`: tokenizer, model on `mesh`, tags, layout) and its tokenized training
+    questions: the part of `train.run` before the optimizer, for tests and tools that drive the step themselves."""
+    pieces = build(config, mesh=mesh)
+    train_records, _ = datasets.build_records(config)
+    questions, report = data_lib.tokenize_records(
+        train_records, pieces.tokenizer, pieces.tags, pieces.layout, on_bad_record=config.data.on_bad_record,
+        overlong=config.data.overlong, extra_traces=config.data.extra_traces, format=config.data.format)
+    if config.data.num_questions:
+        questions = questions[: config.data.num_questions]
+    return RunInputs(pieces.tokenizer, pieces.model_config, pieces.params, pieces.tags, pieces.layout, questions,
+                     report, pieces.tag_table, pieces.tag_lengths)
 
 
 def make_optimizer(config, num_steps: int):

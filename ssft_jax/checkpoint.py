@@ -29,7 +29,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from ssft_jax import faults
 
 
 ITEMS = ("state", "data", "config", "integrity", "stats")
@@ -105,10 +104,12 @@ def pending_commit_futures(manager: ocp.CheckpointManager) -> list:
 class Checkpointer:
     """One manager for a run's `<workdir>/checkpoints`. Items: 'state' (pytree), 'data', 'config' and 'integrity'
     (JSON). `cleanup_tmp`: delete half-written `*.orbax-checkpoint-tmp` steps left by a crash (the trainer only: a
-    reader next to a live run must not delete its in-progress write)."""
+    reader next to a live run must not delete its in-progress write). `handler_registry`: orbax's, for the JSON
+    items (None: orbax's own handlers); a hook for tests, e.g. `faults.slow_write_registry`."""
 
     def __init__(self, directory: str | os.PathLike | epath.Path, *, max_to_keep: int = 3, save_interval_steps: int = 1,
-                 async_save: bool = True, cleanup_tmp: bool = False):
+                 async_save: bool = True, cleanup_tmp: bool = False,
+                 handler_registry: ocp.handlers.DefaultCheckpointHandlerRegistry | None = None):
         # epath: local paths and gs:// alike (multi-host runs need a directory every host sees).
         self.directory = epath.Path(directory)
         if not str(directory).startswith(("gs://", "s3://")):
@@ -121,9 +122,8 @@ class Checkpointer:
             create=True,
             cleanup_tmp_directories=cleanup_tmp,
         )
-        slow_writes = faults.checkpoint_handler_registry(ITEMS[1:])  # test-only; None in real runs
-        if slow_writes is not None:
-            self._manager = ocp.CheckpointManager(self.directory, handler_registry=slow_writes, options=options)
+        if handler_registry is not None:
+            self._manager = ocp.CheckpointManager(self.directory, handler_registry=handler_registry, options=options)
         else:
             self._manager = ocp.CheckpointManager(self.directory, item_names=ITEMS, options=options)
         self._pending: int | None = None  # step of the async write in flight

@@ -13,7 +13,8 @@ import ml_collections
 
 # Each enumerated field's allowed values are defined by the module that implements them (the registries of methods
 # and matchers are live: a method registered at run time is valid here at once).
-from ssft_jax import datasets, faults, lora as lora_lib, losses, matching, model, tokenization
+from ssft_jax import cost_layouts, datasets, faults, gfpo_estimators, lora as lora_lib, losses, matching, model
+from ssft_jax import tokenization
 from ssft_jax.checkpoint import ON_CORRUPT
 from ssft_jax.data import EXTRA_TRACES, FORMATS, ON_BAD_RECORD, OVERLONG
 
@@ -180,7 +181,6 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-GFPO_ESTIMATORS = ("grpo", "enumerate")
 GFPO_DATA = ("init", "config")
 
 
@@ -286,7 +286,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
         ("data.name", c.data.name, datasets.dataset_names()),
         ("ssft.method", s.method, tuple(losses.METHODS)),
         ("ssft.matcher", s.matcher, matching.METHODS),
-        ("ssft.cost_layout", s.cost_layout, ("auto",) + tuple(losses.COST_LAYOUTS)),
+        ("ssft.cost_layout", s.cost_layout, ("auto",) + cost_layouts.names()),
         ("ssft.tag_mode", s.tag_mode, tokenization.TAG_MODES),
         ("data.on_bad_record", c.data.on_bad_record, ON_BAD_RECORD),
         ("data.overlong", c.data.overlong, OVERLONG),
@@ -296,7 +296,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
         ("checkpoint.on_corrupt", c.checkpoint.on_corrupt, ON_CORRUPT),
         ("export.dtype", c.export.dtype, ("", "float32", "bfloat16", "float16")),
     ]
-    choices += [("stage", c.stage, ("ssft", "gfpo")), ("gfpo.estimator", c.gfpo.estimator, GFPO_ESTIMATORS),
+    choices += [("stage", c.stage, ("ssft", "gfpo")), ("gfpo.estimator", c.gfpo.estimator, gfpo_estimators.names()),
                 ("gfpo.data", c.gfpo.data, GFPO_DATA)]
     for field, value, allowed in choices:
         if value not in allowed:
@@ -391,9 +391,10 @@ def validate_gfpo(g: ml_collections.ConfigDict, num_tags: int) -> None:
     for name in positive:
         if g[name] < 1:
             raise ConfigError(f"gfpo.{name}={g[name]} must be >= 1")
-    if g.estimator == "grpo" and g.group_size < 2:
-        raise ConfigError(f"gfpo.group_size={g.group_size}: GRPO needs >= 2 rollouts per question (a group of one "
-                          "has advantage 0 and teaches nothing)")
+    need = gfpo_estimators.get(g.estimator).min_group_size
+    if g.group_size < need:
+        raise ConfigError(f"gfpo.group_size={g.group_size}: estimator {g.estimator!r} needs >= {need} rollouts per "
+                          "question (a group of one has advantage 0 and teaches nothing)")
     if not g.clip_eps > 0 or g.kl_coef < 0 or g.temperature < 0 or g.max_new_tokens < 0 or g.adv_eps < 0:
         raise ConfigError(f"gfpo: need clip_eps > 0, kl_coef >= 0, temperature >= 0, max_new_tokens >= 0 and "
                           f"adv_eps >= 0 (got {g.clip_eps}, {g.kl_coef}, {g.temperature}, {g.max_new_tokens}, "

@@ -99,14 +99,15 @@ def evaluate_method(run: dict, method: str, checker, classifier, heldout: list[d
                     validation: float = VALIDATION_FRACTION):
     """Greedy and sampled evaluation of one trained model (`run`: train.run's or gfpo.run's result). validation:
     the share of `heldout` that only chooses the best fixed tag (0: every figure on all of them)."""
-    from ssft_jax import evaluate
+    from ssft_jax import evaluate, losses
 
     per_temp = {}
     for temp in temperatures:
         res = evaluate.evaluate_model(
             run["model_config"], run["state"]["params"], run["tokenizer"], run["tags"], heldout, checker,
             classifier=classifier, num_samples_per_tag=1, temperature=temp, top_p=1.0,
-            max_new_tokens=max_new_tokens, seed=seed, shared_tag=method == "sft_mixed", tag_counts=run["tag_counts"],
+            max_new_tokens=max_new_tokens, seed=seed, shared_tag=not losses.get_method(method).distinct_tags,
+            tag_counts=run["tag_counts"],
             validation=validation, batch_questions=batch_questions)
         m = res.metrics
         tc = m.get("tag_choice", {})

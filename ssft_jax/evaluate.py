@@ -668,7 +668,9 @@ def main(argv: Sequence[str] | None = None) -> int:
              "summary.json 'validation')" if trained is not None and trained != len(questions) else "")
           + (" (the run holds none out: set data.heldout to hold some out)"
              if scored == "train" and a.split == "heldout" else ""))
-    shared = a.tags_mode == "shared" or (a.tags_mode == "auto" and lm.method == "sft_mixed")
+    from ssft_jax import losses  # the method's own flag: one shared tag (sft_mixed) or one tag per trace
+    shared = a.tags_mode == "shared" or (a.tags_mode == "auto" and lm.method in losses.METHODS
+                                         and not losses.get_method(lm.method).distinct_tags)
     result = evaluate_model(lm.cfg, lm.params, lm.tokenizer, lm.tags, questions, a.checker or spec.checker,
                             classifier=datasets.load_classifier(a.classifier) if a.classifier else spec.classifier,
                             num_samples_per_tag=a.samples_per_tag,

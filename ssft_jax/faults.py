@@ -2,12 +2,12 @@
 
 * `debug.inject_nonfinite` (config): non-finite values written into the step's cost matrix, loss or gradients at
   chosen steps. `make_injector("")` is None, so a normal step is traced without any of it.
-* `SSFT_TEST_CHECKPOINT_WRITE_DELAY_S` (environment): every checkpoint's background write takes at least that long,
-  so a chaos test's `kill -9` lands inside an async write. Unset: orbax's own handlers are used.
+* `slow_write_registry(delay_s, items)`: a handler registry for `checkpoint.Checkpointer(handler_registry=...)`
+  whose background writes take at least `delay_s`, so a chaos test's `kill -9` lands inside an async write
+  (tests/slow_writes.py passes it to the trainer's checkpointer in a subprocess).
 """
 from __future__ import annotations
 
-import os
 import time
 from typing import Callable, Sequence
 
@@ -16,7 +16,6 @@ import orbax.checkpoint as ocp
 
 INJECT_WHERE = ("cost", "loss", "grad")
 INJECT_VALUES = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
-WRITE_DELAY_ENV = "SSFT_TEST_CHECKPOINT_WRITE_DELAY_S"
 
 
 class FaultSpecError(ValueError):
@@ -89,16 +88,12 @@ class SlowJsonCheckpointHandler(ocp.JsonCheckpointHandler):
         return [ocp.future.ChainedFuture(futures, cb=lambda: time.sleep(max(0.0, ready_at - time.monotonic())))]
 
 
-def checkpoint_handler_registry(json_items: Sequence[str]) -> ocp.handlers.DefaultCheckpointHandlerRegistry | None:
-    """The `handler_registry` for a CheckpointManager whose JSON items (`json_items`) commit slowly, when
-    WRITE_DELAY_ENV asks for it; None (use orbax's own handlers) otherwise. Items not named here get orbax's default
-    handler for their args, as without a registry."""
-    delay = float(os.environ.get(WRITE_DELAY_ENV) or 0)
-    if delay <= 0:
-        return None
+def slow_write_registry(delay_s: float, json_items: Sequence[str]) -> ocp.handlers.DefaultCheckpointHandlerRegistry:
+    """The `handler_registry` for a Checkpointer whose JSON items (`json_items`) commit at least `delay_s` after
+    the save starts. Items not named here get orbax's default handler for their args, as without a registry."""
     registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
     for name in json_items:
-        handler = SlowJsonCheckpointHandler(delay)
+        handler = SlowJsonCheckpointHandler(delay_s)
         registry.add(name, ocp.args.JsonSave, handler)
         registry.add(name, ocp.args.JsonRestore, handler)
     return registry

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from ssft_jax import cost_layouts
 from ssft_jax.model import ModelConfig
 
 # Dense bf16 peak per chip / device (FLOP/s), from the vendors' spec sheets. JAX sees one device per chip on TPU
@@ -76,15 +77,8 @@ def step_flops(cfg: ModelConfig, layout, batch_size: int, *, needs_costs: bool, 
     """FLOPs of one step over `batch_size` questions (global) in `layout` (a data.LayoutConfig)."""
     remat = cfg.remat if remat is None else remat
     cost = 0.0
-    if needs_costs:
-        if cost_layout == "prefix_cache":
-            prompt = forward_flops(cfg, batch_size, layout.max_prompt_len)
-            blocks = forward_flops(cfg, batch_size * layout.num_pairs, layout.pair_block_len,
-                                   layout.max_prompt_len + layout.pair_block_len)
-            cost = prompt["layers"] + blocks["layers"] + blocks["head"]  # the prompt's own logits are not computed
-        else:
-            f = forward_flops(cfg, batch_size, layout.cost_row_len)
-            cost = f["layers"] + f["head"]
+    if needs_costs:  # the layout's own rule (cost_layouts: the registry losses.cost_matrix runs)
+        cost = cost_layouts.get(cost_layout).flops(cfg, layout, batch_size, forward_flops)
     if layout.packed:  # pack_rows rows of pack_len per process batch, scaled to the global batch
         t = forward_flops(cfg, layout.pack_rows * batch_size // layout.batch_size, layout.pack_row_len)
     else:

@@ -27,7 +27,7 @@ multi-host GFPO would need each process to roll out its own share, which is not 
 from __future__ import annotations
 
 import copy
-import json
+import dataclasses
 import logging
 import pathlib
 import time
@@ -42,12 +42,13 @@ from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ssft_jax import assembly, checkers, datasets, metrics_log, run_common, sampling, tag_policy, tokenization
-from ssft_jax import train_state
+from ssft_jax import gfpo_estimators, train_state
 from ssft_jax import checkpoint as ckpt_lib
 from ssft_jax import config as config_lib
 from ssft_jax import mesh as mesh_lib
 from ssft_jax.data import DataError, RawRecord, read_records
 from ssft_jax.model import ModelConfig
+from ssft_jax.step_jit import CountedJit, keep_if_finite
 
 logger = logging.getLogger(__name__)
 
@@ -177,20 +178,10 @@ def advantages_and_weights(estimator: str, rewards: jax.Array, row_tags: jax.Arr
                            valid: jax.Array, *, samples_per_tag: int, eps: float, normalize_std: bool
                            ) -> tuple[jax.Array, jax.Array]:
     """([B, R] advantages, [B, R] row weights) of a batch of rollouts (rewards [B, R], the tags they used [B, R],
-    the behaviour policy logp_old [B, N]).
-
-    grpo: A = group-relative reward, weight 1/G (the gradient is the mean over the G rollouts of A grad log pi);
-    enumerate: A_r = rbar(tag_r) - sum_j pi_old_j rbar_j and weight pi_old(tag_r)/k, so at ratio 1 the gradient is
-    sum_i pi_i (rbar_i - b) grad log pi_i = grad sum_i pi_i rbar_i exactly (rbar: the mean of tag i's k rewards)."""
-    if estimator == "grpo":
-        adv = tag_policy.group_advantages(rewards, eps=eps, normalize_std=normalize_std)
-        return adv, jnp.full(rewards.shape, 1.0 / rewards.shape[-1], jnp.float32)
-    onehot = jax.nn.one_hot(row_tags, logp_old.shape[-1], dtype=jnp.float32)  # [B, R, N]
-    tag_rewards = jnp.einsum("brn,br->bn", onehot, rewards) / samples_per_tag
-    p_old = jnp.exp(logp_old)
-    per_tag = tag_policy.enumerate_advantages(tag_rewards, p_old, valid)
-    adv = jnp.take_along_axis(per_tag, row_tags, axis=-1)
-    return adv, jnp.take_along_axis(p_old, row_tags, axis=-1) / samples_per_tag
+    the behaviour policy logp_old [B, N]), by the registered estimator (`gfpo_estimators`)."""
+    return gfpo_estimators.get(estimator).advantages(rewards, row_tags, logp_old, valid,
+                                                     samples_per_tag=samples_per_tag, eps=eps,
+                                                     normalize_std=normalize_std)
 
 
 def make_update(cfg: ModelConfig, g: ml_collections.ConfigDict, optimizer: optax.GradientTransformation):
@@ -223,8 +214,8 @@ def make_update(cfg: ModelConfig, g: ml_collections.ConfigDict, optimizer: optax
             finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
             updates, new_opt = optimizer.update(grads, opt_state, params)
             new_params = optax.apply_updates(params, updates)
-            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-            return (keep(new_params, params), keep(new_opt, opt_state)), (loss, grad_norm, finite, aux)
+            return ((keep_if_finite(finite, new_params, params), keep_if_finite(finite, new_opt, opt_state)),
+                    (loss, grad_norm, finite, aux))
 
         (params, opt_state), (loss, grad_norm, finite, aux) = jax.lax.scan(
             one_update, (state["params"], state["opt_state"]), None, length=U)
@@ -245,28 +236,24 @@ def make_update(cfg: ModelConfig, g: ml_collections.ConfigDict, optimizer: optax
     return step_fn
 
 
-class JittedUpdate:
+def jit_update(step_fn, state, batch_example: Mapping[str, np.ndarray], mesh) -> CountedJit:
     """The one jit site of the stage: explicit shardings from the live state, questions split over the mesh's
-    data axes, the old state donated; `compiles` counts traces (one per run when shapes are fixed)."""
+    data axes, the old state donated; called as update(state, batch, choice_ids) with the batch placed by
+    `place_batch`."""
+    state_shardings = jax.tree.map(lambda x: x.sharding, state)
+    replicated = NamedSharding(mesh, P())
+    return CountedJit(step_fn, mesh, in_shardings=(state_shardings, _batch_shardings(batch_example, mesh), replicated),
+                      out_shardings=(state_shardings, replicated))
 
-    def __init__(self, step_fn, state, batch_example: Mapping[str, np.ndarray], mesh):
-        self.compiles = 0
-        self.mesh = mesh
-        state_shardings = jax.tree.map(lambda x: x.sharding, state)
-        self.batch_shardings = {k: mesh_lib.batch_sharding(mesh, np.ndim(v)) for k, v in batch_example.items()}
-        replicated = NamedSharding(mesh, P())
 
-        def counted(*args):
-            self.compiles += 1  # trace time only
-            with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-                return step_fn(*args)
+def _batch_shardings(batch: Mapping[str, np.ndarray], mesh) -> dict:
+    return {k: mesh_lib.batch_sharding(mesh, np.ndim(v)) for k, v in batch.items()}
 
-        self._jitted = jax.jit(counted, in_shardings=(state_shardings, self.batch_shardings, replicated),
-                               out_shardings=(state_shardings, replicated), donate_argnums=(0,))
 
-    def __call__(self, state, batch: Mapping[str, np.ndarray], choice_ids):
-        placed = {k: jax.device_put(np.asarray(v), self.batch_shardings[k]) for k, v in batch.items()}
-        return self._jitted(state, placed, choice_ids)
+def place_batch(batch: Mapping[str, np.ndarray], mesh) -> dict:
+    """The update's host batch on the mesh, questions split over the data axes."""
+    shardings = _batch_shardings(batch, mesh)
+    return {k: jax.device_put(np.asarray(v), shardings[k]) for k, v in batch.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -275,19 +262,10 @@ class JittedUpdate:
 
 def draw_row_tags(estimator: str, p_old: np.ndarray, valid: np.ndarray, *, group_size: int, samples_per_tag: int,
                   rng: np.random.Generator) -> np.ndarray:
-    """[B, R] tag of every rollout: G draws from each question's pi_old (grpo) or each valid tag k times
-    (enumerate, the same rows for every question)."""
-    if estimator == "enumerate":
-        row = np.repeat(np.flatnonzero(valid), samples_per_tag)
-        return np.broadcast_to(row, (p_old.shape[0], row.size)).copy()
-    p = np.where(valid, np.asarray(p_old, np.float64), 0.0)
-    p /= p.sum(-1, keepdims=True)
-    cdf = np.cumsum(p, -1)
-    u = rng.random((p.shape[0], group_size)) * cdf[:, -1:]
-    # tag = the number of cdf entries <= u: a zero-probability tag repeats its predecessor's cdf value, so no u
-    # (0 <= u < total) stops on it
-    tags = np.minimum((cdf[:, None, :] <= u[:, :, None]).sum(-1), p.shape[-1] - 1)
-    return tags.astype(np.int32)
+    """[B, R] tag of every rollout, as the estimator draws them (grpo: G draws from each question's pi_old;
+    enumerate: each valid tag k times, the same rows for every question)."""
+    return gfpo_estimators.get(estimator).draw(p_old, valid, group_size=group_size, samples_per_tag=samples_per_tag,
+                                               rng=rng)
 
 
 def has_learning_signal(rewards: np.ndarray) -> bool:
@@ -301,17 +279,11 @@ def has_learning_signal(rewards: np.ndarray) -> bool:
 
 
 def policy_reward(estimator: str, rewards: np.ndarray, row_tags: np.ndarray, logp_old: np.ndarray) -> float:
-    """The mean reward of the policy the rollouts came from: the rollouts' mean under grpo (they were drawn from
-    it); sum_t pi_old(t) rbar_t under enumerate (whose rollouts cover every tag evenly, so their plain mean is the
-    uniform policy's reward)."""
+    """The mean reward of the policy the rollouts came from (the estimator's rule: the rollouts' mean under grpo,
+    sum_t pi_old(t) rbar_t under enumerate); NaN when a reward is not finite."""
     if not np.isfinite(rewards).all():
         return float("nan")
-    if estimator == "grpo":
-        return float(rewards.mean())
-    n = logp_old.shape[-1]
-    onehot = np.eye(n)[row_tags]  # [B, R, N]
-    rbar = np.einsum("brn,br->bn", onehot, rewards) / np.maximum(onehot.sum(1), 1)
-    return float(np.mean(np.sum(np.exp(logp_old) * rbar, -1)))
+    return gfpo_estimators.get(estimator).policy_reward(rewards, row_tags, logp_old)
 
 
 class Rollouts:
@@ -377,6 +349,101 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
     """Run (or resume) GFPO and return its summary. reward_fn replaces the checker's 1/0 reward (it receives the
     record, the generated text and the checker's result); checker: a `checkers` name or Checker instead of the
     dataset's."""
+    r = open_gfpo(config, epath.Path(workdir), checker)
+    config, g = r.config, r.config.gfpo
+    metrics_logger = run_common.open_logger(config, r.workdir, r.start, r.config_json)
+    guard = ckpt_lib.PreemptionGuard()
+    bar = run_common.progress_bar(progress, int(g.num_steps), r.start, f"gfpo/{g.estimator}")
+    B, N = int(g.questions_per_step), r.lm.tags.n
+    consecutive_skips = int(r.state["consecutive_skips"])
+    no_signal_steps = 0  # this process's steps whose rewards gave no learning signal (warned about)
+    t0, stopped_early, step = time.perf_counter(), False, r.start
+    with run_common.loop_cleanup(r.checkpointer, guard, metrics_logger, bar):
+        while step < g.num_steps:
+            if guard.should_stop(step) or (stop_after is not None and step - r.start >= stop_after):
+                stopped_early = True
+                break
+            r.checkpointer.check()
+            idx = r.questions.indices(step, B, int(config.seed))
+            tokens, lengths = tag_policy.policy_rows([r.questions.prompts[i] for i in idx], r.choice.prefix_ids,
+                                                     r.width)
+            t_roll = time.perf_counter()
+            logp_old = np.asarray(tag_policy.jitted_log_probs(r.lm.cfg, r.state["params"], jnp.asarray(tokens),
+                                                              jnp.asarray(lengths), r.choice_ids,
+                                                              jnp.asarray(r.valid)))
+            rng = np.random.default_rng([int(config.seed), step, 17])
+            row_tags = draw_row_tags(g.estimator, np.exp(logp_old), r.valid, group_size=int(g.group_size),
+                                     samples_per_tag=int(g.samples_per_tag), rng=rng)
+            ro = roll_out(r.lm.cfg, r.state["params"], r.lm.tokenizer, r.choice, r.questions, idx, row_tags,
+                          r.checker, g, eos_token_ids=r.lm.eos_token_ids, vocab_limit=r.lm.vocab_limit,
+                          seed=int(config.seed) * 100_003 + step, reward_fn=reward_fn)
+            t_upd = time.perf_counter()
+            batch = {"tokens": tokens, "lengths": lengths, "valid": np.broadcast_to(r.valid, (B, N)),
+                     "logp_old": logp_old, "logp_ref": r.logp_ref[idx], "row_tags": row_tags, "rewards": ro.rewards}
+            r.state, metrics = r.update(r.state, place_batch(batch, r.mesh), r.choice_ids)
+            metrics = jax.device_get(metrics)
+            t_end = time.perf_counter()
+            step += 1
+            record = step_record(r, step, metrics, ro, row_tags, logp_old, t_upd - t_roll, t_end - t_upd)
+            consecutive_skips = consecutive_skips + 1 if metrics["step_skipped"] else 0
+            if record["no_signal"]:
+                no_signal_steps += 1
+                if no_signal_steps == 1 or no_signal_steps % 10 == 0:
+                    logging.warning(
+                        "GFPO step %d: every question's rollouts got the same reward (mean %.3f): no learning signal, "
+                        "the update is zero (%d such step(s) so far). All 0 usually means the answers are never "
+                        "right or never extracted: check the checker, gfpo.max_new_tokens and the answer format",
+                        step, r.stats.rewards[step], no_signal_steps)
+            metrics_logger.write(step, record)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(reward=f"{r.stats.rewards[step]:.3f}", H=f"{metrics['entropy']:.2f}")
+            if consecutive_skips > config.max_consecutive_skips:
+                raise run_common.TrainingDivergedError(
+                    f"GFPO diverged: {consecutive_skips} consecutive steps (up to step {step}) had a non-finite "
+                    f"reward, loss or gradient, more than max_consecutive_skips={config.max_consecutive_skips}; none "
+                    f"changed the weights. The latest checkpoint is step {r.checkpointer.latest_step()}; check the "
+                    "reward function or lower gfpo.optim.learning_rate")
+            if run_common.should_save(step, config, int(g.num_steps)):
+                save(r, step)
+        save(r, step, force=True)
+        r.checkpointer.wait()
+    elapsed = time.perf_counter() - t0
+    export_dir = None
+    if config.export_hf and not stopped_early:
+        export_dir = run_common.export_hf(r.workdir / "hf_export", r.lm.cfg, r.state["params"], r.lm.tokenizer,
+                                          r.lm.tags, dtype=config.export.dtype or None)
+    return finish(r, step, stopped_early, elapsed, export_dir)
+
+
+@dataclasses.dataclass
+class GfpoRun:
+    """Everything `run` builds before its loop (`open_gfpo`); `state` is the live train state."""
+    config: ml_collections.ConfigDict  # with the SSFT run's model, tags and data filled in (`load_init`)
+    workdir: epath.Path
+    mesh: Any
+    checkpointer: ckpt_lib.Checkpointer
+    config_json: dict
+    lm: assembly.LoadedModel  # its params are the state's now
+    questions: Questions
+    checker: checkers.Checker
+    choice: tag_policy.TagChoice
+    choice_ids: jax.Array
+    valid: np.ndarray  # [N] the tags the policy may choose
+    width: int  # policy rows: prompt + tag prefix, bucketed
+    logp_ref: np.ndarray  # [questions, N] the SSFT model's tag policy, for the KL term
+    schedule: Callable
+    state: dict
+    start: int
+    stats: Any  # RunStats
+    update: CountedJit
+    rollout_s: float = 0.0
+    update_s: float = 0.0
+
+
+def open_gfpo(config: ml_collections.ConfigDict, workdir: epath.Path, checker) -> GfpoRun:
+    """Config checked, mesh, the SSFT model (`load_init`), run files, questions, the reference policy, optimizer
+    and state (restored when there is a checkpoint) and the jitted update."""
     mesh_lib.maybe_initialize_distributed()
     if jax.process_count() > 1:
         raise config_lib.ConfigError("GFPO runs in one process (any number of local devices); multi-host rollouts "
@@ -384,7 +451,6 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
     if config.get("stage", "ssft") != "gfpo":
         raise config_lib.ConfigError(f"stage={config.get('stage', 'ssft')!r}: this is not a GFPO config (use "
                                      "configs/gfpo_demo.py as a template, or --config.stage=gfpo)")
-    workdir = epath.Path(workdir)
     m = config.mesh
     devices = jax.devices()[: m.num_devices or None]
     mesh = mesh_lib.make_mesh(m.data, m.fsdp, m.tensor, devices=devices)
@@ -399,14 +465,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
     with config.unlocked():
         if not g.max_new_tokens:
             g.max_new_tokens = int(config.data.max_trace_len)
-    run_common.prepare_workdir(workdir)
-    checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", max_to_keep=config.checkpoint.max_to_keep,
-                                         async_save=config.checkpoint.async_save, cleanup_tmp=True)
-    run_common.check_resumed_config(checkpointer, config)
-    config_json = ckpt_lib.config_to_json(config)
-    (workdir / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True))
+    checkpointer, config_json = run_common.open_run(config, workdir)
 
-    cfg, tokenizer, tags = lm.cfg, lm.tokenizer, lm.tags
+    tokenizer, tags = lm.tokenizer, lm.tags
     if not metrics_log.is_remote(workdir):
         tokenization.save_tokenizer(tokenizer, pathlib.Path(str(workdir / "tokenizer")), tags=tags)
     choice = tag_policy.TagChoice.for_tags(tokenizer, tags)
@@ -414,6 +475,40 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
     if valid.sum() < 2:
         logger.warning("GFPO: only tag(s) %s are valid: the policy has nothing to choose between",
                        np.flatnonzero(valid).tolist())
+    questions = gfpo_questions(config, tokenizer, tags)
+    # the dataset's checker unless the caller judges answers its own way (the demo's --checker for a user's file)
+    checker = checkers.get_checker(checker or datasets.get_dataset(config.data.name).checker)
+    B, N = int(g.questions_per_step), tags.n
+    width = sampling.bucket_length(max(len(p) for p in questions.prompts) + len(choice.prefix_ids))
+    # The reference policy (the SSFT model), for the KL term and its log: once, before any update donates weights.
+    logp_ref = tag_policy.TagPolicy(lm.cfg, lm.params, choice, valid, batch=B).log_probs(questions.prompts)
+
+    updates = int(g.num_steps) * int(g.updates_per_batch)
+    optimizer = assembly.make_optimizer(config, updates)
+    state = train_state.init_state(lm.params, optimizer, config.seed, mesh)
+    del lm.params
+    restored, stats = run_common.restore(checkpointer, state, config, num_tags=N, per_step="rewards",
+                                         data=_check_data_item)
+    start = 0
+    if restored is not None:
+        start, state, data_state = restored.step, restored.state, restored.data
+        if data_state["questions"] != len(questions):
+            raise config_lib.ConfigError(f"the checkpoint's run had {data_state.get('questions')} GFPO questions, "
+                                         f"this config gives {len(questions)}: use the run's data or a new --workdir")
+        logging.info("GFPO: resumed from step %d", start)
+    R = gfpo_estimators.get(g.estimator).rollouts(int(g.group_size), int(valid.sum()), int(g.samples_per_tag))
+    example = {"tokens": np.zeros((B, width), np.int32), "lengths": np.ones((B,), np.int32),
+               "valid": np.zeros((B, N), bool), "logp_old": np.zeros((B, N), np.float32),
+               "logp_ref": np.zeros((B, N), np.float32), "row_tags": np.zeros((B, R), np.int32),
+               "rewards": np.zeros((B, R), np.float32)}
+    update = jit_update(make_update(lm.cfg, g, optimizer), state, example, mesh)
+    return GfpoRun(config, workdir, mesh, checkpointer, config_json, lm, questions, checker, choice,
+                   jnp.asarray(choice.choice_ids, jnp.int32), valid, width, logp_ref,
+                   train_state.learning_rate_schedule(g.optim, updates), state, start, stats, update)
+
+
+def gfpo_questions(config, tokenizer, tags) -> Questions:
+    """The stage's questions (prompts with their records), from the config's data."""
     train_records, _ = datasets.build_records(config)
     if any(isinstance(r, (str, pathlib.PurePath)) for r in train_records):  # data.name=jsonl: the files themselves
         train_records = read_records(list(train_records), format=config.data.format)
@@ -424,187 +519,80 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
         questions.prompts = questions.prompts[: config.data.num_questions]
     if len(questions) < 1:
         raise config_lib.ConfigError(f"GFPO has no usable questions (skipped: {questions.skipped})")
-    # the dataset's checker unless the caller judges answers its own way (the demo's --checker for a user's file)
-    checker = checkers.get_checker(checker or datasets.get_dataset(config.data.name).checker)
-    B, N = int(g.questions_per_step), tags.n
-    width = sampling.bucket_length(max(len(p) for p in questions.prompts) + len(choice.prefix_ids))
-    choice_ids = jnp.asarray(choice.choice_ids, jnp.int32)
+    return questions
 
-    # The reference policy (the SSFT model), for the KL term and its log: once, before any update donates weights.
-    ref = tag_policy.TagPolicy(cfg, lm.params, choice, valid, batch=B)
-    logp_ref_all = ref.log_probs(questions.prompts)
 
-    optimizer = assembly.make_optimizer(config, int(g.num_steps) * int(g.updates_per_batch))
-    schedule = train_state.learning_rate_schedule(g.optim, int(g.num_steps) * int(g.updates_per_batch))
-    state = train_state.init_state(lm.params, optimizer, config.seed, mesh)
-    del lm.params, ref
-    start = 0
-    restored = checkpointer.restore_latest(
-        ckpt_lib.abstract_like(state), require=("state", "data"), on_corrupt=config.checkpoint.on_corrupt,
-        validate=run_common.item_validators(N, per_step="rewards", data=_check_data_item))
-    stats = run_common.restored_stats(restored, N, per_step="rewards")
-    if restored is not None:
-        start, state, data_state = restored.step, restored.state, restored.data
-        if data_state["questions"] != len(questions):
-            raise config_lib.ConfigError(f"the checkpoint's run had {data_state.get('questions')} GFPO questions, "
-                                         f"this config gives {len(questions)}: use the run's data or a new --workdir")
-        logging.info("GFPO: resumed from step %d", start)
+def step_record(r: GfpoRun, step: int, metrics: dict, ro: Rollouts, row_tags: np.ndarray, logp_old: np.ndarray,
+                rollout_s: float, update_s: float) -> dict:
+    """One step's metrics.jsonl record; also counts the step into the run statistics and timers."""
+    g, stats, N, valid = r.config.gfpo, r.stats, r.lm.tags.n, r.valid
+    r.rollout_s += rollout_s
+    r.update_s += update_s
+    stats.rollout_tokens += ro.tokens
+    if metrics["step_skipped"]:
+        stats.skipped_steps.append(step)
+    finite = ro.rewards[np.isfinite(ro.rewards)]
+    stats.rewards[step] = float(finite.mean()) if finite.size else float("nan")
+    record = {k: v for k, v in metrics.items() if k != "pi"}
+    record.update(
+        reward=stats.rewards[step], policy_reward=policy_reward(g.estimator, ro.rewards, row_tags, logp_old),
+        accuracy=float(ro.correct.mean()), answer_rate=float(ro.answered.mean()),
+        rewards_nonfinite=int((~np.isfinite(ro.rewards)).sum()), steps_skipped_total=len(stats.skipped_steps),
+        rollout_tag_counts=np.bincount(row_tags.ravel(), minlength=N),
+        greedy_tag_counts=np.bincount(np.argmax(np.where(valid, logp_old, -np.inf), -1), minlength=N),
+        pi_mean=metrics["pi"], rollout_seconds=rollout_s, update_seconds=update_s,
+        rollout_tokens=ro.tokens, rollout_tokens_per_s=ro.tokens / max(rollout_s, 1e-9),
+        lr=float(r.schedule((step - 1) * int(g.updates_per_batch))))
+    # GRPO learns from reward differences inside a question's group: none anywhere means a zero update
+    record["no_signal"] = int(not has_learning_signal(ro.rewards))
+    for t in range(N):
+        sel = row_tags == t
+        finite = ro.rewards[sel][np.isfinite(ro.rewards[sel])]
+        if finite.size:  # tags without a (finite) rollout this step get no point, not a NaN
+            record[f"reward_tag{t}"] = float(finite.mean())
+    return record
 
-    def policy_batch(idx):
-        tokens, lengths = tag_policy.policy_rows([questions.prompts[i] for i in idx], choice.prefix_ids, width)
-        return tokens, lengths
 
-    def behaviour_log_probs(params, tokens, lengths):
-        return np.asarray(tag_policy._jitted_log_probs(cfg, params, jnp.asarray(tokens), jnp.asarray(lengths),
-                                                       choice_ids, jnp.asarray(valid)))
+def save(r: GfpoRun, step: int, *, force: bool = False) -> None:
+    r.checkpointer.save(step, r.state, data_state={"step": step, "questions": len(r.questions)},
+                        config=r.config_json, stats=r.stats.to_json(), force=force)
 
-    R = int(g.group_size) if g.estimator == "grpo" else int(valid.sum() * g.samples_per_tag)
-    example = {"tokens": np.zeros((B, width), np.int32), "lengths": np.ones((B,), np.int32),
-               "valid": np.zeros((B, N), bool), "logp_old": np.zeros((B, N), np.float32),
-               "logp_ref": np.zeros((B, N), np.float32), "row_tags": np.zeros((B, R), np.int32),
-               "rewards": np.zeros((B, R), np.float32)}
-    update = JittedUpdate(make_update(cfg, g, optimizer), state, example, mesh)
 
-    metrics_logger = metrics_log.MetricsLogger(workdir, resume_step=start, tensorboard=config.logging.tensorboard,
-                                               wandb_project=config.logging.wandb_project,
-                                               wandb_entity=config.logging.wandb_entity, config=config_json)
-    guard = ckpt_lib.PreemptionGuard()
-    consecutive_skips = int(state["consecutive_skips"])
-    no_signal_steps = 0  # this process's steps whose rewards gave no learning signal (warned about)
-    rollout_s = update_s = 0.0
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=int(g.num_steps), initial=start, desc=f"gfpo/{g.estimator}", dynamic_ncols=True)
-    t0, stopped_early, step = time.perf_counter(), False, start
-    with run_common.loop_cleanup(checkpointer, guard, metrics_logger, bar):
-        while step < g.num_steps:
-            if guard.should_stop(step) or (stop_after is not None and step - start >= stop_after):
-                stopped_early = True
-                break
-            checkpointer.check()
-            idx = questions.indices(step, B, int(config.seed))
-            tokens, lengths = policy_batch(idx)
-            t_roll = time.perf_counter()
-            logp_old = behaviour_log_probs(state["params"], tokens, lengths)
-            rng = np.random.default_rng([int(config.seed), step, 17])
-            row_tags = draw_row_tags(g.estimator, np.exp(logp_old), valid, group_size=int(g.group_size),
-                                     samples_per_tag=int(g.samples_per_tag), rng=rng)
-            ro = roll_out(cfg, state["params"], tokenizer, choice, questions, idx, row_tags, checker, g,
-                          eos_token_ids=lm.eos_token_ids, vocab_limit=lm.vocab_limit,
-                          seed=int(config.seed) * 100_003 + step,
-                          reward_fn=reward_fn)
-            t_upd = time.perf_counter()
-            batch = {"tokens": tokens, "lengths": lengths, "valid": np.broadcast_to(valid, (B, N)),
-                     "logp_old": logp_old, "logp_ref": logp_ref_all[idx], "row_tags": row_tags,
-                     "rewards": ro.rewards}
-            state, metrics = update(state, batch, choice_ids)
-            metrics = jax.device_get(metrics)
-            t_end = time.perf_counter()
-            step += 1
-            rollout_s += t_upd - t_roll
-            update_s += t_end - t_upd
-            stats.rollout_tokens += ro.tokens
-            nonfinite_rewards = int((~np.isfinite(ro.rewards)).sum())
-            consecutive_skips = consecutive_skips + 1 if metrics["step_skipped"] else 0
-            if metrics["step_skipped"]:
-                stats.skipped_steps.append(step)
-            finite = ro.rewards[np.isfinite(ro.rewards)]
-            stats.rewards[step] = float(finite.mean()) if finite.size else float("nan")
-            record = {k: v for k, v in metrics.items() if k != "pi"}
-            record.update(
-                reward=stats.rewards[step], policy_reward=policy_reward(g.estimator, ro.rewards, row_tags, logp_old), accuracy=float(ro.correct.mean()), answer_rate=float(ro.answered.mean()),
-                rewards_nonfinite=nonfinite_rewards, steps_skipped_total=len(stats.skipped_steps),
-                rollout_tag_counts=np.bincount(row_tags.ravel(), minlength=N),
-                greedy_tag_counts=np.bincount(np.argmax(np.where(valid, logp_old, -np.inf), -1), minlength=N),
-                pi_mean=metrics["pi"], rollout_seconds=t_upd - t_roll, update_seconds=t_end - t_upd,
-                rollout_tokens=ro.tokens, rollout_tokens_per_s=ro.tokens / max(t_upd - t_roll, 1e-9),
-                lr=float(schedule((step - 1) * int(g.updates_per_batch))))
-            # GRPO learns from reward differences inside a question's group: none anywhere means a zero update
-            record["no_signal"] = int(not has_learning_signal(ro.rewards))
-            if record["no_signal"]:
-                no_signal_steps += 1
-                if no_signal_steps == 1 or no_signal_steps % 10 == 0:
-                    logging.warning(
-                        "GFPO step %d: every question's rollouts got the same reward (mean %.3f): no learning signal, "
-                        "the update is zero (%d such step(s) so far). All 0 usually means the answers are never "
-                        "right or never extracted: check the checker, gfpo.max_new_tokens and the answer format",
-                        step, stats.rewards[step], no_signal_steps)
-            for t in range(N):
-                sel = row_tags == t
-                finite = ro.rewards[sel][np.isfinite(ro.rewards[sel])]
-                if finite.size:  # tags without a (finite) rollout this step get no point, not a NaN
-                    record[f"reward_tag{t}"] = float(finite.mean())
-            metrics_logger.write(step, record)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(reward=f"{stats.rewards[step]:.3f}", H=f"{metrics['entropy']:.2f}")
-            if consecutive_skips > config.max_consecutive_skips:
-                raise run_common.TrainingDivergedError(
-                    f"GFPO diverged: {consecutive_skips} consecutive steps (up to step {step}) had a non-finite "
-                    f"reward, loss or gradient, more than max_consecutive_skips={config.max_consecutive_skips}; none "
-                    f"changed the weights. The latest checkpoint is step {checkpointer.latest_step()}; check the "
-                    "reward function or lower gfpo.optim.learning_rate")
-            if step % config.checkpoint.every_steps == 0 and step < g.num_steps:
-                checkpointer.save(step, state, data_state={"step": step, "questions": len(questions)},
-                                  config=config_json, stats=stats.to_json())
-        checkpointer.save(step, state, data_state={"step": step, "questions": len(questions)}, config=config_json,
-                          stats=stats.to_json(), force=True)
-        checkpointer.wait()
-    elapsed = time.perf_counter() - t0
-
-    export_dir = None
-    if config.export_hf and not stopped_early:
-        export_dir = run_common.export_hf(workdir / "hf_export", cfg, state["params"], tokenizer, tags,
-                                          dtype=config.export.dtype or None)
+def finish(r: GfpoRun, step: int, stopped_early: bool, elapsed: float, export_dir) -> dict[str, Any]:
+    g, stats, lm = r.config.gfpo, r.stats, r.lm
     summary = {
-        "stage": "gfpo", "method": config.ssft.method, "estimator": g.estimator, "init_from": g.init_from,
-        "start_step": start, "final_step": step, "stopped_early": stopped_early,
-        "rewards": dict(stats.rewards), "valid_tags": np.flatnonzero(valid).tolist(),
+        "stage": "gfpo", "method": r.config.ssft.method, "estimator": g.estimator, "init_from": g.init_from,
+        "start_step": r.start, "final_step": step, "stopped_early": stopped_early,
+        "rewards": dict(stats.rewards), "valid_tags": np.flatnonzero(r.valid).tolist(),
         # the SSFT run's matching statistics, so evaluation's coverage tag and 'used' tags mean the same here
         "tag_counts": list(lm.tag_counts) if lm.tag_counts is not None else None,
         "steps_skipped": len(stats.skipped_steps), "skipped_steps": list(stats.skipped_steps),
-        **({"stats_cover_steps_from": stats.since + 1} if stats.since else {}), "seconds": elapsed, "rollout_seconds": rollout_s, "update_seconds": update_s,
-        "rollout_tokens": stats.rollout_tokens, "compiles": update.compiles, "questions": len(questions),
-        "skipped_records": questions.skipped, "export_dir": str(export_dir) if export_dir else None,
+        **({"stats_cover_steps_from": stats.since + 1} if stats.since else {}), "seconds": elapsed,
+        "rollout_seconds": r.rollout_s, "update_seconds": r.update_s, "rollout_tokens": stats.rollout_tokens,
+        "compiles": r.update.compiles, "questions": len(r.questions), "skipped_records": r.questions.skipped,
+        "export_dir": str(export_dir) if export_dir else None,
     }
-    summary.update(run_common.publish_export(export_dir, config, summary))
-    run_common.write_summary(workdir, summary)
-    checkpointer.close()
-    return {**summary, "state": state, "model_config": cfg, "tokenizer": tokenizer, "tags": tags}
-
-
-def main(argv):
-    del argv
-    from absl import flags
-    metrics_log.quiet_library_logs()
-    if run_common.help_config_requested():
-        return
-    config = flags.FLAGS.config
-    if flags.FLAGS.init_from:
-        config.gfpo.init_from = flags.FLAGS.init_from
-    summary = run(config, flags.FLAGS.workdir)
-    print(run_common.summary_table(summary, flags.FLAGS.workdir))
+    summary.update(run_common.publish_export(export_dir, r.config, summary))
+    run_common.write_summary(r.workdir, summary)
+    r.checkpointer.close()
+    return {**summary, "state": r.state, "model_config": lm.cfg, "tokenizer": lm.tokenizer, "tags": lm.tags}
 
 
 def cli() -> None:
     """`ssft-gfpo` / `python -m ssft_jax.gfpo`."""
-    import sys
+    from absl import flags
 
-    from absl import app, flags
-    from ml_collections import config_flags
+    def init_from_flag():
+        flags.DEFINE_string("init_from", "", "the SSFT model: a training workdir or an HF folder (sets "
+                            "gfpo.init_from)")
 
-    from ssft_jax import cli as cli_lib
+    def apply_init_from(config, FLAGS):
+        if FLAGS.init_from:
+            config.gfpo.init_from = FLAGS.init_from
 
-    config_flags.DEFINE_config_file("config", None, "a GFPO config file (configs/gfpo_demo.py), fields overridden "
-                                    "with --config.gfpo.a=value", lock_config=True)
-    flags.DEFINE_string("init_from", "", "the SSFT model: a training workdir or an HF folder (sets gfpo.init_from)")
-    flags.DEFINE_string("workdir", None, "where GFPO's checkpoints, logs and HF export go")
-    flags.DEFINE_bool("debug", False, "show the traceback of a config, data or checkpoint error")
-    flags.DEFINE_bool("help_config", False, "print every config key with its value (overrides applied) and its "
-                      "documentation, then exit")
-    flags.mark_flags_as_required(["config"])  # --workdir too, unless --help_config (checked in main)
-    cli_lib.absl_run(main)
+    run_common.stage_cli(run, config_help="a GFPO config file (configs/gfpo_demo.py), fields overridden with "
+                         "--config.gfpo.a=value", workdir_help="where GFPO's checkpoints, logs and HF export go",
+                         extra_flags=init_from_flag, apply_flags=apply_init_from)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ run.
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 from typing import Any, Mapping
 

@@ -21,59 +21,23 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from ssft_jax import data as data_lib
-from ssft_jax import matching
+from ssft_jax import cost_layouts, matching
+from ssft_jax import rows as rows_lib
 from ssft_jax.logprobs import token_logprobs
-from ssft_jax.model import ModelConfig, Params, forward, init_cache, output_embedding
-
-COST_LAYOUTS = ("packed", "prefix_cache")  # how `cost_matrix` runs the no-grad pass (same C)
-
+from ssft_jax.model import ModelConfig, Params, forward, output_embedding
 
 def cost_matrix(cfg: ModelConfig, params: Params, cost_view: dict, num_tags: int, num_traces: int,
                 chunk_size: int = 1024, *, layout: str = "packed", prompt_len: int | None = None,
                 block_len: int | None = None) -> jax.Array:
     """C[b, i, j] = mean NLL of the first L tokens of trace j given (prompt, tag i), with no gradient.
 
-    The cost view holds one row per question, `[prompt (P slots) | block (0,0) | ... | block (N-1,M-1)]`, each block
-    `W = Lt + Le` slots of (tag i, first L tokens of trace j). Two ways to run it, same C up to float rounding:
-      packed        the whole row in one forward; each block attends to the prompt and itself (prefix attention).
-                    Linear layers see P + N*M*W tokens, attention is dense over the row: (P + N*M*W)^2 scores.
-      prefix_cache  the prompt alone into a KV cache, repeated to N*M rows of W queries that read it: the same
-                    linear work and (N*M*W) * (P + W) scores (13x fewer at the paper's P=1024, L=1000), at the
-                    cost of the cache repeated N*M times. Needs `prompt_len` = P and `block_len` = W.
-    """
+    `layout` names how the pass runs (`cost_layouts`: "packed", the row in one forward, or "prefix_cache", the
+    prompt once into a KV cache, which needs `prompt_len` = P and `block_len` = W = Lt + Le); the same C up to
+    float rounding."""
     params = jax.lax.stop_gradient(params)
-    if layout == "packed":
-        hidden = forward(cfg, params, cost_view["tokens"], cost_view["segment_ids"], cost_view["positions"],
-                         prefix_segment_ids=cost_view["prefix_segment_ids"], return_hidden=True)
-        nll = -token_logprobs(hidden, output_embedding(cfg, params), cost_view["targets"], chunk_size=chunk_size)
-        nll = nll * cost_view["loss_mask"].astype(jnp.float32)
-    elif layout == "prefix_cache":
-        nll = _prefix_cache_token_nll(cfg, params, cost_view, num_tags * num_traces, prompt_len, block_len,
-                                      chunk_size)
-    else:
-        raise ValueError(f"cost layout {layout!r}: expected one of {COST_LAYOUTS}")
-    return jax.lax.stop_gradient(data_lib.cost_matrix_from_token_nll(nll, cost_view, num_tags, num_traces))
-
-
-def _prefix_cache_token_nll(cfg, params, cv, num_pairs: int, P: int | None, W: int | None, chunk_size: int):
-    """Per-slot NLL [B, R] of the cost row (0 on the prompt), computed with the prompt in a shared KV cache."""
-    B, R = cv["tokens"].shape
-    if P is None or W is None or P + num_pairs * W != R:
-        raise ValueError(f"cost layout 'prefix_cache' needs prompt_len + N*M*block_len = row length {R}, got "
-                         f"prompt_len={P}, block_len={W}, N*M={num_pairs}")
-    blocks = lambda x: x[:, P:].reshape(B * num_pairs, W)
-    _, cache = forward(cfg, params, cv["tokens"][:, :P], cv["segment_ids"][:, :P], cv["positions"][:, :P],
-                       cache=init_cache(cfg, B, P + W), return_hidden=True)
-    # Every block row starts from its question's prompt cache; blocks and prompt share segment id 1, so each block
-    # reads the prompt and itself (padding slots stay segment 0 and read nothing).
-    cache = {k: jnp.repeat(v, num_pairs, axis=1 if k in ("k", "v") else 0) for k, v in cache.items()}
-    seg = (blocks(cv["segment_ids"]) != 0).astype(jnp.int32)
-    hidden, _ = forward(cfg, params, blocks(cv["tokens"]), seg, blocks(cv["positions"]), cache=cache,
-                        return_hidden=True)
-    logp = token_logprobs(hidden, output_embedding(cfg, params), blocks(cv["targets"]), chunk_size=chunk_size)
-    nll = (-logp * blocks(cv["loss_mask"]).astype(jnp.float32)).reshape(B, num_pairs * W)
-    return jnp.concatenate([jnp.zeros((B, P), jnp.float32), nll], 1)
+    nll = cost_layouts.get(layout).token_nll(cfg, params, cost_view, num_pairs=num_tags * num_traces,
+                                             prompt_len=prompt_len, block_len=block_len, chunk_size=chunk_size)
+    return jax.lax.stop_gradient(rows_lib.cost_matrix_from_token_nll(nll, cost_view, num_tags, num_traces))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -89,11 +53,13 @@ AssignFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, str], tuple[jax
 class Method:
     """needs_costs: the step runs the no-grad cost pass for it (other methods skip it unless
     `ssft.baseline_costs`, and then see zeros); distinct_tags: every trace of a question gets its own tag, so M <= N
-    (False for a shared tag)."""
+    (False for a shared tag); cost_optimal: the assignment minimises the summed cost, so the step can report how far
+    the second-best assignment was (`ssft.second_best_gap`)."""
 
     assign: AssignFn
     needs_costs: bool
     distinct_tags: bool = True
+    cost_optimal: bool = False
 
 
 METHODS: dict[str, Method] = {}
@@ -146,7 +112,7 @@ def _fixed_tags(cost, tag_valid, trace_valid, rng):
     return jnp.broadcast_to(jnp.arange(trace_valid.shape[1], dtype=jnp.int32), trace_valid.shape)
 
 
-register_method("ssft", Method(optimal_assignment, needs_costs=True))
+register_method("ssft", Method(optimal_assignment, needs_costs=True, cost_optimal=True))
 register_method("random", Method(cost_blind(_random_tags), needs_costs=False))
 register_method("sft_mixed", Method(cost_blind(_shared_tag), needs_costs=False, distinct_tags=False))
 register_method("fixed", Method(cost_blind(_fixed_tags), needs_costs=False))

@@ -24,6 +24,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from ssft_jax import cost_layouts
+
 # The plan's inputs and formulas (kept out of the module docstring so that --help fits a screen).
 METHOD = """
 Inputs
@@ -402,12 +404,12 @@ def choose_cost_layout(config, *, num_devices: int | None = None, tag_len: int |
     """The cost layout with the fewest step FLOPs whose planned memory per device fits `limit_bytes` (None: the
     config's accelerator chip, else no limit: the CPU). When none fits, the smaller one (training then fails on
     memory, as it would have anyway). Same counts as `make_plan` and `flops.step_flops`."""
-    from ssft_jax import assembly, flops as flops_lib, losses
+    from ssft_jax import assembly, flops as flops_lib
 
     if limit_bytes is None and config.accelerator:
         limit_bytes = CHIPS[accelerator_chips(config.accelerator)[0]] * GiB
     ratio, mem = {}, {}
-    for name in losses.COST_LAYOUTS:
+    for name in cost_layouts.names():
         c = config.copy_and_resolve_references()
         c.ssft.cost_layout = name
         plan = make_plan(c, num_devices=num_devices, tag_len=tag_len)
@@ -523,24 +525,11 @@ def make_plan(config, *, num_devices: int | None = None, tag_len: int | None = N
             notes.append(f"{label} of {n} tokens with dense attention: [{n}, {n}] scores per head (set "
                          f"model.attention_chunk)")
 
-    # (a) the cost pass: no-grad forward, one layer live at a time.
-    if s.cost_layout == "prefix_cache":
-        # The prompt's KV cache for every layer, repeated to the N*M block rows (b*K rows of W queries reading
-        # P + W keys); the prompt's own pass is the smaller of the two.
-        W, Kp = Lt + Le, N * M
-        q = chunk if _chunked(chunk, W) else W
-        cost_attn = b * Kp * W * attn_tok + b * Kp * Ht * q * (P + W) * (8 + a) + b * Kp * q * (P + W)
-        cost_mlp = b * Kp * W * mlp_tok
-        cost = {"KV cache, repeated to N*M rows": 2 * nl * b * Kp * (P + W) * Kt * Dh * a,
-                "residual + normed input": b * Kp * W * 2 * D * a,
-                f"layer peak ({'attention' if cost_attn >= cost_mlp else 'MLP'} phase)": max(cost_attn, cost_mlp),
-                "head (log-softmax chunk)": head(b * Kp, W, 2)}
-    else:
-        cost_attn = b * R * attn_tok + scores(b, R, 2)
-        cost_mlp = b * R * mlp_tok
-        cost = {"residual + normed input": b * R * 2 * D * a,
-                f"layer peak ({'attention' if cost_attn >= cost_mlp else 'MLP'} phase)": max(cost_attn, cost_mlp),
-                "head (log-softmax chunk)": head(b, R, 2)}
+    # (a) the cost pass: no-grad forward, one layer live at a time; the layout's own rule (`cost_layouts`).
+    terms = cost_layouts.CostPassTerms(b=b, N=N, M=M, P=P, W=Lt + Le, R=R, layers=nl, hidden=D, q_heads=Ht,
+                                       kv_heads=Kt, head_dim=Dh, act_bytes=a, attn_per_token=attn_tok,
+                                       mlp_per_token=mlp_tok, scores=scores, head=head, q_len=q_len)
+    cost = dict(cost_layouts.get(s.cost_layout).memory(terms))
     cost["total"] = sum(cost.values())
     # (b) the train rows: forward + backward, one layer's backward live at a time. Packed (data.packed): the
     # device's share of the micro-batch's pack_rows rows of pack_len slots instead of b*M rows of S.
@@ -850,9 +839,7 @@ def main(argv):
 
 def cli() -> None:
     """`ssft-plan` / `python -m ssft_jax.memory_plan` (absl flags, like the trainer; formulas: the module doc)."""
-    import sys
-
-    from absl import app, flags
+    from absl import flags
     from ml_collections import config_flags
 
     from ssft_jax import cli as cli_lib

@@ -146,3 +146,9 @@ def constrain_rows(x: jax.Array) -> jax.Array:
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     """Rows split over the data-parallel axes, everything else replicated."""
     return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def to_global(batch: Mapping[str, Any], mesh: Mesh) -> dict:
+    """Per-process numpy batch -> global jax arrays, rows split over the data-parallel axes (`batch_sharding`)."""
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(x)), np.asarray(x)), batch)

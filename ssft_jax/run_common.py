@@ -1,5 +1,6 @@
-"""What every stage's run loop shares (the SSFT trainer, `ssft_jax.train`, and GFPO, `ssft_jax.gfpo`): the
-workdir check, the resume-config check, the atomic summary, the HF export and the divergence error."""
+"""What every stage's run loop shares (the SSFT trainer, `ssft_jax.train`, and GFPO, `ssft_jax.gfpo`): opening a
+run (workdir check, checkpointer, resume-config check, config.json), restoring it, its metrics logger, progress bar
+and save schedule, the loop's cleanup, the atomic summary, the HF export and the divergence error."""
 from __future__ import annotations
 
 import contextlib
@@ -7,11 +8,12 @@ import json
 import logging
 import os
 import pathlib
+from typing import Any, Callable
 
 import jax
 from etils import epath
 
-from ssft_jax import checkpoint as ckpt_lib
+from ssft_jax import checkpoint as ckpt_lib, cli as cli_lib
 from ssft_jax import config as config_lib
 from ssft_jax import hf_io, metrics_log, tokenization
 from ssft_jax.run_stats import RunStats
@@ -41,6 +43,50 @@ def check_resumed_config(checkpointer: ckpt_lib.Checkpointer, config) -> None:
         return
     for line in config_lib.check_resume(saved, config):
         logging.info("resume from step %d: %s", step, line)
+
+
+def open_run(config, workdir: epath.Path) -> tuple[ckpt_lib.Checkpointer, dict]:
+    """The workdir checked writable before any compute, its checkpointer (half-written steps of a crashed earlier
+    process removed: they are never restored anyway), the resume-config check (a changed method, model, data or
+    schedule refuses here) and config.json (process 0). -> (checkpointer, the config as JSON: written at start,
+    saved with every checkpoint, logged as hparams)."""
+    prepare_workdir(workdir)
+    checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", max_to_keep=config.checkpoint.max_to_keep,
+                                         async_save=config.checkpoint.async_save, cleanup_tmp=True)
+    check_resumed_config(checkpointer, config)
+    config_json = ckpt_lib.config_to_json(config)
+    if jax.process_index() == 0:
+        (workdir / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True))
+    return checkpointer, config_json
+
+
+def restore(checkpointer: ckpt_lib.Checkpointer, state, config, *, num_tags: int, per_step: str, data):
+    """The latest complete checkpoint (None for a new run) and the run statistics to continue from. data: applies
+    the data item (see `item_validators`)."""
+    restored = checkpointer.restore_latest(
+        ckpt_lib.abstract_like(state), require=("state", "data"), on_corrupt=config.checkpoint.on_corrupt,
+        validate=item_validators(num_tags, per_step=per_step, data=data))
+    return restored, restored_stats(restored, num_tags, per_step=per_step)
+
+
+def open_logger(config, workdir: epath.Path, start: int, config_json: dict) -> metrics_log.MetricsLogger:
+    """One record per logged step, in metrics.jsonl, TensorBoard and (optionally) wandb."""
+    return metrics_log.MetricsLogger(workdir, resume_step=start, tensorboard=config.logging.tensorboard,
+                                     wandb_project=config.logging.wandb_project,
+                                     wandb_entity=config.logging.wandb_entity, config=config_json)
+
+
+def progress_bar(progress: bool, total: int, initial: int, desc: str):
+    """A tqdm bar on process 0 when `progress`, else None."""
+    if not progress or jax.process_index() != 0:
+        return None
+    from tqdm import tqdm  # only runs with a bar need it
+    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
+
+
+def should_save(step: int, config, num_steps: int) -> bool:
+    """A periodic checkpoint after `step` (the last step's is the final save, forced)."""
+    return step % config.checkpoint.every_steps == 0 and step < num_steps
 
 
 def _looks_like_config(item) -> bool:
@@ -190,3 +236,37 @@ def publish_export(export_dir, config, summary: dict) -> dict:
     url = hub.push_to_hub(export_dir, config.export.hub_repo_id, private=config.export.hub_private)
     logging.info("uploaded %s to the Hub: %s", export_dir, url)
     return {"hub_url": url}
+
+
+def stage_cli(run: Callable[[Any, str], dict], *, config_help: str, workdir_help: str,
+              extra_flags: Callable[[], None] | None = None,
+              apply_flags: Callable[[Any, Any], None] | None = None) -> None:
+    """The whole command line of a training stage (`ssft-train`, `ssft-gfpo`): --config (a config file,
+    --config.KEY=VALUE overrides), the stage's own flags (`extra_flags` defines them, `apply_flags(config, FLAGS)`
+    writes them into the config), --workdir, --debug and --help_config; then `run(config, workdir)` and the run's
+    summary table. (Here, not in `cli`, which every console script imports and which stays free of the run
+    modules: `cli` -> run_common -> hub -> cli would be a cycle.)"""
+    from absl import flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, config_help, lock_config=True)
+    if extra_flags is not None:
+        extra_flags()
+    flags.DEFINE_string("workdir", None, workdir_help)
+    flags.DEFINE_bool("debug", False, "show the traceback of a config, data or checkpoint error")
+    flags.DEFINE_bool("help_config", False, "print every config key with its value (overrides applied) and its "
+                      "documentation, then exit")
+    flags.mark_flags_as_required(["config"])  # --workdir too, unless --help_config (help_config_requested)
+
+    def main(argv):
+        del argv
+        metrics_log.quiet_library_logs()
+        if help_config_requested():
+            return
+        config = flags.FLAGS.config
+        if apply_flags is not None:
+            apply_flags(config, flags.FLAGS)
+        summary = run(config, flags.FLAGS.workdir)
+        print(summary_table(summary, flags.FLAGS.workdir))
+
+    cli_lib.absl_run(main)

@@ -163,7 +163,7 @@ def policy_rows(prompts: Sequence[Sequence[int]], prefix_ids: Sequence[int], wid
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def _jitted_log_probs(cfg, params, tokens, lengths, choice_ids, tag_valid):
+def jitted_log_probs(cfg, params, tokens, lengths, choice_ids, tag_valid):
     return tag_log_probs(cfg, params, tokens, lengths, choice_ids, tag_valid)
 
 
@@ -189,7 +189,7 @@ class TagPolicy:
             chunk = list(prompts[s: s + self.batch])
             chunk += [chunk[-1]] * (self.batch - len(chunk))
             tokens, lengths = policy_rows(chunk, self.choice.prefix_ids, width)
-            lp = _jitted_log_probs(self.cfg, self.params, jnp.asarray(tokens), jnp.asarray(lengths),
+            lp = jitted_log_probs(self.cfg, self.params, jnp.asarray(tokens), jnp.asarray(lengths),
                                    jnp.asarray(self.choice.choice_ids, jnp.int32), jnp.asarray(self.tag_valid))
             out.append(np.asarray(lp))
         return np.concatenate(out)[: len(prompts)]

@@ -7,12 +7,12 @@ the data iterator's position), so re-running the same command after a crash or p
 """
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 import math
 import pathlib
 import time
-from typing import Any, NamedTuple
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -25,49 +25,13 @@ from ssft_jax import checkpoint as ckpt_lib
 from ssft_jax import config as config_lib
 from ssft_jax import data as data_lib
 from ssft_jax import datasets
-from ssft_jax import memory_plan, mesh as mesh_lib, metrics_log, model as model_lib, run_monitor, tokenization
+from ssft_jax import memory_plan, mesh as mesh_lib, metrics_log, run_monitor, tokenization
 from ssft_jax import lora as lora_lib, losses as losses_lib, run_common, train_state
-# Shared with the GFPO stage; re-exported here, where callers have always found them.
-from ssft_jax.run_common import (TrainingDivergedError, check_resumed_config, export_hf, loop_cleanup,  # noqa: F401
-                                 prepare_workdir, write_summary)
-
-
-class RunInputs(NamedTuple):
-    """Everything a run builds from its config before the train state: model, tags and tokenized data."""
-    tokenizer: Any
-    model_config: model_lib.ModelConfig
-    params: model_lib.Params
-    tags: tokenization.ForkingTags
-    layout: data_lib.LayoutConfig
-    questions: list
-    report: Any  # data_lib's validation report (kept / skipped / truncated counts)
-    tag_table: np.ndarray
-    tag_lengths: np.ndarray
-
-
-def build_inputs(config, mesh) -> RunInputs:
-    """The run's pieces (`assembly.build`: tokenizer, model on `mesh`, tags, layout) and its tokenized training
-    questions: the part of `run` before the optimizer, for tests and tools that drive the step themselves."""
-    pieces = assembly.build(config, mesh=mesh)
-    train_records, _ = datasets.build_records(config)
-    questions, report = data_lib.tokenize_records(
-        train_records, pieces.tokenizer, pieces.tags, pieces.layout, on_bad_record=config.data.on_bad_record,
-        overlong=config.data.overlong, extra_traces=config.data.extra_traces, format=config.data.format)
-    if config.data.num_questions:
-        questions = questions[: config.data.num_questions]
-    return RunInputs(pieces.tokenizer, pieces.model_config, pieces.params, pieces.tags, pieces.layout, questions,
-                     report, pieces.tag_table, pieces.tag_lengths)
-
-
-def to_global(batch: dict, mesh) -> dict:
-    """Per-process numpy batch -> global jax arrays split over the data-parallel axes."""
-    return jax.tree.map(
-        lambda x: jax.make_array_from_process_local_data(mesh_lib.batch_sharding(mesh, np.ndim(x)), np.asarray(x)),
-        batch)
+from ssft_jax.run_common import TrainingDivergedError  # noqa: F401  (raised by the loop; callers catch it here)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The run
+# The run: `run` reads on one screen; each concern is a named helper below it
 # ---------------------------------------------------------------------------------------------------------------
 
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progress: bool = True,
@@ -77,9 +41,81 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
     stop_after: end this invocation after that many steps (checkpointed; e.g. a time-boxed Colab session); running
     again resumes.
     """
+    r = open_training(config, epath.Path(workdir))
+    logger = run_common.open_logger(config, r.workdir, r.start, r.config_json)
+    guard = ckpt_lib.PreemptionGuard()
+    bar = run_common.progress_bar(progress, r.num_steps, r.start, config.ssft.method)
+    records = StepRecords(r, logger, bar)
+    t0, stopped_early, step, pending = time.perf_counter(), False, r.start, None
+    with run_common.loop_cleanup(r.checkpointer, guard, logger, bar):
+        while step < r.num_steps:
+            if guard.should_stop(step) or (stop_after is not None and step - r.start >= stop_after):
+                stopped_early = True
+                break
+            r.checkpointer.check()  # a failed background write stops the run here, naming its step
+            host_batch = next(r.iterator)
+            records.before_step(step + 1, host_batch)
+            r.state, metrics = r.train_step(r.state, mesh_lib.to_global(host_batch, r.mesh), r.table, r.lengths,
+                                            *r.frozen_args)
+            step += 1
+            records.maybe_evaluate(step)
+            if pending is not None:  # read one step late, so dispatch stays asynchronous
+                records.consume(*pending)
+            pending = (step, metrics)
+            if run_common.should_save(step, config, r.num_steps):
+                # Log this step before its checkpoint can exist: a restart from it then never lacks a record.
+                records.consume(*pending)
+                pending = None
+                save(r, step)
+            if bar is not None:
+                bar.update(1)
+        if pending is not None:
+            records.consume(*pending)
+        logger.log_histogram("assignment_patterns", dict(r.stats.top_patterns(20)), step)
+        save(r, step, force=True)
+        r.checkpointer.wait()
+    elapsed = time.perf_counter() - t0
+    export_dir = export(r) if config.export_hf and not stopped_early else None
+    return finish(r, step, stopped_early, elapsed, export_dir)
+
+
+@dataclasses.dataclass
+class Training:
+    """Everything `run` builds before its loop (`open_training`); `state` is the live train state."""
+    config: ml_collections.ConfigDict
+    workdir: epath.Path
+    mesh: Any
+    checkpointer: ckpt_lib.Checkpointer
+    config_json: dict
+    inputs: assembly.RunInputs
+    num_steps: int
+    lora_spec: Any  # None: full fine-tuning
+    frozen: Any  # LoRA's frozen base (the step's fifth argument), else None
+    state: dict
+    iterator: Any
+    start: int
+    stats: Any  # RunStats
+    step_config: ml_collections.ConfigDict  # config with ssft.cost_layout="auto" decided
+    train_step: Any  # step_jit.CountedJit
+    table: jax.Array
+    lengths: jax.Array
+
+    @property
+    def frozen_args(self) -> tuple:
+        return () if self.lora_spec is None else (self.frozen,)
+
+    def model_params(self, params):
+        """The weights the model runs with: the state's, or LoRA's base with the state's adapters applied."""
+        if self.lora_spec is None:
+            return params
+        return lora_lib.adapted_params(self.inputs.model_config, self.lora_spec, self.frozen, params)
+
+
+def open_training(config: ml_collections.ConfigDict, workdir: epath.Path) -> Training:
+    """Config checked, mesh, run files, model and data (`assembly.build_inputs`), optimizer and state, restored
+    from the latest checkpoint when there is one, and the jitted step."""
     # Before anything touches the JAX backend (even device_count): jax.distributed.initialize must come first.
     mesh_lib.maybe_initialize_distributed()
-    workdir = epath.Path(workdir)
     if config.get("stage", "ssft") != "ssft":
         raise config_lib.ConfigError(f"stage={config.stage!r}: a GFPO config runs with `python -m ssft_jax.gfpo`, "
                                      "not the SSFT trainer")
@@ -87,16 +123,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
     datasets.check_source(config)
     m = config.mesh
     mesh = mesh_lib.make_mesh(m.data, m.fsdp, m.tensor, devices=jax.devices()[: m.num_devices or None])
-    prepare_workdir(workdir)
-    # cleanup_tmp: half-written steps of a crashed earlier process are removed (they are never restored anyway).
-    checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", max_to_keep=config.checkpoint.max_to_keep,
-                                         async_save=config.checkpoint.async_save, cleanup_tmp=True)
-    check_resumed_config(checkpointer, config)  # a changed method, model, data or schedule refuses here
-    config_json = ckpt_lib.config_to_json(config)  # written at start, saved with every checkpoint, logged as hparams
-    if jax.process_index() == 0:
-        (workdir / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True))
+    checkpointer, config_json = run_common.open_run(config, workdir)
 
-    tokenizer, cfg, params, tags, layout, questions, report, table, lengths = build_inputs(config, mesh)
+    inputs = assembly.build_inputs(config, mesh)
+    tokenizer, cfg, params, tags, layout, questions, report, table, lengths = inputs
     if jax.process_index() == 0 and not metrics_log.is_remote(workdir):
         # The tokenizer training uses, forking-tag tokens included: evaluation straight from the workdir reads it.
         tokenization.save_tokenizer(tokenizer, pathlib.Path(str(workdir / "tokenizer")), tags=tags)
@@ -109,23 +139,13 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
     optimizer = assembly.make_optimizer(config, num_steps)
     # LoRA: the state's params are the adapters only; the frozen base is the step's fifth argument.
     lora_spec, frozen, params = assembly.split_lora(config, cfg, params, tokenizer, tags, mesh)
-    frozen_args = () if lora_spec is None else (frozen,)
-    model_params = ((lambda p: p) if lora_spec is None
-                    else (lambda p: lora_lib.adapted_params(cfg, lora_spec, frozen, p)))
     state = train_state.init_state(params, optimizer, config.seed, mesh)
-    iterator = data_lib.make_iterator(questions, layout, table, lengths, seed=config.seed, epochs=None)
+    iterator = data_lib.make_iterator(questions, layout, table, lengths, seed=config.seed, epochs=None,
+                                      process_index=jax.process_index(), process_count=jax.process_count())
+    refuse_another_models_checkpoint(checkpointer, state)
+    restored, stats = run_common.restore(checkpointer, state, config, num_tags=config.ssft.num_tags,
+                                         per_step="losses", data=lambda d: iterator.set_state(d))
     start = 0
-    latest = checkpointer.latest_step()
-    mismatched = checkpointer.state_shape_mismatches(latest, state) if latest is not None else []
-    if mismatched:  # another model's checkpoint: say so, never suggest treating it as damaged
-        raise config_lib.ConfigError(
-            f"checkpoint step {latest} in {checkpointer.directory} does not fit the model this config builds (a config "
-            "mismatch, not a damaged checkpoint):\n  " + "\n  ".join(mismatched[:8])
-            + "\nUse the config the run was started with, or a new --workdir")
-    restored = checkpointer.restore_latest(
-        ckpt_lib.abstract_like(state), require=("state", "data"), on_corrupt=config.checkpoint.on_corrupt,
-        validate=run_common.item_validators(config.ssft.num_tags, per_step="losses", data=lambda d: iterator.set_state(d)))
-    stats = run_common.restored_stats(restored, config.ssft.num_tags, per_step="losses")
     if restored is not None:
         start, state = restored.step, restored.state
         iterator.set_state(restored.data)
@@ -136,169 +156,150 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
     iterator.set_state(position)
     # ssft.cost_layout="auto" decided for this model and device (logged); the saved config keeps "auto"
     step_config = memory_plan.with_resolved_cost_layout(config, layout, mesh)
-    train_step = assembly.make_step(step_config, cfg, layout, optimizer, state, to_global(first, mesh), mesh,
-                                    lora=lora_spec, frozen=frozen)
-    table_d, lengths_d = jnp.asarray(table), jnp.asarray(lengths)
+    train_step = assembly.make_step(step_config, cfg, layout, optimizer, state, mesh_lib.to_global(first, mesh),
+                                    mesh, lora=lora_spec, frozen=frozen)
+    return Training(config, workdir, mesh, checkpointer, config_json, inputs, num_steps, lora_spec, frozen, state,
+                    iterator, start, stats, step_config, train_step, jnp.asarray(table), jnp.asarray(lengths))
 
-    method = losses_lib.get_method(config.ssft.method)
-    with_costs = method.needs_costs or config.ssft.baseline_costs
-    schedule = train_state.learning_rate_schedule(config.optim, num_steps)
-    throughput = run_monitor.make_throughput(step_config, cfg, layout, mesh, with_costs)
-    evaluator = (run_monitor.InTrainingEval(config, tokenizer, tags, shared_tag=not method.distinct_tags)
-                 if config.eval_every else None)
-    eval_results: dict[int, dict] = {}  # step -> eval scalars, merged into that step's record
-    # One record per logged step, in metrics.jsonl, TensorBoard and (optionally) wandb.
-    logger = metrics_log.MetricsLogger(workdir, resume_step=start, tensorboard=config.logging.tensorboard,
-                                       wandb_project=config.logging.wandb_project,
-                                       wandb_entity=config.logging.wandb_entity, config=config_json)
-    guard = ckpt_lib.PreemptionGuard()
-    pending = None  # metrics of the previous step, read one step late so dispatch stays asynchronous
-    consecutive_skips = 0
-    deferred_at: dict[int, tuple] = {}  # step -> (questions_deferred, questions or None): packed layout only
 
-    def consume(step_done: int, m) -> None:
-        nonlocal consecutive_skips
+def refuse_another_models_checkpoint(checkpointer: ckpt_lib.Checkpointer, state) -> None:
+    """A checkpoint whose arrays do not fit this config's state is a config mismatch: say so, never suggest
+    treating it as damaged."""
+    latest = checkpointer.latest_step()
+    mismatched = checkpointer.state_shape_mismatches(latest, state) if latest is not None else []
+    if mismatched:
+        raise config_lib.ConfigError(
+            f"checkpoint step {latest} in {checkpointer.directory} does not fit the model this config builds (a config "
+            "mismatch, not a damaged checkpoint):\n  " + "\n  ".join(mismatched[:8])
+            + "\nUse the config the run was started with, or a new --workdir")
+
+
+class StepRecords:
+    """What the loop does with each step's metrics: throughput, run statistics, the divergence guard, in-training
+    evaluation, the first step's compile line, and one record per logged step (metrics.jsonl, TensorBoard, the
+    progress bar)."""
+
+    def __init__(self, r: Training, logger: metrics_log.MetricsLogger, bar):
+        c, (_, cfg, _, tags, layout, *_) = r.config, r.inputs
+        self.r, self.logger, self.bar = r, logger, bar
+        method = losses_lib.get_method(c.ssft.method)
+        self.with_costs = method.needs_costs or c.ssft.baseline_costs
+        self.schedule = train_state.learning_rate_schedule(c.optim, r.num_steps)
+        self.throughput = run_monitor.make_throughput(r.step_config, cfg, layout, r.mesh, self.with_costs)
+        self.evaluator: Callable | None = (
+            run_monitor.InTrainingEval(c, r.inputs.tokenizer, tags, shared_tag=not method.distinct_tags)
+            if c.eval_every else None)
+        self.eval_results: dict[int, dict] = {}  # step -> eval scalars, merged into that step's record
+        self.deferred_at: dict[int, tuple] = {}  # step -> (questions_deferred, questions or None): packed only
+        self.consecutive_skips = 0
+
+    def before_step(self, step: int, host_batch: dict) -> None:
+        layout = self.r.inputs.layout
+        if layout.packed:  # questions deferred so far by the packed iterator (part of its resumable state)
+            # pack_fill="tokens": the questions in this batch vary (empty slots have question_index -1)
+            n_questions = (int(np.sum(host_batch["question_index"] >= 0)) if layout.pack_fill == "tokens"
+                           else None)
+            self.deferred_at[step] = (self.r.iterator.deferred_total, n_questions)
+        self.throughput.add_batch(step, host_batch, with_cost_pass=self.with_costs)
+
+    def maybe_evaluate(self, step: int) -> None:
+        if self.evaluator is not None and step % self.r.config.eval_every == 0:
+            # On this step's weights, before the next step donates them; blocks until they are ready.
+            t_eval = time.perf_counter()
+            self.eval_results[step] = self.evaluator(self.r.inputs.model_config,
+                                                     self.r.model_params(self.r.state["params"]),
+                                                     self.r.stats.tag_counts)
+            self.throughput.exclude(time.perf_counter() - t_eval)
+
+    def consume(self, step: int, m) -> None:
+        r, c, stats = self.r, self.r.config, self.r.stats
         was_ready = all(x.is_ready() for x in jax.tree.leaves(m) if hasattr(x, "is_ready"))
         m = jax.device_get(m)
-        throughput.finished(step_done, was_ready=was_ready)
-        if step_done in deferred_at:
-            m["questions_deferred"], n_questions = deferred_at.pop(step_done)
+        self.throughput.finished(step, was_ready=was_ready)
+        if step in self.deferred_at:
+            m["questions_deferred"], n_questions = self.deferred_at.pop(step)
             if n_questions is not None:
                 m["questions"] = n_questions
         stats.add_assignments(m.pop("assignments"))
-        if not with_costs:  # no cost pass ran: matched/unmatched NLL and the gap are undefined, not 0
+        if not self.with_costs:  # no cost pass ran: matched/unmatched NLL and the gap are undefined, not 0
             for k in ("matched_nll", "unmatched_nll", "second_best_gap", "second_best_gap_min"):
                 m.pop(k, None)
         stats.tag_counts += np.asarray(m["tag_counts"], np.int64)
-        stats.losses[step_done] = float(m["loss"])
+        stats.losses[step] = float(m["loss"])
         if m["step_skipped"]:
-            stats.skipped_steps.append(step_done)
-        consecutive_skips = consecutive_skips + 1 if m["step_skipped"] else 0
-        diverged = consecutive_skips > config.max_consecutive_skips
-        if step_done == start + 1:  # compilation is this step's: its own line, out of the bar's rate and ETA
-            run_common.report_first_step(throughput.step_seconds(step_done), train_step.compiles, bar)
-        if (step_done % config.log_every == 0 or step_done == num_steps or diverged
-                or step_done in eval_results):
-            m.update(lr=float(schedule(step_done - 1)), **throughput.scalars(step_done),
-                     **eval_results.pop(step_done, {}))
-            logger.write(step_done, m)
-            if bar is not None:
-                bar.set_postfix(loss=f"{m['loss']:.3f}", **({"matched": f"{m['matched_nll']:.3f}"}
-                                                           if "matched_nll" in m else {}),
-                                tok_s=f"{m['tokens_per_s']:.0f}", lr=f"{m['lr']:.2e}")
+            stats.skipped_steps.append(step)
+        self.consecutive_skips = self.consecutive_skips + 1 if m["step_skipped"] else 0
+        diverged = self.consecutive_skips > c.max_consecutive_skips
+        if step == r.start + 1:  # compilation is this step's: its own line, out of the bar's rate and ETA
+            run_common.report_first_step(self.throughput.step_seconds(step), r.train_step.compiles, self.bar)
+        if step % c.log_every == 0 or step == r.num_steps or diverged or step in self.eval_results:
+            m.update(lr=float(self.schedule(step - 1)), **self.throughput.scalars(step),
+                     **self.eval_results.pop(step, {}))
+            self.logger.write(step, m)
+            if self.bar is not None:
+                self.bar.set_postfix(loss=f"{m['loss']:.3f}", **({"matched": f"{m['matched_nll']:.3f}"}
+                                                                if "matched_nll" in m else {}),
+                                     tok_s=f"{m['tokens_per_s']:.0f}", lr=f"{m['lr']:.2e}")
         if diverged:
+            k = self.consecutive_skips
             raise TrainingDivergedError(
-                f"training diverged: {consecutive_skips} consecutive steps (steps {step_done - consecutive_skips + 1}"
-                f"..{step_done}) had a non-finite loss or gradient norm, more than max_consecutive_skips="
-                f"{config.max_consecutive_skips}; none of them changed the weights. Stopping. The latest checkpoint "
-                f"is step {checkpointer.latest_step()}; lower optim.learning_rate or check the data before resuming")
+                f"training diverged: {k} consecutive steps (steps {step - k + 1}..{step}) had a non-finite loss or "
+                f"gradient norm, more than max_consecutive_skips={c.max_consecutive_skips}; none of them changed the "
+                f"weights. Stopping. The latest checkpoint is step {r.checkpointer.latest_step()}; lower "
+                "optim.learning_rate or check the data before resuming")
 
-    bar = None
-    if progress and jax.process_index() == 0:
-        from tqdm import tqdm
-        bar = tqdm(total=num_steps, initial=start, desc=f"{config.ssft.method}", dynamic_ncols=True)
-    t0, stopped_early = time.perf_counter(), False
-    step = start
-    with loop_cleanup(checkpointer, guard, logger, bar):
-        while step < num_steps:
-            if guard.should_stop(step) or (stop_after is not None and step - start >= stop_after):
-                stopped_early = True
-                break
-            checkpointer.check()  # a failed background write stops the run here, naming its step
-            host_batch = next(iterator)
-            if layout.packed:  # questions deferred so far by the packed iterator (part of its resumable state)
-                # pack_fill="tokens": the questions in this batch vary (empty slots have question_index -1)
-                n_questions = (int(np.sum(host_batch["question_index"] >= 0)) if layout.pack_fill == "tokens"
-                               else None)
-                deferred_at[step + 1] = (iterator.deferred_total, n_questions)
-            throughput.add_batch(step + 1, host_batch, with_cost_pass=with_costs)
-            state, metrics = train_step(state, to_global(host_batch, mesh), table_d, lengths_d, *frozen_args)
-            step += 1
-            if evaluator is not None and step % config.eval_every == 0:
-                # On this step's weights, before the next step donates them; blocks until they are ready.
-                t_eval = time.perf_counter()
-                eval_results[step] = evaluator(cfg, model_params(state["params"]), stats.tag_counts)
-                throughput.exclude(time.perf_counter() - t_eval)
-            if pending is not None:
-                consume(*pending)
-            pending = (step, metrics)
-            if step % config.checkpoint.every_steps == 0 and step < num_steps:
-                # Log this step before its checkpoint can exist: a restart from it then never lacks a record.
-                consume(*pending)
-                pending = None
-                checkpointer.save(step, state, data_state=iterator.get_state(), config=config_json,
-                                  stats=stats.to_json())
-            if bar is not None:
-                bar.update(1)
-        if pending is not None:
-            consume(*pending)
-        logger.log_histogram("assignment_patterns", dict(stats.top_patterns(20)), step)
-        checkpointer.save(step, state, data_state=iterator.get_state(), config=config_json, stats=stats.to_json(),
-                          force=True)
-        checkpointer.wait()
-    elapsed = time.perf_counter() - t0
 
-    export_dir = None
-    if config.export_hf and not stopped_early:
-        export_params = (state["params"] if lora_spec is None
-                         else lora_lib.merge(cfg, lora_spec, frozen, state["params"], dtype=cfg.param_dtype))
-        export_dir = export_hf(workdir / "hf_export", cfg, export_params, tokenizer, tags,
-                               dtype=config.export.dtype or None)
-        if lora_spec is not None and config.lora.export_adapter and not metrics_log.is_remote(workdir):
-            adapter = lora_lib.save_peft_adapter(pathlib.Path(str(workdir / "lora_adapter")), cfg, lora_spec,
-                                                 state["params"], base_model=config.model.hf_dir)
-            if jax.process_index() == 0:  # the grown vocabulary (special tags) comes with the adapter
-                tokenization.save_tokenizer(tokenizer, adapter, tags=tags)
+def save(r: Training, step: int, *, force: bool = False) -> None:
+    r.checkpointer.save(step, r.state, data_state=r.iterator.get_state(), config=r.config_json,
+                        stats=r.stats.to_json(), force=force)
+
+
+def export(r: Training) -> epath.Path | None:
+    """hf_export/ (LoRA: merged into the base), and LoRA's PEFT adapter folder when asked for."""
+    c, cfg, params = r.config, r.inputs.model_config, r.state["params"]
+    tokenizer, tags = r.inputs.tokenizer, r.inputs.tags
+    merged = params if r.lora_spec is None else lora_lib.merge(cfg, r.lora_spec, r.frozen, params,
+                                                               dtype=cfg.param_dtype)
+    export_dir = run_common.export_hf(r.workdir / "hf_export", cfg, merged, tokenizer, tags,
+                                      dtype=c.export.dtype or None)
+    if r.lora_spec is not None and c.lora.export_adapter and not metrics_log.is_remote(r.workdir):
+        adapter = lora_lib.save_peft_adapter(pathlib.Path(str(r.workdir / "lora_adapter")), cfg, r.lora_spec,
+                                             params, base_model=c.model.hf_dir)
+        if jax.process_index() == 0:  # the grown vocabulary (special tags) comes with the adapter
+            tokenization.save_tokenizer(tokenizer, adapter, tags=tags)
+    return export_dir
+
+
+def finish(r: Training, step: int, stopped_early: bool, elapsed: float, export_dir) -> dict[str, Any]:
+    """summary.json (process 0) and the run's result: the summary plus the live state and model pieces."""
+    stats = r.stats
     summary = {
-        "method": config.ssft.method,
-        "start_step": start,
+        "method": r.config.ssft.method,
+        "start_step": r.start,
         "final_step": step,
         "stopped_early": stopped_early,
         **run_common.stats_summary(stats, per_step="losses"),
         "assignment_patterns": stats.top_patterns(20),
         "trace_tag_counts": stats.trace_tag_counts(),
         "seconds": elapsed,
-        "compiles": train_step.compiles,
-        "questions": len(questions),
-        "validation": report.summary(),
+        "compiles": r.train_step.compiles,
+        "questions": len(r.inputs.questions),
+        "validation": r.inputs.report.summary(),
         "export_dir": str(export_dir) if export_dir else None,
     }
-    summary.update(run_common.publish_export(export_dir, config, summary))
+    summary.update(run_common.publish_export(export_dir, r.config, summary))
     if jax.process_index() == 0:
-        write_summary(workdir, summary)
-    checkpointer.close()
-    return {**summary, "state": state, "model_config": cfg, "tokenizer": tokenizer, "tags": tags,
-            **({"lora": lora_spec, "frozen": frozen} if lora_spec is not None else {})}
-
-
-def main(argv):
-    del argv
-    from absl import flags
-    metrics_log.quiet_library_logs()
-    if run_common.help_config_requested():
-        return
-    summary = run(flags.FLAGS.config, flags.FLAGS.workdir)
-    print(run_common.summary_table(summary, flags.FLAGS.workdir))
+        run_common.write_summary(r.workdir, summary)
+    r.checkpointer.close()
+    return {**summary, "state": r.state, "model_config": r.inputs.model_config, "tokenizer": r.inputs.tokenizer,
+            "tags": r.inputs.tags, **({"lora": r.lora_spec, "frozen": r.frozen} if r.lora_spec is not None else {})}
 
 
 def cli() -> None:
     """`ssft-train` / `python -m ssft_jax.train`: absl flags, the config as an ml_collections config file."""
-    import sys
-
-    from absl import app, flags
-    from ml_collections import config_flags
-
-    from ssft_jax import cli as cli_lib
-
-    config_flags.DEFINE_config_file("config", None, "a configs/*.py file, optionally with :arg (e.g. "
-                                    "configs/demo.py:tiny); any field overridden with --config.a.b=value",
-                                    lock_config=True)
-    flags.DEFINE_string("workdir", None, "where checkpoints, logs and the HF export go (local or gs://)")
-    flags.DEFINE_bool("debug", False, "show the traceback of a config, data or checkpoint error")
-    flags.DEFINE_bool("help_config", False, "print every config key with its value (overrides applied) and its "
-                      "documentation, then exit")
-    flags.mark_flags_as_required(["config"])  # --workdir too, unless --help_config (checked in main)
-    cli_lib.absl_run(main)
+    run_common.stage_cli(run, config_help="a configs/*.py file, optionally with :arg (e.g. configs/demo.py:tiny); "
+                         "any field overridden with --config.a.b=value",
+                         workdir_help="where checkpoints, logs and the HF export go (local or gs://)")
 
 
 if __name__ == "__main__":

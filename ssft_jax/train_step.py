@@ -15,12 +15,13 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ssft_jax import data as data_lib
 from ssft_jax import faults
 from ssft_jax import lora as lora_lib
 from ssft_jax import losses
 from ssft_jax import mesh as mesh_lib
+from ssft_jax import rows as rows_lib
 from ssft_jax.model import ModelConfig
+from ssft_jax.step_jit import CountedJit, keep_if_finite
 from ssft_jax.train_state import State
 
 
@@ -66,7 +67,7 @@ def make_train_step(model_cfg: ModelConfig, ssft, optimizer: optax.GradientTrans
             cost = inject("cost", step_no, cost, at=first)
         tag_of_trace, ok, status = losses.assign(method, cost, tag_valid, trace_valid, rng, ssft.matcher)
         # [B*M, S] rows, or the packed view's [rows, S'] (data.packing): the same loss either way
-        rows = data_lib.packing.fill_train_rows(mb["train"], tag_of_trace, tag_table, tag_lengths)
+        rows = rows_lib.fill_train_rows(mb["train"], tag_of_trace, tag_table, tag_lengths)
 
         def loss_sum(p):
             s, n = losses.set_loss_sums(model_cfg, model_params(p, frozen, rng), rows, logprob_chunk)
@@ -74,7 +75,7 @@ def make_train_step(model_cfg: ModelConfig, ssft, optimizer: optax.GradientTrans
 
         (nll_sum, count), grads = jax.value_and_grad(loss_sum, has_aux=True)(params)
         gap = (losses.second_best_gap(cost, tag_of_trace, tag_valid, trace_valid, ssft.matcher)
-               if method == "ssft" and ssft.second_best_gap else None)
+               if losses.get_method(method).cost_optimal and ssft.second_best_gap else None)
         diag = losses.diagnostics(cost, tag_of_trace, ok, status, tag_valid, trace_valid, num_tags=N, gap=gap)
         return grads, nll_sum, count, diag
 
@@ -108,11 +109,9 @@ def make_train_step(model_cfg: ModelConfig, ssft, optimizer: optax.GradientTrans
 
         updates, new_opt = optimizer.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
-        # Never let a non-finite step touch the weights or the Adam moments.
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
         new_state = {
-            "params": keep(new_params, params),
-            "opt_state": keep(new_opt, state["opt_state"]),
+            "params": keep_if_finite(finite, new_params, params),
+            "opt_state": keep_if_finite(finite, new_opt, state["opt_state"]),
             "step": state["step"] + 1,
             "rng": jax.random.key_data(rng),
             "consecutive_skips": jnp.where(finite, 0, state["consecutive_skips"] + 1),
@@ -137,27 +136,7 @@ def make_train_step(model_cfg: ModelConfig, ssft, optimizer: optax.GradientTrans
     return step_fn
 
 
-class JittedStep:
-    """The jitted step, and how many times it was traced: with fixed shapes and shardings every trace is one
-    compile, so `compiles` > 1 in a run means something recompiled it (a public seam: jax's own cache size is
-    private)."""
-
-    def __init__(self, step_fn, **jit_kwargs):
-        self.compiles = 0
-
-        def counted(*args):
-            self.compiles += 1  # runs at trace time only
-            return step_fn(*args)
-        self._jitted = jax.jit(counted, **jit_kwargs)
-
-    def __call__(self, state: State, batch: dict, tag_table: jax.Array, tag_lengths: jax.Array, *frozen):
-        return self._jitted(state, batch, tag_table, tag_lengths, *frozen)
-
-    def lower(self, *args):
-        return self._jitted.lower(*args)
-
-
-def jit_train_step(step_fn, state: State, batch_example: dict, mesh: jax.sharding.Mesh, frozen=None) -> JittedStep:
+def jit_train_step(step_fn, state: State, batch_example: dict, mesh: jax.sharding.Mesh, frozen=None) -> CountedJit:
     """The one jit site: explicit in/out shardings from the live state and the batch layout; the old state is
     donated so parameters and optimizer moments are updated in place. `state` and `batch_example` may be arrays
     or sharded ShapeDtypeStructs. `frozen` (LoRA): the base weights, a fifth argument in their own shardings, read
@@ -165,13 +144,8 @@ def jit_train_step(step_fn, state: State, batch_example: dict, mesh: jax.shardin
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
     batch_shardings = jax.tree.map(lambda x: mesh_lib.batch_sharding(mesh, x.ndim), batch_example)
     replicated = NamedSharding(mesh, P())
-
-    def step_on_mesh(*args):
-        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # for mesh.constrain_rows inside the model
-            return step_fn(*args)
-
     in_shardings = (state_shardings, batch_shardings, replicated, replicated)
     if frozen is not None:
         in_shardings += (jax.tree.map(lambda x: x.sharding, frozen),)
-    return JittedStep(step_on_mesh, in_shardings=in_shardings, out_shardings=(state_shardings, replicated),
-                      donate_argnums=(0,))
+    # called as step(state, batch, tag_table, tag_lengths[, frozen])
+    return CountedJit(step_fn, mesh, in_shardings=in_shardings, out_shardings=(state_shardings, replicated))

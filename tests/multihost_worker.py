@@ -88,13 +88,13 @@ def main(argv=None):
 
     # Record which questions each local batch holds as the trainer turns it into global arrays (its own shard).
     local_batches: list[list[int]] = []
-    to_global = train.to_global
+    to_global = mesh_lib.to_global
 
     def recording_to_global(batch, mesh):
         local_batches.append([int(i) for i in batch["question_index"]])
         return to_global(batch, mesh)
 
-    train.to_global = recording_to_global
+    mesh_lib.to_global = recording_to_global
     result = train.run(c, args.workdir, progress=False, stop_after=args.stop_after)
     params = result["state"]["params"]
     q = params["layers"]["q_proj"]

@@ -71,16 +71,15 @@ def test_orbax_private_attributes_we_read_still_exist(tmp_path):
         c.close()
 
 
-def test_slow_checkpoint_writes_hook(tmp_path, monkeypatch):
-    """The chaos tests' write delay (`faults.checkpoint_handler_registry`, public orbax seams only): while it lasts
-    the step is an unfinished tmp directory; afterwards it is complete and restores as usual."""
+def test_slow_checkpoint_writes_hook(tmp_path):
+    """The chaos tests' write delay (`faults.slow_write_registry`, public orbax seams only, passed in as the
+    checkpointer's handler registry): while it lasts the step is an unfinished tmp directory; afterwards it is
+    complete and restores as usual."""
     import time
 
     from ssft_jax import faults
-    monkeypatch.delenv(faults.WRITE_DELAY_ENV, raising=False)
-    assert faults.checkpoint_handler_registry(ckpt.ITEMS[1:]) is None  # real runs: orbax's own handlers
-    monkeypatch.setenv(faults.WRITE_DELAY_ENV, "0.5")
-    c = ckpt.Checkpointer(tmp_path / "ckpt", async_save=True)
+    c = ckpt.Checkpointer(tmp_path / "ckpt", async_save=True,
+                          handler_registry=faults.slow_write_registry(0.5, ckpt.ITEMS[1:]))
     try:
         t0 = time.perf_counter()
         c.save(1, {"x": jnp.ones(3)}, data_state={"i": 1}, config={"lr": 0.1})
@@ -95,7 +94,6 @@ def test_slow_checkpoint_writes_hook(tmp_path, monkeypatch):
         np.testing.assert_array_equal(state["x"], np.ones(3))
     finally:
         c.close()
-    monkeypatch.delenv(faults.WRITE_DELAY_ENV)
     plain = ckpt.Checkpointer(tmp_path / "ckpt")  # a step written slowly reads back without the hook
     try:
         assert plain.restore(1, {"x": jax.ShapeDtypeStruct((3,), jnp.float32)})[3] == {"lr": 0.1}

@@ -12,7 +12,6 @@ import time
 import pytest
 
 from ssft_jax import config as config_lib
-from ssft_jax import faults
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -66,8 +65,12 @@ def test_every_config_and_sweep_file_refuses_an_unknown_argument():
     assert len(paths) >= 5 and sweeps  # the globs found the files
 
 
-def _cli(workdir, *overrides, env=None, **popen):
-    cmd = [sys.executable, "-m", "ssft_jax.train", f"--config={ROOT / 'configs' / 'demo.py'}:tiny",
+def _cli(workdir, *overrides, env=None, write_delay_s=None, **popen):
+    """The trainer's CLI on configs/demo.py:tiny; write_delay_s: every checkpoint write takes at least that long
+    (tests/slow_writes.py passes the hook to the trainer's checkpointer)."""
+    main = ["-m", "ssft_jax.train"] if write_delay_s is None else [str(ROOT / "tests" / "slow_writes.py"),
+                                                                  str(write_delay_s)]
+    cmd = [sys.executable, *main, f"--config={ROOT / 'configs' / 'demo.py'}:tiny",
            f"--workdir={workdir}", "--config.mesh.num_devices=1", "--config.mesh.data=1", *overrides]
     env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     popen = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True, **popen}
@@ -146,7 +149,7 @@ def test_sigterm_checkpoints_and_the_run_resumes(tmp_path):
     """SIGTERM (preemption) while an async checkpoint write is in flight: the process finishes the step, lets that
     write complete, writes a final checkpoint and exits 0 within a bounded time; the same command resumes there
     and ends with the summary (losses, tag counts, assignment patterns) of a run that was never interrupted."""
-    from ssft_jax import checkpoint as ckpt_lib, metrics_log, tag_policy
+    from ssft_jax import metrics_log, tag_policy
     from ssft_jax.evaluate import coverage_tag
 
     steps = 24
@@ -154,7 +157,7 @@ def test_sigterm_checkpoints_and_the_run_resumes(tmp_path):
              "--config.export_hf=False")
     wd = tmp_path / "preempted"
     log = open(tmp_path / "run.log", "w")  # a file: orbax logs every save, a pipe nobody reads would fill and block
-    p = _cli(wd, *flags, env={faults.WRITE_DELAY_ENV: "0.5"}, stdout=log, text=False)  # each write takes >= 0.5 s
+    p = _cli(wd, *flags, write_delay_s=0.5, stdout=log, text=False)  # each write takes >= 0.5 s
     ckpts = wd / "checkpoints"
 
     def writing():  # at least 3 steps done and a checkpoint write in flight

@@ -5,7 +5,7 @@ import logging
 
 import pytest
 
-from ssft_jax import assembly, config as config_lib, flops, losses, memory_plan
+from ssft_jax import assembly, config as config_lib, cost_layouts, flops, memory_plan
 
 
 def tiny(layout="auto"):
@@ -20,7 +20,7 @@ def test_auto_is_the_default_and_explicit_layouts_win():
     config_lib.validate(tiny(), 1)
     with pytest.raises(config_lib.ConfigError, match="ssft.cost_layout"):
         config_lib.validate(tiny("nope"), 1)
-    for name in losses.COST_LAYOUTS:
+    for name in cost_layouts.names():
         assert memory_plan.resolve_cost_layout(tiny(name), 1) == name
         assert memory_plan.with_resolved_cost_layout(tiny(name), assembly.build_layout(tiny(), 1)).ssft.cost_layout == name
     assert memory_plan.resolve_cost_layout(tiny(), 1) == "prefix_cache"
@@ -33,7 +33,7 @@ def test_auto_picks_the_fewest_flops_among_the_layouts_that_fit(monkeypatch):
     c = tiny()
     choice = memory_plan.choose_cost_layout(c, num_devices=1)
     # the figures are the counts flops.step_flops and make_plan give for each explicit layout
-    for name in losses.COST_LAYOUTS:
+    for name in cost_layouts.names():
         plan = memory_plan.make_plan(tiny(name), num_devices=1)
         lay = assembly.build_layout(tiny(name), plan.dims["Lt"], num_processes=1)
         f = flops.step_flops(plan.cfg, lay, c.batch_size, needs_costs=True, cost_layout=name).model

@@ -11,6 +11,7 @@ import pytest
 from hf_fixtures import build_tiny_tokenizer
 from ssft_jax import data as D
 from ssft_jax import model as Mdl
+from ssft_jax import rows as rows_lib
 from ssft_jax import tokenization as tk
 
 TRACES = [
@@ -177,7 +178,7 @@ def test_cost_matrix_read_back_exact_and_nan_free(tok):
             for u in range(0, len(idx) - 1, 2):
                 nll[b, idx[u]] += 0.5
                 nll[b, idx[u + 1]] -= 0.5
-    C = np.asarray(jax.jit(lambda x, v: D.cost_matrix_from_token_nll(x, v, N, M))(nll, cv))
+    C = np.asarray(jax.jit(lambda x, v: rows_lib.cost_matrix_from_token_nll(x, v, N, M))(nll, cv))
     tv = cv["trace_valid"]
     assert not np.isnan(C).any()
     np.testing.assert_array_equal(C[np.broadcast_to(tv[:, None, :], C.shape)],
@@ -185,7 +186,7 @@ def test_cost_matrix_read_back_exact_and_nan_free(tok):
     assert (~tv).any() and np.isposinf(C[np.broadcast_to(~tv[:, None, :], C.shape)]).all()
     # invalid tags are masked to +inf too
     cv2 = dict(cv, tag_valid=np.array([[True, False, True]] * 4))
-    C2 = np.asarray(D.cost_matrix_from_token_nll(nll, cv2, N, M))
+    C2 = np.asarray(rows_lib.cost_matrix_from_token_nll(nll, cv2, N, M))
     assert np.isposinf(C2[:, 1]).all() and (C2[:, [0, 2]][np.broadcast_to(tv[:, None], (4, 2, M))] < np.inf).all()
 
 
@@ -211,7 +212,7 @@ def test_train_view_fill_tags_matches_render_example(tok):
     assert not tv["segment_ids"][:, :, P:P + Lt].any() and not tv["tokens"][:, :, P:P + Lt].any()  # empty slot
     # tags 8 and 9 have different lengths: both exercise left padding
     assign = np.array([[9, 8], [8, 9], [0, -1], [3, 9]], np.int32)
-    f = {k: np.asarray(v) for k, v in jax.jit(D.fill_tags)(tv, assign, table, lengths).items()}
+    f = {k: np.asarray(v) for k, v in jax.jit(rows_lib.fill_tags)(tv, assign, table, lengths).items()}
     for b in range(4):
         q = qs[int(batch["question_index"][b])]
         k = int(q.id[1:])
@@ -243,10 +244,10 @@ def test_fill_tags_ignores_tags_on_invalid_traces_and_handles_flat_rows(tok):
     tags, cfg, qs, _, table, lengths = _setup(tok, n_tags=3, n_traces=2, n=2, B=2)
     tv = next(D.make_iterator(qs, cfg, table, lengths, shuffle=False, epochs=1))["train"]
     assert list(tv["trace_valid"][0]) == [True, False]
-    f = D.fill_tags(tv, np.array([[0, 1], [1, 2]]), table, lengths)
+    f = rows_lib.fill_tags(tv, np.array([[0, 1], [1, 2]]), table, lengths)
     assert not np.asarray(f["segment_ids"])[0, 1].any() and not np.asarray(f["loss_mask"])[0, 1].any()
     flat = {k: np.asarray(v).reshape((-1,) + np.shape(v)[2:]) for k, v in tv.items()}
-    g = D.fill_tags(flat, np.array([0, 1, 1, 2]), table, lengths)
+    g = rows_lib.fill_tags(flat, np.array([0, 1, 1, 2]), table, lengths)
     for k in f:
         np.testing.assert_array_equal(np.asarray(f[k]).reshape(np.shape(g[k])), g[k])
 
@@ -293,7 +294,7 @@ def test_packed_cost_and_filled_train_rows_equal_unpacked_model_runs(tok):
     def packed_cost(cv):
         logits = Mdl.forward(mcfg, params, cv["tokens"], cv["segment_ids"], cv["positions"],
                              prefix_segment_ids=cv["prefix_segment_ids"])
-        return D.cost_matrix_from_token_nll(_token_nll(logits, cv["targets"]), cv, N, M)
+        return rows_lib.cost_matrix_from_token_nll(_token_nll(logits, cv["targets"]), cv, N, M)
 
     C = np.asarray(packed_cost(cv))
     # reference: each (prompt + tag_i + trace_j[:L']) alone in its own row, right-padded (segment 0)
@@ -324,7 +325,7 @@ def test_packed_cost_and_filled_train_rows_equal_unpacked_model_runs(tok):
 
     # train view: filled rows (with padding gaps) compute what the contiguous render_example sequence does
     assign = np.array([[2, 0], [1, 0]], np.int32)
-    f = D.fill_tags(batch["train"], assign, table, lengths)
+    f = rows_lib.fill_tags(batch["train"], assign, table, lengths)
     rows = {k: jnp.reshape(v, (-1, v.shape[-1])) for k, v in f.items()}
     tl = jax.jit(lambda r: _token_nll(Mdl.forward(mcfg, params, r["tokens"], r["segment_ids"], r["positions"]),
                                       r["targets"]))(rows)

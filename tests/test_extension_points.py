@@ -1,11 +1,13 @@
-"""A new method and a new matcher are one function and one registration line each: registered here (in fixtures,
-removed afterwards), they run through config validation, the trainer and evaluation with no other file touched."""
+"""A new method, matcher, cost layout and GFPO estimator are one function and one registration line each:
+registered here (in fixtures, removed afterwards), they run through config validation, the trainer (or the GFPO
+stage), evaluation, the FLOP count and the memory plan with no other file touched."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ssft_jax import config as config_lib, datasets, evaluate, losses, matching, train
+from ssft_jax import (assembly, config as config_lib, cost_layouts, datasets, evaluate, flops, gfpo, gfpo_estimators,
+                      losses, matching, memory_plan, metrics_log, train)
 
 
 def tiny_config(**ssft):
@@ -94,3 +96,72 @@ def test_registered_method_and_matcher_train_and_evaluate(reversed_method, greed
     res = evaluate.evaluate_model(run["model_config"], run["state"]["params"], run["tokenizer"], run["tags"],
                                   heldout[:2], "synthetic", temperature=0.0, max_new_tokens=8)
     assert len(res.generations) == 2 * c.ssft.num_tags
+
+
+@pytest.fixture
+def halves_layout():
+    """The packed cost pass run on each half of the batch in turn: the same C, another graph. Its FLOPs and memory
+    are the packed pass's (the registration line says so)."""
+    def halves_token_nll(cfg, params, cv, **kw):
+        h = cv["tokens"].shape[0] // 2
+        return jnp.concatenate([cost_layouts.packed_token_nll(cfg, params, {k: v[s] for k, v in cv.items()}, **kw)
+                                for s in (slice(0, h), slice(h, None))])
+
+    cost_layouts.register("halves", cost_layouts.CostLayout(halves_token_nll, cost_layouts.PACKED.flops,
+                                                            cost_layouts.PACKED.memory))
+    yield "halves"
+    cost_layouts.unregister("halves")
+
+
+@pytest.fixture
+def rloo_estimator():
+    """Leave-one-out advantages (RLOO): A_r = r - the mean of the group's other rewards, weight 1/G."""
+    def rloo_advantages(rewards, row_tags, logp_old, valid, *, samples_per_tag, eps, normalize_std):
+        G = rewards.shape[-1]
+        adv = rewards - (rewards.sum(-1, keepdims=True) - rewards) / (G - 1)
+        return adv, jnp.full(rewards.shape, 1.0 / G, jnp.float32)
+
+    gfpo_estimators.register("rloo", gfpo_estimators.Estimator(rloo_advantages, min_group_size=2))
+    yield "rloo"
+    gfpo_estimators.unregister("rloo")
+
+
+def test_a_registered_cost_layout_runs_a_step_and_is_counted_and_planned(halves_layout, tmp_path):
+    c = tiny_config(method="ssft", cost_layout=halves_layout)
+    config_lib.validate(c, 1)
+    ref = train.run(tiny_config(method="ssft", cost_layout="packed"), tmp_path / "packed", progress=False)
+    run = train.run(c, tmp_path / "halves", progress=False)
+    assert run["final_step"] == 2
+    np.testing.assert_allclose(list(run["losses"].values()), list(ref["losses"].values()), rtol=1e-5)
+    assert run["tag_counts"] == ref["tag_counts"]  # the same C: the same matches
+    # the FLOP count and the memory plan read the registry: this layout is counted as its rules say
+    plan = memory_plan.make_plan(c, num_devices=1)
+    packed_plan = memory_plan.make_plan(tiny_config(cost_layout="packed"), num_devices=1)
+    assert plan.dims["cost_layout"] == "halves" and plan.cost_pass == packed_plan.cost_pass
+    lay = assembly.build_layout(c, plan.dims["Lt"], num_processes=1)
+    got = flops.step_flops(plan.cfg, lay, c.batch_size, needs_costs=True, cost_layout=halves_layout)
+    assert got == flops.step_flops(plan.cfg, lay, c.batch_size, needs_costs=True, cost_layout="packed")
+    with pytest.raises(config_lib.ConfigError, match="ssft.cost_layout"):
+        config_lib.validate(tiny_config(cost_layout="quarters"), 1)
+
+
+def test_a_registered_gfpo_estimator_runs_the_stage(rloo_estimator, tiny_ssft_run, tmp_path):
+    rewards = jnp.asarray([[1.0, 0.0, 0.0]])
+    adv, w = gfpo.advantages_and_weights(rloo_estimator, rewards, None, None, None, samples_per_tag=1, eps=0.0,
+                                         normalize_std=False)
+    np.testing.assert_allclose(np.asarray(adv), [[1.0, -0.5, -0.5]])
+    np.testing.assert_allclose(np.asarray(w), 1 / 3, rtol=1e-6)
+    c = config_lib.load_config("gfpo_demo", "tiny")
+    c.mesh.update(num_devices=1, data=1)
+    c.export_hf = False
+    c.gfpo.update(init_from=str(tiny_ssft_run[0]), estimator=rloo_estimator, num_steps=2)
+    small = c.copy_and_resolve_references()
+    small.gfpo.group_size = 1
+    with pytest.raises(config_lib.ConfigError, match="group_size=1"):  # its own minimum, from the registration
+        gfpo.run(small, tmp_path / "small", progress=False)
+    s = gfpo.run(c, tmp_path / "rloo", progress=False,
+                 reward_fn=lambda record, text, result: float(len(text) % 2 == 0))
+    assert s["final_step"] == 2 and s["estimator"] == "rloo"
+    G, Q = c.gfpo.group_size, c.gfpo.questions_per_step
+    recs = metrics_log.read_metrics(tmp_path / "rloo")
+    assert [sum(r["rollout_tag_counts"]) for r in recs] == [G * Q] * 2  # G draws from pi per question

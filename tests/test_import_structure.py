@@ -101,3 +101,39 @@ def test_the_model_and_the_solvers_are_leaves_below_the_run():
     for module in ("ssft_jax.model", "ssft_jax.matching", "ssft_jax.sampling", "ssft_jax.checkers"):
         assert not _reaches(module) & {"ssft_jax.train", "ssft_jax.train_step", "ssft_jax.assembly",
                                         "ssft_jax.config"}, module
+
+
+def _third_party_imports(module: str) -> set[str]:
+    """Top-level names of every non-ssft_jax package `module` imports, at module level or inside functions."""
+    out = set()
+    for node in ast.walk(ast.parse(MODULES[module].read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            out.add(node.module.split(".")[0])
+    return out - {"ssft_jax"}
+
+
+def test_the_data_package_is_host_side_only():
+    """data/ holds numpy-side records, validation, layout arithmetic and the Grain pipeline: none of its modules
+    imports jax (at module level or in a function); what the step does to rows in-graph is `ssft_jax.rows`."""
+    data_modules = [m for m in MODULES if m == "ssft_jax.data" or m.startswith("ssft_jax.data.")]
+    assert len(data_modules) >= 6  # the reader found the package
+    offenders = {m: sorted(_third_party_imports(m) & {"jax", "jaxlib", "flax", "optax"}) for m in data_modules}
+    assert not {m: v for m, v in offenders.items() if v}, offenders
+    assert "jax" in _third_party_imports("ssft_jax.rows")  # the check can fail: the in-graph module does
+
+
+def test_the_two_stages_do_not_import_each_other():
+    """The SSFT trainer and GFPO share their loop's pieces through run_common / assembly, never each other."""
+    assert "ssft_jax.gfpo" not in _reaches("ssft_jax.train") and "ssft_jax.train" not in _reaches("ssft_jax.gfpo")
+    assert "ssft_jax.run_common" in GRAPH["ssft_jax.train"] & GRAPH["ssft_jax.gfpo"]
+
+
+def test_no_production_code_reads_a_test_setting():
+    """Test hooks are passed in (an option, a handler); nothing outside tests/ reads an SSFT_TEST_* variable."""
+    root = PKG.parent
+    sources = [p for d in ("ssft_jax", "bench", "launch", "configs") for p in (root / d).rglob("*.py")]
+    assert len(sources) > 50
+    readers = [str(p.relative_to(root)) for p in sources if "SSFT_TEST_" in p.read_text()]
+    assert not readers, readers

@@ -1,6 +1,5 @@
 """LoRA through the trainer: adapters-only state and checkpoints, exact resume, merged + PEFT exports, loading."""
 import json
-import pathlib
 
 import jax
 import jax.numpy as jnp

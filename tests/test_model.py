@@ -1,6 +1,5 @@
 """The decoder against transformers' PyTorch implementation, and the HF folder round trip."""
 import json
-import pathlib
 
 import jax
 import jax.numpy as jnp

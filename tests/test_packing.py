@@ -6,7 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from ssft_jax import config as config_lib, data as data_lib, losses, mesh as mesh_lib, train
+from ssft_jax import assembly, config as config_lib, data as data_lib, losses, mesh as mesh_lib, train
+from ssft_jax import rows as rows_lib
 from ssft_jax.data import packing
 
 
@@ -19,7 +20,7 @@ def tiny_config(**data):
 
 def _loss_and_grads(cfg, params, train_view, tag_of_trace, table, lengths):
     def loss(p):
-        rows = packing.fill_train_rows(train_view, tag_of_trace, table, lengths)
+        rows = rows_lib.fill_train_rows(train_view, tag_of_trace, table, lengths)
         s, n = losses.set_loss_sums(cfg, p, rows)
         return s / n, n
     return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
@@ -48,7 +49,7 @@ def test_first_fit_decreasing():
 def test_packed_loss_and_grads_equal_unpacked_on_the_tiny_model():
     c = tiny_config()
     mesh = mesh_lib.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    x = train.build_inputs(c, mesh)
+    x = assembly.build_inputs(c, mesh)
     ref = next(data_lib.make_iterator(x.questions, x.layout, x.tag_table, x.tag_lengths, seed=0))
     B, M = x.layout.batch_size, x.layout.num_traces
     S = x.layout.train_row_len
@@ -66,8 +67,8 @@ def test_packed_loss_and_grads_equal_unpacked_on_the_tiny_model():
     _assert_same_loss_and_grads(x.model_config, x.params, ref["train"], pk["train"], x.tag_table, x.tag_lengths,
                                 tags, rtol=2e-5, atol=1e-7)
     # The filled rows hold the same sequences: prompt + tag + trace, positions 0.. per sequence.
-    fu = jax.tree.map(np.asarray, data_lib.fill_tags(ref["train"], tags, x.tag_table, x.tag_lengths))
-    fp = jax.tree.map(np.asarray, packing.fill_packed_tags(pk["train"], tags, x.tag_table, x.tag_lengths))
+    fu = jax.tree.map(np.asarray, rows_lib.fill_tags(ref["train"], tags, x.tag_table, x.tag_lengths))
+    fp = jax.tree.map(np.asarray, rows_lib.fill_packed_tags(pk["train"], tags, x.tag_table, x.tag_lengths))
     for b in (0, 2):
         for j in range(M):
             row = pk["train"]["tag_row"][b, j]
@@ -219,7 +220,7 @@ def test_fill_by_tokens_trains_like_the_same_questions_without_empty_slots(tmp_p
     through the cost pass (both layouts), the matching and the set loss."""
     c = tiny_config()
     mesh = mesh_lib.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    x = train.build_inputs(c, mesh)
+    x = assembly.build_inputs(c, mesh)
     B = x.layout.batch_size
     S = x.layout.train_row_len
     lay = dataclasses.replace(x.layout, pack_rows=B, pack_len=3 * S, pack_fill="tokens")

@@ -118,9 +118,11 @@ WRITE_DELAY_S = 0.25  # test hook: each async checkpoint write takes at least th
 
 
 def _launch(workdir, log_path):
-    cmd = [sys.executable, "-m", "ssft_jax.train", f"--config={ROOT / 'configs' / 'demo.py'}:tiny",
-           f"--workdir={workdir}", "--config.mesh.num_devices=1", "--config.mesh.data=1", *CHAOS_FLAGS]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), faults.WRITE_DELAY_ENV: str(WRITE_DELAY_S)}
+    # the trainer's CLI with the slow-write hook passed to its checkpointer (tests/slow_writes.py)
+    cmd = [sys.executable, str(ROOT / "tests" / "slow_writes.py"), str(WRITE_DELAY_S),
+           f"--config={ROOT / 'configs' / 'demo.py'}:tiny", f"--workdir={workdir}", "--config.mesh.num_devices=1",
+           "--config.mesh.data=1", *CHAOS_FLAGS]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     with open(log_path, "w") as log:  # a file, not a pipe: nobody reads while it runs, a full pipe would block it
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
@@ -503,12 +505,12 @@ def test_injection_adds_nothing_to_a_normal_step():
 def test_nonfinite_cost_loss_and_gradients(tmp_path):
     c = _nonfinite_cfg()
     mesh = mesh_lib.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    _, cfg, params, _, layout, questions, _, table, lengths = train.build_inputs(c, mesh)
+    _, cfg, params, _, layout, questions, _, table, lengths = assembly.build_inputs(c, mesh)
     iterator = data_lib.make_iterator(questions, layout, table, lengths, seed=c.seed)
     optimizer = assembly.make_optimizer(c, c.num_steps)
     state = train_state.init_state(params, optimizer, c.seed, mesh)
     c.debug.inject_nonfinite = INJECT
-    batches = [train.to_global(next(iterator), mesh) for _ in range(5)]
+    batches = [mesh_lib.to_global(next(iterator), mesh) for _ in range(5)]
     step = assembly.make_step(c, cfg, layout, optimizer, state, batches[0], mesh)
     host = lambda tree: jax.tree.map(np.array, tree)  # noqa: E731  (copies: the step donates its input)
     same = lambda a, b: all(jax.tree.leaves(jax.tree.map(np.array_equal, a, b)))  # noqa: E731

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy.optimize import linear_sum_assignment
 
-from ssft_jax import config as config_lib, data as data_lib, losses, mesh as mesh_lib, train
+from ssft_jax import assembly, config as config_lib, data as data_lib, losses, mesh as mesh_lib, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -56,7 +56,7 @@ def test_overfits_a_few_questions(tmp_path):
 
 
 def _pieces(c, mesh, tmp_path):
-    x = train.build_inputs(c, mesh)
+    x = assembly.build_inputs(c, mesh)
     batch = next(data_lib.make_iterator(x.questions, x.layout, x.tag_table, x.tag_lengths, seed=0))
     return x.model_config, x.params, batch, x.tag_table, x.tag_lengths
 

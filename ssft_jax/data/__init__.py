@@ -2,8 +2,9 @@
 
 Modules: ``formats`` (reading sources, detecting and normalising their shapes, ids, the held-out split),
 ``records`` (validation, tokenization), ``question`` (TokenizedQuestion, what validation produces and the layout
-consumes), ``layout`` (LayoutConfig, the per-question views, ``fill_tags``, ``cost_matrix_from_token_nll``),
-``pipeline`` (Grain); everything is importable from here.
+consumes), ``layout`` (LayoutConfig, the per-question views), ``packing`` (packed train rows), ``pipeline`` (Grain);
+everything is importable from here. Host side only (numpy; no jax): what the step does to these rows in-graph
+(``fill_tags``, ``fill_packed_tags``, ``cost_matrix_from_token_nll``) is ``ssft_jax.rows``.
 
 Pipeline
 --------
@@ -65,17 +66,17 @@ Cost view (the no-grad forward that fills C), one packed row per question, ``R =
     tag is left-padded: it touches the trace); ``pair_ids = i*M + j`` there, -1 elsewhere.
   * Blocks of invalid traces (question with fewer than M) and of invalid tags are all padding.
   Versus repeating the prompt in every row (``N*M`` rows of ``P + Lt + Le``), prompt sharing saves ``(N*M - 1) * P``
-  slots per question. ``cost_matrix_from_token_nll`` reads the per-token NLL back into ``C[B, N, M]`` (mean over
+  slots per question. ``rows.cost_matrix_from_token_nll`` reads the per-token NLL back into ``C[B, N, M]`` (mean over
   each pair's loss positions; ``+inf`` for invalid traces/tags, which the matcher ignores given the valid masks).
 
 Train view (forward+backward on the matched sequences), M rows per question, ``[B, M, S]``, ``S = P + Lt + T``::
 
-    [ prompt (P, right-padded) | tag slot (Lt, EMPTY until fill_tags, then left-padded tag) | trace (T, right-padded) ]
+    [ prompt (P, right-padded) | tag slot (Lt, EMPTY until rows.fill_tags, then left-padded tag) | trace (T, right-padded) ]
 
   * ``segment_ids`` 1 on real tokens, 0 on padding and on the empty tag slot; ``loss_mask`` 1 at the positions whose
     target is a trace token (incl. the end-of-turn token): the slot's last position (the last tag token after
     filling) and the trace's first len-1 positions; all zero for invalid traces, never all zero for valid ones.
-  * ``fill_tags`` (jit-able) writes the assigned tag into each row's slot, recomputes ``positions`` (cumsum of real
+  * ``rows.fill_tags`` (jit-able) writes the assigned tag into each row's slot, recomputes ``positions`` (cumsum of real
     tokens - 1: contiguous across the padding gaps), ``targets`` (the next real token) and ``segment_ids``. Padding
     between prompt, tag and trace is segment 0: nothing attends to it, so a filled row computes exactly what the
     contiguous sequence ``prompt + tag + trace`` would.
@@ -90,8 +91,8 @@ Batch layout (numpy, static shapes, produced by the Grain iterator)::
 
 Packed train view (``data.packed``; ``packing``): the same sequences ``prompt + tag + trace`` placed first-fit
 decreasing into ``pack_rows`` rows of ``pack_len`` slots per batch, one segment id per sequence, the tag slot's place
-in ``tag_row``/``tag_slot_start [B, M]``, filled by ``packing.fill_packed_tags`` (the step calls
-``packing.fill_train_rows``, which picks the view's). A question that
+in ``tag_row``/``tag_slot_start [B, M]``, filled by ``rows.fill_packed_tags`` (the step calls
+``rows.fill_train_rows``, which picks the view's). A question that
 does not fit is deferred to the next batch (``PackedIterator``, counted). With ``pack_fill="tokens"`` B is the most
 questions per batch and the rows fill up; empty question slots have ``question_index`` -1 and no valid trace.
 
@@ -100,12 +101,11 @@ train ``M*(P+Lt+T)``. B is per process: the global batch is ``B * process_count`
 """
 
 from ssft_jax.data.divergence import DivergenceReport, divergence_report, first_divergence
-from ssft_jax.data.layout import (LayoutConfig, QuestionLayout, batch_token_counts, cost_matrix_from_token_nll,
-                                  fill_tags, tag_table)
+from ssft_jax.data.layout import LayoutConfig, QuestionLayout, batch_token_counts, tag_table
 from ssft_jax.data.formats import (FORMATS, DataError, FormatError, RawRecord, heldout_count, prompt_id, read_jsonl,
                                    read_parquet, read_records, read_source, record_id, split_heldout)
 from ssft_jax.data import packing
-from ssft_jax.data.packing import PackedIterator, PackedTrainLayout, PackingError, fill_packed_tags
+from ssft_jax.data.packing import PackedIterator, PackedTrainLayout, PackingError
 from ssft_jax.data.pipeline import TraceSample, make_dataset, make_iterator
 from ssft_jax.data.question import TokenizedQuestion
 from ssft_jax.data.records import (EXTRA_TRACES, OVERLONG, ON_BAD_RECORD, REASONS, ValidationReport, load_questions,
@@ -115,8 +115,7 @@ __all__ = [
     "DivergenceReport", "divergence_report", "first_divergence",
     "REASONS", "DataError", "LayoutConfig", "tag_table", "RawRecord", "read_jsonl", "read_parquet", "read_records",
     "TokenizedQuestion", "ValidationReport", "tokenize_records", "load_questions", "QuestionLayout",
-    "cost_matrix_from_token_nll", "fill_tags", "make_dataset", "make_iterator", "batch_token_counts", "ON_BAD_RECORD",
+    "make_dataset", "make_iterator", "batch_token_counts", "ON_BAD_RECORD",
     "OVERLONG", "EXTRA_TRACES", "FORMATS", "FormatError", "read_source", "prompt_id", "record_id", "split_heldout",
     "heldout_count", "TraceSample", "packing", "PackedIterator", "PackedTrainLayout", "PackingError",
-    "fill_packed_tags",
 ]

@@ -13,9 +13,9 @@ Layout (per process, numpy, built on the host inside the data iterator)::
   * Rows are filled first-fit decreasing (``first_fit_decreasing``), a deterministic function of the batch.
   * ``seq_index [R, S']``: ``b*M + j`` over the whole span of question b's trace j (b counted inside its
     micro-batch), -1 on row padding; ``segment_ids`` 1 on the prompt and trace tokens only (the tag slot is empty
-    until ``fill_packed_tags``); ``loss_mask`` 1 where the target is a trace token, as in the unpacked view.
+    until ``rows.fill_packed_tags``); ``loss_mask`` 1 where the target is a trace token, as in the unpacked view.
   * ``tag_row``, ``tag_slot_start [B, M]``: where each sequence's tag slot lies (row inside the micro-batch's rows,
-    slot in the row); ``fill_packed_tags`` (in-graph, after matching) writes the assigned tag there, LEFT-padded
+    slot in the row); ``rows.fill_packed_tags`` (in-graph, after matching) writes the assigned tag there, LEFT-padded
     to Lt like the unpacked slot, and rebuilds positions, targets and per-sequence segment ids.
   * Micro-batches and processes: the batch's questions are split into ``pack_groups`` contiguous groups (the finer
     of the micro-batch split and the process split: ``lcm(micro_batches, processes) / processes`` per process),
@@ -43,7 +43,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ssft_jax.data.layout import LayoutConfig, QuestionLayout, fill_tags, next_real_targets
+from ssft_jax.data.layout import LayoutConfig, QuestionLayout
 from ssft_jax.data.question import TokenizedQuestion
 
 # The deferral queue may hold this many batches' worth of questions before the run is stopped: a queue that keeps
@@ -243,62 +243,3 @@ class PackedIterator:
         empty = empty_element(groups[0][0][1])
         return stack_batch([grp[k][1] if k < len(grp) else empty for grp in groups for k in range(pk.q_per_group)],
                            pk)
-
-
-# --------------------------------------------------------------------------------------------
-# In-graph (pure jnp, jit-able)
-# --------------------------------------------------------------------------------------------
-
-
-def fill_packed_tags(train_view: Mapping[str, Any], tag_of_trace, tag_table, tag_lengths) -> dict[str, Any]:
-    """``fill_tags`` for the packed view of one micro-batch: rows ``[R, S']``, side fields ``[B, M]``.
-
-    Writes each sequence's assigned tag into its slot (left-padded to Lt), drops sequences whose trace is invalid
-    or has no tag (-1: all padding, zero loss) and returns tokens, segment_ids (one id per sequence), positions
-    (restarting at 0 per sequence, contiguous across the tag's left padding), targets (the next real token of the
-    same sequence) and loss_mask, ``[R, S']`` int32: what ``losses.set_loss_sums`` reads.
-    """
-    import jax
-    import jax.numpy as jnp
-
-    tokens = jnp.asarray(train_view["tokens"], jnp.int32)
-    R, S = tokens.shape
-    table = jnp.asarray(tag_table, jnp.int32)
-    lengths = jnp.asarray(tag_lengths, jnp.int32)
-    N, Lt = table.shape
-    tag = jnp.asarray(tag_of_trace, jnp.int32).reshape(-1)  # [B*M]
-    valid = jnp.asarray(train_view["trace_valid"], bool).reshape(-1)
-    on = (tag >= 0) & valid
-    tag = jnp.clip(tag, 0, N - 1)
-    seq = jnp.asarray(train_view["seq_index"], jnp.int32)
-    slot_on = (seq >= 0) & on[jnp.maximum(seq, 0)]
-    real = (jnp.asarray(train_view["segment_ids"]) != 0) & slot_on
-    # The tag slots: Lt (row, column) pairs per sequence; an invalid trace's writes go out of range and are dropped.
-    k = jnp.arange(Lt, dtype=jnp.int32)
-    rows = jnp.where(valid, jnp.asarray(train_view["tag_row"], jnp.int32).reshape(-1), R)[:, None] + 0 * k
-    cols = jnp.asarray(train_view["tag_slot_start"], jnp.int32).reshape(-1)[:, None] + k
-    slot_real = on[:, None] & (k >= Lt - lengths[tag][:, None])
-    tokens = tokens.at[rows, cols].set(jnp.where(slot_real, table[tag], 0), mode="drop")
-    real = real.at[rows, cols].set(slot_real, mode="drop")
-    tokens = jnp.where(real, tokens, 0)
-    realtoi = real.astype(jnp.int32)
-    # Positions: real tokens of the same sequence before this slot. A sequence's span starts where seq_index
-    # changes; subtract the real tokens before that start from the row's running count.
-    ar = jnp.arange(S, dtype=jnp.int32)[None, :]
-    count = jnp.cumsum(realtoi, axis=-1)
-    start = seq != jnp.concatenate([jnp.full((R, 1), -2, jnp.int32), seq[:, :-1]], axis=-1)
-    start_idx = jax.lax.cummax(jnp.where(start, ar, 0), axis=1)
-    before = jnp.take_along_axis(count - realtoi, start_idx, axis=-1)
-    positions = jnp.where(real, count - 1 - before, 0)
-    targets = next_real_targets(tokens, real, seq)
-    loss_mask = jnp.asarray(train_view["loss_mask"], jnp.int32) * slot_on.astype(jnp.int32)
-    return {"tokens": tokens, "segment_ids": jnp.where(real, seq + 1, 0).astype(jnp.int32),
-            "positions": positions.astype(jnp.int32), "targets": targets, "loss_mask": loss_mask}
-
-
-def fill_train_rows(train_view: Mapping[str, Any], tag_of_trace, tag_table, tag_lengths) -> dict[str, Any]:
-    """The train step's one call: ``fill_tags`` or, for a packed view (``seq_index`` present), ``fill_packed_tags``;
-    rows flattened to ``[rows, S]`` for ``model.forward`` either way."""
-    fill = fill_packed_tags if "seq_index" in train_view else fill_tags
-    rows = fill(train_view, tag_of_trace, tag_table, tag_lengths)
-    return {k: v.reshape(-1, v.shape[-1]) for k, v in rows.items()}

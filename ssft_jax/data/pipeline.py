@@ -39,8 +39,8 @@ def make_dataset(
     seed: int = 0,
     epochs: int | None = None,
     shuffle: bool = True,
-    process_index: int | None = None,
-    process_count: int | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
 ):
     """The batched ``grain.MapDataset``: source -> shuffle(seed) -> repeat(epochs) -> [TraceSample] -> shard -> map
     -> batch.
@@ -59,11 +59,6 @@ def make_dataset(
         raise ValueError("no questions")
     if epochs is not None and epochs < 1:
         raise ValueError(f"epochs must be >= 1 or None (forever), got {epochs}")
-    if process_index is None or process_count is None:
-        import jax
-
-        process_index = jax.process_index() if process_index is None else process_index
-        process_count = jax.process_count() if process_count is None else process_count
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} not in [0, {process_count})")
     ds = grain.MapDataset.source(list(questions))
@@ -89,8 +84,8 @@ def make_iterator(
     seed: int = 0,
     epochs: int | None = None,
     shuffle: bool = True,
-    process_index: int | None = None,
-    process_count: int | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
     read_options=None,
 ):
     """A ``grain.DatasetIterator`` over batches (see the module docstring for the batch dict).
@@ -102,16 +97,14 @@ def make_iterator(
     worker processes call ``.mp_prefetch`` on ``make_dataset(...).to_iter_dataset()`` yourself (grain needs parsed
     absl flags and an ``if __name__ == "__main__"`` guard for that). A packed layout gives a
     ``packing.PackedIterator`` (same ``get_state``/``set_state``; ``read_options`` unused: it reads in-line).
+    Multi-host: pass ``process_index=jax.process_index(), process_count=jax.process_count()`` (the trainer does;
+    this host-side package does not import jax), so each process reads its own share.
     """
     import grain
 
     ds = make_dataset(questions, layout, tag_table, tag_lengths, seed=seed, epochs=epochs, shuffle=shuffle,
                       process_index=process_index, process_count=process_count)
     if layout.packed:  # random access into the elements: its state is a position and the deferred indices
-        if process_index is None or process_count is None:
-            import jax
-
-            process_index, process_count = jax.process_index(), jax.process_count()
         return packing.PackedIterator(ds, packing.PackedTrainLayout(layout, process_index=process_index,
                                                                     process_count=process_count))
     if read_options is None:
