@@ -1,7 +1,7 @@
 """One prepared accelerator check (GPU or TPU): step times, MFU, memory, matching share and decode speed.
 
     bash bench/run_on_gpu.sh                    # on the GPU machine: installs the carried wheels, runs both below
-    python bench/accelerator.py [--out DIR]     # the check (~6 min on one H200); DIR defaults to $OUT or out/accelerator
+    python bench/accelerator.py [--out DIR]     # the check (~6 min on one H200); DIR: $OUT or out/accelerator
     python bench/accelerator.py --xla-flags-ab  # the step with each XLA flag setting, one child process per setting
     python bench/accelerator.py --cpu-smoke     # the same code paths at tiny size on the CPU (tests run this)
 
@@ -143,6 +143,7 @@ def matching_share(config, batch: int, ssft_step_ms: float) -> dict:
     import jax.numpy as jnp
 
     from ssft_jax import losses, matching
+
     from timing_helpers import block, interleaved, med
 
     N, M, matcher = config.ssft.num_tags, config.ssft.max_traces, config.ssft.matcher
@@ -180,8 +181,17 @@ def measure(args, mode: dict, flags_info: dict) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from ssft_jax import assembly, config as config_lib, data as data_lib, flops, losses, memory_plan
-    from ssft_jax import mesh as mesh_lib, train_state
+    from ssft_jax import (
+        assembly,
+        config as config_lib,
+        data as data_lib,
+        flops,
+        losses,
+        memory_plan,
+        mesh as mesh_lib,
+        train_state,
+    )
+
     from timing_helpers import block, interleaved, med, ratio
 
     dev = jax.devices()[0]
@@ -272,12 +282,21 @@ def measure(args, mode: dict, flags_info: dict) -> dict:
             counts = [data_lib.batch_token_counts(h) for h in host]
             name = "sft_mixed" if v[0] == "sft_mixed" else f"ssft L={v[1]} {v[2]}"
             steps[name] = step
-            rows[name] = dict(method=v[0], L=v[1], cost_layout=v[2], compile_s=compile_s, model_flops=sf.model,
-                              executed_flops=sf.executed, train_slots=float(np.mean([k["train_slots"] for k in counts])),
-                              train_real=float(np.mean([k["train_real"] for k in counts])),
-                              plan_bytes=plans[v].total, xla=memory_plan.memory_figures(compiled),
-                              peak_bytes_so_far=device_memory("peak_bytes_in_use"), R=layout.cost_row_len,
-                              S=layout.train_row_len)
+            rows[name] = dict(
+                method=v[0],
+                L=v[1],
+                cost_layout=v[2],
+                compile_s=compile_s,
+                model_flops=sf.model,
+                executed_flops=sf.executed,
+                train_slots=float(np.mean([k["train_slots"] for k in counts])),
+                train_real=float(np.mean([k["train_real"] for k in counts])),
+                plan_bytes=plans[v].total,
+                xla=memory_plan.memory_figures(compiled),
+                peak_bytes_so_far=device_memory("peak_bytes_in_use"),
+                R=layout.cost_row_len,
+                S=layout.train_row_len,
+            )
         times = interleaved(steps, rounds, mode["warmup"])
         base = times["sft_mixed"]
         floor_base = rows["sft_mixed"]["model_flops"]

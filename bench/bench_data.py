@@ -26,8 +26,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ssft_jax import data as D  # noqa: E402
-from ssft_jax import gguf_convert, rows as rows_lib, tokenization  # noqa: E402
+from ssft_jax import (  # noqa: E402
+    data as D,  # noqa: E402
+    gguf_convert,
+    rows as rows_lib,
+    tokenization,
+)
 
 WORDS = ("the of and to a in is that it for as with was on be by this are we step so then answer number let "
          "compute check sum total value equals therefore because first second next finally times plus minus "

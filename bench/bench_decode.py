@@ -1,4 +1,5 @@
-"""Decode throughput of `sampling.generate_forked` (questions x tags x samples), with and without the shared prompt cache.
+"""Decode throughput of `sampling.generate_forked` (questions x tags x samples), with and without the shared prompt
+cache.
 
     python bench/bench_decode.py [--models smollm2,demo] [--questions 2] [--samples 1] [--new_tokens 32] [--repeats 2]
     python bench/bench_decode.py --quick    # smoke run (demo model only)

@@ -33,8 +33,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ssft_jax import assembly, checkers, config as config_lib, datasets, gfpo, metrics_log  # noqa: E402
-from ssft_jax import sampling, tag_policy  # noqa: E402
+from ssft_jax import assembly, checkers, config as config_lib, datasets, gfpo, metrics_log, sampling, tag_policy  # noqa: E402  # noqa: E402
 
 
 def machine_load() -> str:
@@ -62,8 +61,14 @@ def time_steps(init_from: pathlib.Path, estimator: str, steps: int, questions: i
         recs = metrics_log.read_metrics(wd)[1:]  # the first step compiles the sampler and the update
     med = lambda k: statistics.median(r[k] for r in recs)
     rows = questions * (c.gfpo.group_size if estimator == "grpo" else len(s["valid_tags"]) * c.gfpo.samples_per_tag)
-    return {"estimator": estimator, "rows": rows, "rollout_s": med("rollout_seconds"), "update_s": med("update_seconds"),
-            "tokens_per_s": med("rollout_tokens_per_s"), "tokens": med("rollout_tokens")}
+    return {
+        "estimator": estimator,
+        "rows": rows,
+        "rollout_s": med("rollout_seconds"),
+        "update_s": med("update_seconds"),
+        "tokens_per_s": med("rollout_tokens_per_s"),
+        "tokens": med("rollout_tokens"),
+    }
 
 
 def success_table(lm, questions: gfpo.Questions, idx, valid, samples: int, max_new: int, temperature: float,

@@ -34,8 +34,7 @@ def stage_config(base_config, hf_dir: str, steps: int, lora: bool, rank: int, al
 
 
 def main(argv=None) -> dict:
-    from ssft_jax import datasets, demo, memory_plan, train
-    from ssft_jax import lora as lora_lib
+    from ssft_jax import datasets, demo, lora as lora_lib, memory_plan, train
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="the demo's 'tiny' config, a few steps (the test)")
@@ -91,17 +90,22 @@ def main(argv=None) -> dict:
         print(f"{name}: {steps} SSFT steps in {train_s:.0f}s, MI/logM {ev['mutual_information_frac_logM']:.3f}, "
               f"distinct {ev['distinct_strategies']:.2f}, Pass@1 coverage {ev['pass@1_coverage']:.3f}", flush=True)
 
-    report = [f"base: SFT-mixed full FT, {base_steps} steps ({base_s:.0f}s); then {steps} SSFT steps per arm; "
-              f"greedy on {len(heldout)} held-out questions; load average at start {load:.2f}", "",
-              "| arm | trainable params | MI / log M | MI (nats) | distinct strategies / question | Pass@1 (coverage tag) "
-              "| Pass@N | final loss | train s | memory_plan: weights + optimizer + grads (KiB) | total per device (MiB) |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    report = [
+        f"base: SFT-mixed full FT, {base_steps} steps ({base_s:.0f}s); then {steps} SSFT steps per arm; "
+        f"greedy on {len(heldout)} held-out questions; load average at start {load:.2f}",
+        "",
+        "| arm | trainable params | MI / log M | MI (nats) | distinct strategies / question | Pass@1 (coverage tag) "
+        "| Pass@N | final loss | train s | memory_plan: weights + optimizer + grads (KiB) | total per device (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, a in arms.items():
         e = a["eval"]
-        report.append(f"| {name} | {a['trainable_params']:,} | {e['mutual_information_frac_logM']:.3f} | "
-                      f"{e['mutual_information_nats']:.3f} | {e['distinct_strategies']:.2f} | "
-                      f"{e['pass@1_coverage']:.3f} | {e['pass@N']:.3f} | {a['final_loss']:.3f} | "
-                      f"{a['train_seconds']:.0f} | {a['plan_state_bytes'] / 2**10:.1f} | {a['plan_total_bytes'] / 2**20:.2f} |")
+        report.append(
+            f"| {name} | {a['trainable_params']:,} | {e['mutual_information_frac_logM']:.3f} | "
+            f"{e['mutual_information_nats']:.3f} | {e['distinct_strategies']:.2f} | "
+            f"{e['pass@1_coverage']:.3f} | {e['pass@N']:.3f} | {a['final_loss']:.3f} | "
+            f"{a['train_seconds']:.0f} | {a['plan_state_bytes'] / 2**10:.1f} | {a['plan_total_bytes'] / 2**20:.2f} |"
+        )
     for name, a in arms.items():
         report += ["", demo.matrix_markdown(f"SSFT {name}", a["eval"])]
     text = "\n".join(report)

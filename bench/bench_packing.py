@@ -118,9 +118,11 @@ def choose_pack_rows(qs, layout, num_batches: int, step: int, max_deferred: floa
     return lay, packing_stats(qs, lay, num_batches)
 
 
-TABLE_HEAD = ("| lengths | pack_fill | B x M | P+Lt+T | unpacked slots / real token | packed rows x len | packed slots / "
-              "real token | real share (packed) | questions per batch | deferrals | saving |\n"
-              "|---|---|---|---|---|---|---|---|---|---|---|")
+TABLE_HEAD = (
+    "| lengths | pack_fill | B x M | P+Lt+T | unpacked slots / real token | packed rows x len | packed slots / "
+    "real token | real share (packed) | questions per batch | deferrals | saving |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|"
+)
 
 
 def table_rows(name, layout, unpacked, packed):
@@ -186,7 +188,8 @@ def big_config_rows(name: str, pack_rows: int, pack_len: int):
         plan = memory_plan.make_plan(c, config_name=name)
         lay = dataclasses.replace(
             __import__("ssft_jax.assembly", fromlist=["x"]).build_layout(c, plan.dims["Lt"], num_processes=1))
-        f = flops_lib.step_flops(plan.cfg, lay, c.batch_size, needs_costs=True, cost_layout=c.ssft.cost_layout)
+        # the layout the planner planned (ssft.cost_layout="auto" decided, as the trainer decides it)
+        f = flops_lib.step_flops(plan.cfg, lay, c.batch_size, needs_costs=True, cost_layout=plan.dims["cost_layout"])
         chip = memory_plan.accelerator_chips(c.accelerator)[0]
         rows.append(f"| {name} | {'packed ' + str(pack_rows) + ' x ' + str(lay.pack_row_len) if packed else 'unpacked'}"
                     f" | {plan.train_pass['total'] / 2**30:.1f} | {plan.total / 2**30:.1f} | "
@@ -238,9 +241,11 @@ def main():
             continue
         t = demo_step_times(qs, {k: lay for k, (lay, _) in variants.items()}, args.reps, tiny=args.quick)
         per_q = {k: t[k] / st["questions_per_batch"] for k, (_, st) in variants.items()}
-        print(f"| {name} | {t['unpacked']:.3f} | {t['packed, questions']:.3f} | {t['packed, tokens']:.3f} | "
-              f"{per_q['packed, questions'] / per_q['unpacked']:.2f} | {per_q['packed, tokens'] / per_q['unpacked']:.2f}"
-              f" | {os.getloadavg()[0]:.2f} |")
+        print(
+            f"| {name} | {t['unpacked']:.3f} | {t['packed, questions']:.3f} | {t['packed, tokens']:.3f} | "
+            f"{per_q['packed, questions'] / per_q['unpacked']:.2f} | {per_q['packed, tokens'] / per_q['unpacked']:.2f}"
+            f" | {os.getloadavg()[0]:.2f} |"
+        )
     # Paper scale: the longtail shape at P=1024, T=31712 (shortest teacher median T/40 ~ 790 tokens), batch 16;
     # rows in steps of the configs' data-parallel size (16: one row per chip per step of the choice).
     P, T = 1024, 31712

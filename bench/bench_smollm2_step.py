@@ -29,8 +29,16 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ssft_jax import assembly, config as config_lib, data as data_lib, demo, flops, mesh as mesh_lib  # noqa: E402
-from ssft_jax import rows as rows_lib  # noqa: E402
+from ssft_jax import (  # noqa: E402
+    assembly,
+    config as config_lib,
+    data as data_lib,
+    demo,
+    flops,
+    mesh as mesh_lib,
+    rows as rows_lib,  # noqa: E402
+)
+
 import bench_train_step as B  # noqa: E402
 from timing_helpers import interleaved, med, ratio  # noqa: E402
 

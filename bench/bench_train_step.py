@@ -43,12 +43,21 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from configs.demo import get_config  # noqa: E402
-from ssft_jax import data as data_lib  # noqa: E402
-from ssft_jax import assembly, datasets, flops, losses, mesh as mesh_lib, train_state  # noqa: E402
+from ssft_jax import (  # noqa: E402  # noqa: E402
+    assembly,
+    data as data_lib,  # noqa: E402
+    datasets,
+    flops,
+    losses,
+    memory_plan,
+    mesh as mesh_lib,
+    rows as rows_lib,
+    train_state,
+)
 from ssft_jax.logprobs import token_logprobs  # noqa: E402
-from ssft_jax import memory_plan, rows as rows_lib  # noqa: E402
 from ssft_jax.memory_plan import memory_figures  # noqa: E402
 from ssft_jax.model import forward, output_embedding  # noqa: E402
+
 import train_step_variants as V  # noqa: E402
 from timing_helpers import block, interleaved, med, ratio  # noqa: E402
 
@@ -276,7 +285,9 @@ def main(argv=None) -> int:
     r_ssft = ratio(times["ssft"], base)
     print("\n| floor for ssft / sft_mixed | formula | value | measured / floor |")
     print("|---|---|---|---|")
-    print(f"| brief's floor, real mean P, T, L' | 1 + N(P+L)/(3(P+T)) | {floor_brief:.3f} | {r_ssft / floor_brief:.3f} |")
+    print(
+        f"| brief's floor, real mean P, T, L' | 1 + N(P+L)/(3(P+T)) | {floor_brief:.3f} | {r_ssft / floor_brief:.3f} |"
+    )
     print(f"| prompt shared, real lengths | 1 + (P+NM(Lt+L))/(3M(P+Lt+T)) | {floor_shared:.3f} | "
           f"{r_ssft / floor_shared:.3f} |")
     print(f"| prompt shared, padded slots | 1 + R/(3 M S) | {floor_slots:.3f} | {r_ssft / floor_slots:.3f} |")
@@ -381,8 +392,10 @@ def main(argv=None) -> int:
     print("|---|---|---|")
     print(f"| assign('ssft') jitted alone on the step's real C | {t_match * 1e3:.2f} | {t_match / t_ssft:.2%} |")
     print(f"| second_best_gap alone (M extra solves, diagnostics) | {t_gap * 1e3:.2f} | {t_gap / t_ssft:.2%} |")
-    print(f"| in-step: ssft(no gap) - fixed tags with the same cost pass (median per-round diff) | {d_match * 1e3:.1f} |"
-          f" {d_match / t_ssft:.1%} |")
+    print(
+        f"| in-step: ssft(no gap) - fixed tags with the same cost pass (median per-round diff) | {d_match * 1e3:.1f} |"
+        f" {d_match / t_ssft:.1%} |"
+    )
     print(f"| in-step: ssft - ssft(no gap) (median per-round diff) | {d_gap * 1e3:.1f} | {d_gap / t_ssft:.1%} |")
     print(f"| ssft step (median) | {t_ssft * 1e3:.1f} | 100% |")
     print("\n(in-step differences are at the noise level of whole-step timings; the jitted-alone rows are the "

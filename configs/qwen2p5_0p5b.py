@@ -4,7 +4,8 @@
 and 25.9 GiB of activations for one question's 4 rows of 32742 tokens = 29.1 GiB: v5p-8 with 65.9 GiB headroom;
 v4-8 / v6e fit with only 2.9 GiB (tight); v5e (16 GiB) does not.
 
-    python -m ssft_jax.train --config configs/qwen2p5_0p5b.py:hf_dir=/ckpt/Qwen2.5-0.5B-Instruct,data=/data/s1k_multi.jsonl \
+    python -m ssft_jax.train \
+        --config configs/qwen2p5_0p5b.py:hf_dir=/ckpt/Qwen2.5-0.5B-Instruct,data=/data/s1k_multi.jsonl \
         --workdir gs://bucket/runs/q05
 """
 from ssft_jax.config import base_config, paper_recipe, parse_arg

@@ -15,7 +15,8 @@ So this config defaults to the rows that fit its slice: traces up to 15712 token
 longer traces are truncated and counted, see data.overlong). `:max_trace_len=31712` gives the paper's 32k rows, for
 a slice with more HBM per chip or once saved residuals are sequence-sharded.
 
-    python -m ssft_jax.train --config configs/qwen2p5_32b.py:hf_dir=/ckpt/Qwen2.5-32B-Instruct,data=/data/s1k_multi.jsonl \
+    python -m ssft_jax.train \
+        --config configs/qwen2p5_32b.py:hf_dir=/ckpt/Qwen2.5-32B-Instruct,data=/data/s1k_multi.jsonl \
         --workdir gs://bucket/runs/q32
 """
 from ssft_jax.config import base_config, paper_recipe, parse_arg

@@ -12,7 +12,8 @@ activations do not shrink with more chips (one question per chip is the floor: b
 95.9 with micro_batches=2: just over). The estimate assumes the Adam moments and the activations are sharded as
 intended; `--compile` checks the real step (see the planner's notes).
 
-    python -m ssft_jax.train --config configs/qwen2p5_7b.py:hf_dir=/ckpt/Qwen2.5-7B-Instruct,data=/data/s1k_multi.jsonl \
+    python -m ssft_jax.train \
+        --config configs/qwen2p5_7b.py:hf_dir=/ckpt/Qwen2.5-7B-Instruct,data=/data/s1k_multi.jsonl \
         --workdir gs://bucket/runs/q7
 """
 from ssft_jax.config import base_config, paper_recipe, parse_arg

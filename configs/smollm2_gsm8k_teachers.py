@@ -2,7 +2,8 @@
 for the held-out tag-teacher agreement (`python -m ssft_jax.teacher_agreement`, README "A pretrained model").
 
     python -m ssft_jax.teacher_agreement [--steps K]
-    python -m ssft_jax.train --config configs/smollm2_gsm8k_teachers.py --workdir /tmp/teach [--config.ssft.method=random]
+    python -m ssft_jax.train --config configs/smollm2_gsm8k_teachers.py --workdir /tmp/teach \
+        [--config.ssft.method=random]
 
 Each value says below why it was chosen; the figures it produced are in README.md.
 """

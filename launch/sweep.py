@@ -37,7 +37,6 @@ if __package__ in (None, ""):  # `python launch/sweep.py ...`
 from launch import common
 from launch.common import LaunchError, Runner
 
-
 # ---------------------------------------------------------------------------------------------------------------
 # Loading configs and sweep files
 # ---------------------------------------------------------------------------------------------------------------

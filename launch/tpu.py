@@ -1,4 +1,5 @@
-"""Cloud TPU VM / pod launcher: create -> sync code -> install -> [stage data] -> train on every worker -> logs -> delete.
+"""Cloud TPU VM / pod launcher: create -> sync code -> install -> [stage data] -> train on every worker -> logs ->
+delete.
 
     python -m launch.tpu all --name q32 --zone us-east5-a --project my-proj --accelerator_type v5p-64 --queued --spot \
         --config 'configs/qwen2p5_32b.py:hf_dir=/ckpt/Qwen2.5-32B-Instruct,data=/data/s1k_multi.jsonl' \

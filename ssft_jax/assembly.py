@@ -21,11 +21,19 @@ from typing import Any, Literal, Mapping, NamedTuple
 import jax
 import numpy as np
 
-from ssft_jax import config as config_lib
-from ssft_jax import datasets
-from ssft_jax import data as data_lib
-from ssft_jax import hf_io, lora as lora_lib, losses, mesh as mesh_lib, model as model_lib, tokenization, train_state
-from ssft_jax import train_step as step_lib
+from ssft_jax import (
+    config as config_lib,
+    data as data_lib,
+    datasets,
+    hf_io,
+    lora as lora_lib,
+    losses,
+    mesh as mesh_lib,
+    model as model_lib,
+    tokenization,
+    train_state,
+    train_step as step_lib,
+)
 from ssft_jax.model import ModelConfig, Params
 
 ParamsMode = Literal["load", "abstract", "none"]

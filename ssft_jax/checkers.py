@@ -16,8 +16,7 @@ import dataclasses
 import logging
 from typing import Any, Callable, Mapping
 
-from ssft_jax.datasets import gsm8k as gsm8k_data
-from ssft_jax.datasets import synthetic as synthetic_data
+from ssft_jax.datasets import gsm8k as gsm8k_data, synthetic as synthetic_data
 
 
 @dataclasses.dataclass(frozen=True)

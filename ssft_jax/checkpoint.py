@@ -29,8 +29,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-
-
 ITEMS = ("state", "data", "config", "integrity", "stats")
 # Orbax's per-step metadata file; its `item_handlers` names every item the step was saved with, which tells an item
 # that went missing (damage) from one the writing version did not have yet (a checkpoint that predates it).
@@ -188,7 +186,8 @@ class Checkpointer:
     def state_shape_mismatches(self, step: int, abstract_state: Any) -> list[str]:
         """The state arrays whose saved shape differs from `abstract_state`'s, as "path: saved -> expected", read
         from the step's metadata (no array is read). Non-empty means the checkpoint belongs to another model or
-        config, which is a config mismatch, not damage; empty when the metadata cannot be read (restore reports that)."""
+        config, which is a config mismatch, not damage; empty when the metadata cannot be read (restore reports
+        that)."""
         try:
             saved = ocp.StandardCheckpointHandler().metadata(self.directory / str(step) / "state")
             saved = getattr(saved, "tree", saved)

@@ -13,15 +13,26 @@ import ml_collections
 
 # Each enumerated field's allowed values are defined by the module that implements them (the registries of methods
 # and matchers are live: a method registered at run time is valid here at once).
-from ssft_jax import cost_layouts, datasets, faults, gfpo_estimators, lora as lora_lib, losses, matching, model
-from ssft_jax import tokenization
+from ssft_jax import (
+    cost_layouts,
+    datasets,
+    faults,
+    gfpo_estimators,
+    lora as lora_lib,
+    losses,
+    matching,
+    model,
+    tokenization,
+)
 from ssft_jax.checkpoint import ON_CORRUPT
 from ssft_jax.data import EXTRA_TRACES, FORMATS, ON_BAD_RECORD, OVERLONG
 
 # The repository's configs/ in a checkout (or an editable install); inside the package (ssft_jax/configs, see
 # pyproject.toml) after `pip install .`, where no repository is next to it.
 _PACKAGED_CONFIGS = pathlib.Path(__file__).resolve().parent / "configs"
-CONFIGS_DIR = _PACKAGED_CONFIGS if _PACKAGED_CONFIGS.is_dir() else pathlib.Path(__file__).resolve().parents[1] / "configs"
+CONFIGS_DIR = (
+    _PACKAGED_CONFIGS if _PACKAGED_CONFIGS.is_dir() else pathlib.Path(__file__).resolve().parents[1] / "configs"
+)
 
 
 def resolve_config_path(path: str) -> str:
@@ -71,7 +82,7 @@ def base_config() -> ml_collections.ConfigDict:
         num_tags=6,           # N
         max_traces=4,         # M
         cost_prefix_len=1000,  # L: tokens of each trace scored for the cost matrix
-        matcher="auto",       # a matching.METHODS name (matching.match's solver)
+        matcher="auto",       # a matching.solver_names() name (matching.match's solver)
         # auto | packed | prefix_cache: how the cost pass runs (losses.cost_matrix; the same C to float rounding).
         # auto: the layout with the fewest step FLOPs whose planned memory fits the device
         # (memory_plan.choose_cost_layout, logged at start with its figures); usually prefix_cache.
@@ -285,7 +296,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
     choices = [
         ("data.name", c.data.name, datasets.dataset_names()),
         ("ssft.method", s.method, tuple(losses.METHODS)),
-        ("ssft.matcher", s.matcher, matching.METHODS),
+        ("ssft.matcher", s.matcher, matching.solver_names()),
         ("ssft.cost_layout", s.cost_layout, ("auto",) + cost_layouts.names()),
         ("ssft.tag_mode", s.tag_mode, tokenization.TAG_MODES),
         ("data.on_bad_record", c.data.on_bad_record, ON_BAD_RECORD),
@@ -407,8 +418,21 @@ def validate_gfpo(g: ml_collections.ConfigDict, num_tags: int) -> None:
 # Fields a resumed run may change without changing what the run is: how it is logged, checkpointed, evaluated on the
 # way, exported and placed on devices (a run resumes onto any mesh). Everything else (method, model, data, N/M/L,
 # optimiser, schedule, batch, seed) changes the run's meaning: a resume that changes it is refused unless accepted.
-HARMLESS_ON_RESUME = ("log_every", "logging", "eval_every", "eval", "checkpoint", "export_hf", "export", "max_consecutive_skips",
-                      "mesh", "debug", "resume", "accelerator", "model.preset")
+HARMLESS_ON_RESUME = (
+    "log_every",
+    "logging",
+    "eval_every",
+    "eval",
+    "checkpoint",
+    "export_hf",
+    "export",
+    "max_consecutive_skips",
+    "mesh",
+    "debug",
+    "resume",
+    "accelerator",
+    "model.preset",
+)
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:

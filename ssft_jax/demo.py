@@ -8,7 +8,7 @@ every generation, which gives the tag -> strategy matrix and the mutual informat
 
     python -m ssft_jax.demo                      # 3 seeds side by side, ~15 minutes on 2 CPU cores; demo_out/
     python -m ssft_jax.demo --quick              # a smoke run (what the tests run)
-    python -m ssft_jax.demo --real               # the same comparison on SmolLM2-135M-Instruct (pretrained); demo_out/real
+    python -m ssft_jax.demo --real               # the comparison on SmolLM2-135M-Instruct (pretrained); demo_out/real
     python -m ssft_jax.demo --seeds 0            # one seed (the default 0,1,2: cells are mean [min, max])
     python -m ssft_jax.demo --dataset NAME       # any registered dataset with a checker and a strategy classifier
     python -m ssft_jax.demo --data FILE.jsonl --classifier mytask:classify   # a user's multi-trace records
@@ -70,9 +70,16 @@ def fit_budgets(config) -> dict[str, Any]:
     wide.data.update(max_prompt_len=4096, max_trace_len=4096)
     layout = assembly.build_layout(wide, tags.max_tag_len(tokenizer), num_processes=1)
     train_records, _ = datasets.build_records(config)
-    questions, report = data_lib.tokenize_records(train_records, tokenizer, tags, layout,
-                                                  on_bad_record=config.data.on_bad_record, overlong=config.data.overlong,
-                                                  extra_traces=config.data.extra_traces, format=config.data.format)
+    questions, report = data_lib.tokenize_records(
+        train_records,
+        tokenizer,
+        tags,
+        layout,
+        on_bad_record=config.data.on_bad_record,
+        overlong=config.data.overlong,
+        extra_traces=config.data.extra_traces,
+        format=config.data.format,
+    )
     P = max(len(q.prompt_ids) for q in questions)
     T = max(len(t) for q in questions for t in q.trace_ids)
     advice = report.divergence
@@ -363,7 +370,9 @@ def _supervise(args, base: list[str], env: dict, pending: list[int], running: di
             del running[seed]
             if proc.returncode != 0:
                 tail = pathlib.Path(log.name).read_text()[-3000:]
-                raise SystemExit(f"seed {seed}'s worker failed (exit {proc.returncode}); the end of {log.name}:\n{tail}")
+                raise SystemExit(
+                    f"seed {seed}'s worker failed (exit {proc.returncode}); the end of {log.name}:\n{tail}"
+                )
             results[seed] = _from_json(json.loads((pathlib.Path(args.out) / f"seed{seed}" / "result.json").read_text()))
             if not args.quiet:
                 print(f"[seed {seed}] done", flush=True)
@@ -434,7 +443,9 @@ def run_synthetic(args, argv: list[str] | None = None) -> dict[str, Any]:
                  f"{np.mean([s['eval'][t]['pass@1_think1'] for s in seeds]):.3f}" for t in args.temperatures]
         report.append(f"| {method} | " + " | ".join(cells) + " |")
     (out / "results.md").write_text("\n".join(report) + "\n")
-    serialisable = {m: {"seeds": {str(s): _eval_keys(v, str) for s, v in r["seeds"].items()}} for m, r in results.items()}
+    serialisable = {
+        m: {"seeds": {str(s): _eval_keys(v, str) for s, v in r["seeds"].items()}} for m, r in results.items()
+    }
     (out / "results.json").write_text(json.dumps({"budgets": budgets, "seconds": seconds, "results": serialisable},
                                                  indent=2, default=str))
     plot(results, args.temperatures, out / "results.png")

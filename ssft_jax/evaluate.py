@@ -536,8 +536,7 @@ def select_questions(dataset: str, *, path: str | None = None, train_config: Map
     training part, labelled "train"; files that no run config names (jsonl with `path`) are "files". Records are
     read through `ssft_jax.data.read_records` in the config's `data.format` (errors name file:line) and need
     'question' (or 'messages') and 'answer'; a record without an 'id' gets where it was read from as its id."""
-    from ssft_jax import config as config_lib
-    from ssft_jax import data as data_lib
+    from ssft_jax import config as config_lib, data as data_lib
 
     if split not in ("heldout", "train"):
         raise ValueError(f"split={split!r}: expected heldout or train")
@@ -602,8 +601,11 @@ def unfinished_warning(metrics: Mapping[str, Any], max_new_tokens: int) -> str |
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=_HelpFormatter,
-                                epilog="The metrics and the outputs are described in the module docstring (pydoc ssft_jax.evaluate).")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=_HelpFormatter,
+        epilog="The metrics and the outputs are described in the module docstring (pydoc ssft_jax.evaluate).",
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--workdir", help="a training run's workdir (Orbax checkpoint; see --prefer)")
     src.add_argument("--hf_dir", help="an HF folder (config.json, safetensors, tokenizer)")

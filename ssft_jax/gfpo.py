@@ -41,11 +41,21 @@ import optax
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ssft_jax import assembly, checkers, datasets, metrics_log, run_common, sampling, tag_policy, tokenization
-from ssft_jax import gfpo_estimators, train_state
-from ssft_jax import checkpoint as ckpt_lib
-from ssft_jax import config as config_lib
-from ssft_jax import mesh as mesh_lib
+from ssft_jax import (
+    assembly,
+    checkers,
+    checkpoint as ckpt_lib,
+    config as config_lib,
+    datasets,
+    gfpo_estimators,
+    mesh as mesh_lib,
+    metrics_log,
+    run_common,
+    sampling,
+    tag_policy,
+    tokenization,
+    train_state,
+)
 from ssft_jax.data import DataError, RawRecord, read_records
 from ssft_jax.model import ModelConfig
 from ssft_jax.step_jit import CountedJit, keep_if_finite

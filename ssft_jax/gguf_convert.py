@@ -330,8 +330,14 @@ def build_tokenizer(meta: Mapping[str, Any]):
         raise GGUFConversionError(f"unsupported tokenizer.ggml.pre {pre!r} (add its split regex here)")
     tok.decoder = decoders.ByteLevel(add_prefix_space=True, trim_offsets=True, use_regex=True)
     tok.post_processor = processors.ByteLevel(add_prefix_space=True, trim_offsets=False, use_regex=True)
-    special = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, token_types) if ty == _TOKEN_TYPE_CONTROL]
-    user = [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, token_types) if ty == _TOKEN_TYPE_USER_DEFINED]
+    special = [
+        AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, token_types) if ty == _TOKEN_TYPE_CONTROL
+    ]
+    user = [
+        AddedToken(t, special=False, normalized=False)
+        for t, ty in zip(tokens, token_types)
+        if ty == _TOKEN_TYPE_USER_DEFINED
+    ]
     tok.add_special_tokens(special)
     if user:
         tok.add_tokens(user)
@@ -355,7 +361,11 @@ def build_tokenizer(meta: Mapping[str, Any]):
     )
     if "tokenizer.chat_template" in meta:
         kwargs["chat_template"] = meta["tokenizer.chat_template"]
-    extra = [t.content for t in special if t.content not in {kwargs[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}]
+    extra = [
+        t.content
+        for t in special
+        if t.content not in {kwargs[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
+    ]
     if extra:
         kwargs["additional_special_tokens"] = extra
     return PreTrainedTokenizerFast(**{k: v for k, v in kwargs.items() if v is not None})
@@ -497,7 +507,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--force", action="store_true", help="convert even if a complete folder exists")
     args = ap.parse_args(argv)
     gguf_path = args.gguf or default_gguf_path()
-    out = args.out or (default_cache_root() / (SMOLLM2_DIR_NAME if args.dtype == "float32" else f"{SMOLLM2_DIR_NAME}-{args.dtype}"))
+    out = args.out or (
+        default_cache_root() / (SMOLLM2_DIR_NAME if args.dtype == "float32" else f"{SMOLLM2_DIR_NAME}-{args.dtype}")
+    )
     t0 = time.time()
     path = convert_gguf(gguf_path, out, dtype=args.dtype, force=args.force)
     size = sum(p.stat().st_size for p in path.iterdir() if p.is_file())

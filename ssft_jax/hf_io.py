@@ -20,8 +20,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from ssft_jax import mesh as mesh_lib
-from ssft_jax import tokenization
+from ssft_jax import mesh as mesh_lib, tokenization
 from ssft_jax.model import ModelConfig, Params, abstract_params
 
 CONFIG_NAME = "config.json"
@@ -122,7 +121,9 @@ def _route(name: str, cfg: ModelConfig) -> tuple[str, int | None, _Fn]:
         if key in LAYER_KEYS and layer < cfg.num_hidden_layers:
             ours, (to_ours, _) = LAYER_KEYS[key]
             return ours, layer, to_ours
-    raise CheckpointKeyError(f"unexpected tensor {name!r} in checkpoint (no parameter of this {cfg.model_type} model takes it)")
+    raise CheckpointKeyError(
+        f"unexpected tensor {name!r} in checkpoint (no parameter of this {cfg.model_type} model takes it)"
+    )
 
 
 def load_hf_params(
@@ -178,7 +179,9 @@ def _assemble(ours, group, spec, found, cfg, hf_key) -> np.ndarray:
         raise CheckpointKeyError(f"duplicate per-layer tensors for {ours!r}")
     missing = [hf_key.format(i=i) for i in range(cfg.num_hidden_layers) if i not in by_layer]
     if missing:
-        raise CheckpointKeyError(f"missing tensor(s) {missing[:4]}{' ...' if len(missing) > 4 else ''} (parameter {ours!r})")
+        raise CheckpointKeyError(
+            f"missing tensor(s) {missing[:4]}{' ...' if len(missing) > 4 else ''} (parameter {ours!r})"
+        )
     out = np.empty(spec.shape, dtype)
     for i in range(cfg.num_hidden_layers):
         out[i] = _read(*by_layer[i], spec.shape[1:], ours, cfg, dtype)
@@ -192,7 +195,9 @@ def _read(path, name, expected_shape, ours, cfg, dtype) -> np.ndarray:
     try:
         value = to_ours(raw, cfg)
     except ValueError as e:
-        raise CheckpointKeyError(f"tensor {name!r} in {path.name} has shape {raw.shape}, incompatible with {ours!r}: {e}")
+        raise CheckpointKeyError(
+            f"tensor {name!r} in {path.name} has shape {raw.shape}, incompatible with {ours!r}: {e}"
+        )
     if tuple(value.shape) != tuple(expected_shape):
         raise CheckpointKeyError(
             f"tensor {name!r} in {path.name} has shape {raw.shape}; parameter {ours!r} expects {tuple(expected_shape)} "
@@ -267,7 +272,9 @@ def save_hf_folder(
             _readable_like_the_rest(folder / fname)
             weight_map.update({n: fname for n in shard})
             total += sum(v.nbytes for v in shard.values())
-        (folder / SAFE_INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        (folder / SAFE_INDEX).write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+        )
 
     hf_cfg = cfg.to_hf()
     if dtype:
@@ -280,7 +287,9 @@ def save_hf_folder(
     (folder / CONFIG_NAME).write_text(json.dumps(hf_cfg, indent=2))
     gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": eos[0] if len(eos) == 1 else eos,
            "pad_token_id": cfg.pad_token_id, **(generation_config or {})}
-    (folder / "generation_config.json").write_text(json.dumps({k: v for k, v in gen.items() if v is not None}, indent=2))
+    (folder / "generation_config.json").write_text(
+        json.dumps({k: v for k, v in gen.items() if v is not None}, indent=2)
+    )
     if tokenizer is not None:  # after config.json: its model_type decides the class transformers 5 loads
         tokenization.save_tokenizer(tokenizer, folder, tags=tags or infer_tags(tokenizer), verify=verify_tokenizer)
     logging.info("exported %s model to %s (%d shard(s))", cfg.model_type, folder, len(shards))

@@ -37,19 +37,27 @@ def model_card(*, base_model: str, method: str, num_tags: int, max_traces: int, 
         what = "GFPO (RL on the choice of forking tag) after " + what
     lines += [f"Fine-tuned from {base} with {what}, by ssft-jax "
               f"(N={num_tags} tags, up to M={max_traces} traces per question).", ""]
-    lines += ["## Prompting each tag", "",
-              "The chat template takes `forking_tag=k` (k = 1..N) and writes `<think{k}>` after the assistant turn's "
-              "opening" + (" as one added token" if tag_mode == "special" else " as text") + ". One generation per "
-              "tag gives N different reasoning paths; a majority vote over them is the paper's Cons@N.", "",
-              "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-              'tok = AutoTokenizer.from_pretrained("REPO_OR_FOLDER")',
-              'model = AutoModelForCausalLM.from_pretrained("REPO_OR_FOLDER")',
-              'messages = [{"role": "user", "content": "What is 17 + 25?"}]',
-              f"for k in range(1, {num_tags + 1}):",
-              "    prompt = tok.apply_chat_template(messages, add_generation_prompt=True, forking_tag=k, tokenize=False)",
-              "    ids = tok(prompt, add_special_tokens=False, return_tensors=\"pt\").input_ids",
-              "    out = model.generate(ids, max_new_tokens=512, do_sample=False)",
-              "    print(f\"<think{k}>\", tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))", "```", ""]
+    lines += [
+        "## Prompting each tag",
+        "",
+        "The chat template takes `forking_tag=k` (k = 1..N) and writes `<think{k}>` after the assistant turn's "
+        "opening" + (" as one added token" if tag_mode == "special" else " as text") + ". One generation per "
+        "tag gives N different reasoning paths; a majority vote over them is the paper's Cons@N.",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        'tok = AutoTokenizer.from_pretrained("REPO_OR_FOLDER")',
+        'model = AutoModelForCausalLM.from_pretrained("REPO_OR_FOLDER")',
+        'messages = [{"role": "user", "content": "What is 17 + 25?"}]',
+        f"for k in range(1, {num_tags + 1}):",
+        "    prompt = tok.apply_chat_template(messages, add_generation_prompt=True, forking_tag=k, tokenize=False)",
+        '    ids = tok(prompt, add_special_tokens=False, return_tensors="pt").input_ids',
+        "    out = model.generate(ids, max_new_tokens=512, do_sample=False)",
+        '    print(f"<think{k}>", tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))',
+        "```",
+        "",
+    ]
     if summary:
         lines += ["## Training run", "", "| | |", "|---|---|"]
         per_step = summary.get("losses") or summary.get("rewards") or {}

@@ -39,8 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ssft_jax import mesh as mesh_lib
-from ssft_jax import model as model_lib
+from ssft_jax import mesh as mesh_lib, model as model_lib
 from ssft_jax.model import ModelConfig, Params
 
 # Our projection name -> its module inside an HF decoder layer (PEFT's target_modules are the last part).
@@ -70,7 +69,9 @@ class LoraSpec:
     def __post_init__(self):
         unknown = [t for t in self.targets if t not in TARGET_MODULES]
         if unknown or not self.targets:
-            raise ValueError(f"lora.targets={list(self.targets)}: expected a non-empty subset of {list(TARGET_MODULES)}")
+            raise ValueError(
+                f"lora.targets={list(self.targets)}: expected a non-empty subset of {list(TARGET_MODULES)}"
+            )
         if self.rank < 1:
             raise ValueError(f"lora.rank={self.rank}: must be >= 1")
         if not 0.0 <= self.dropout < 1.0:
@@ -274,7 +275,9 @@ def load_peft_adapter(folder: str | pathlib.Path, cfg: ModelConfig) -> tuple[Lor
     if pc.get("peft_type") != "LORA" or pc.get("use_dora") or pc.get("use_rslora") or pc.get("fan_in_fan_out"):
         raise ValueError(f"{folder}: only plain LoRA adapters are read (peft_type LORA, no DoRA / rsLoRA)")
     t = load_file(str(folder / ADAPTER_WEIGHTS))
-    targets = tuple(n for n in TARGET_MODULES if f"base_model.model.model.layers.0.{TARGET_MODULES[n]}.lora_A.weight" in t)
+    targets = tuple(
+        n for n in TARGET_MODULES if f"base_model.model.model.layers.0.{TARGET_MODULES[n]}.lora_A.weight" in t
+    )
     tok = pc.get("trainable_token_indices") or {}
     ids = tuple(tok.get("embed_tokens", ()) if isinstance(tok, dict) else tok)
     spec = LoraSpec(rank=int(pc["r"]), alpha=float(pc["lora_alpha"]), dropout=float(pc.get("lora_dropout", 0.0)),

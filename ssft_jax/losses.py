@@ -21,10 +21,10 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from ssft_jax import cost_layouts, matching
-from ssft_jax import rows as rows_lib
+from ssft_jax import cost_layouts, matching, rows as rows_lib
 from ssft_jax.logprobs import token_logprobs
 from ssft_jax.model import ModelConfig, Params, forward, output_embedding
+
 
 def cost_matrix(cfg: ModelConfig, params: Params, cost_view: dict, num_tags: int, num_traces: int,
                 chunk_size: int = 1024, *, layout: str = "packed", prompt_len: int | None = None,
@@ -139,7 +139,10 @@ def second_best_gap(cost: jax.Array, tag_of_trace: jax.Array, tag_valid, trace_v
     with the pair (best tag of j, j) forbidden; the minimum over j of those M re-solves is exactly its cost.
     """
     B, N, M = cost.shape
-    best = jnp.sum(jnp.where(tag_of_trace >= 0, jnp.take_along_axis(cost, jnp.maximum(tag_of_trace, 0)[:, None, :], 1)[:, 0], 0.0), -1)
+    best = jnp.sum(
+        jnp.where(tag_of_trace >= 0, jnp.take_along_axis(cost, jnp.maximum(tag_of_trace, 0)[:, None, :], 1)[:, 0], 0.0),
+        -1,
+    )
 
     def forbid(j):
         hit = (jnp.arange(N)[None, :, None] == tag_of_trace[:, None, :]) & (jnp.arange(M)[None, None, :] == j)

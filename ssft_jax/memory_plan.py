@@ -598,14 +598,34 @@ def make_plan(config, *, num_devices: int | None = None, tag_len: int | None = N
         ("batch (inputs)", batch_in, f"{mb} micro-batch(es) x {b} question(s): cost + train rows, int32"),
         ("fill_tags rows", fill, "one micro-batch's rebuilt train rows"),
     ]
-    dims = dict(N=N, M=M, L=L, Le=Le, P=P, T=T, Lt=Lt, R=R, S=S, b=b, micro_batches=mb, dp=dp, cost_layout=s.cost_layout,
-                packed=bool(d.packed), train_rows=r,
-                batch_size=config.batch_size, remat=remat, attention_chunk=chunk, logprob_chunk=lchunk,
-                lora=(f"r={lora_spec.rank} alpha={lora_spec.alpha:g} base {lora_spec.base_dtype}"
-                      if lora_spec is not None else ""),
-                cost_attention="chunked" if _chunked(chunk, R) else "dense",
-                train_attention="chunked" if _chunked(chunk, S) else "dense",
-                dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    dims = dict(
+        N=N,
+        M=M,
+        L=L,
+        Le=Le,
+        P=P,
+        T=T,
+        Lt=Lt,
+        R=R,
+        S=S,
+        b=b,
+        micro_batches=mb,
+        dp=dp,
+        cost_layout=s.cost_layout,
+        packed=bool(d.packed),
+        train_rows=r,
+        batch_size=config.batch_size,
+        remat=remat,
+        attention_chunk=chunk,
+        logprob_chunk=lchunk,
+        lora=(
+            f"r={lora_spec.rank} alpha={lora_spec.alpha:g} base {lora_spec.base_dtype}" if lora_spec is not None else ""
+        ),
+        cost_attention="chunked" if _chunked(chunk, R) else "dense",
+        train_attention="chunked" if _chunked(chunk, S) else "dense",
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+    )
     return Plan(config_name, facts.source, cfg, sizes, n_dev, why, dims, params, rows, cost, train, notes,
                 accelerator=config.accelerator)
 
@@ -813,7 +833,6 @@ def main(argv):
     import time
 
     from absl import flags
-
     from ml_collections import config_flags
 
     FLAGS = flags.FLAGS

@@ -43,7 +43,12 @@ def maybe_initialize_distributed() -> None:
     """
     import os
 
-    multi_host_markers = ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "SLURM_NTASKS", "MEGASCALE_COORDINATOR_ADDRESS")
+    multi_host_markers = (
+        "JAX_COORDINATOR_ADDRESS",
+        "TPU_WORKER_HOSTNAMES",
+        "SLURM_NTASKS",
+        "MEGASCALE_COORDINATOR_ADDRESS",
+    )
     if any(os.environ.get(k) for k in multi_host_markers) and not jax.distributed.is_initialized():
         hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
         if "TPU_WORKER_HOSTNAMES" in os.environ and "," not in hosts and not os.environ.get("JAX_COORDINATOR_ADDRESS"):

@@ -227,8 +227,8 @@ def read_metrics(workdir) -> list[dict]:
 
 def plot_training_curves(workdir, out_path) -> pathlib.Path | None:
     """Loss, matched vs unmatched NLL, learning rate and throughput of a run against its step (metrics.jsonl), and
-    for a GFPO run its rewards, policy entropy and KL, and pi per tag, as one PNG; None when the run logged nothing. `python -m ssft_jax.evaluate --workdir W` writes it beside its own
-    figures."""
+    for a GFPO run its rewards, policy entropy and KL, and pi per tag, as one PNG; None when the run logged nothing.
+    `python -m ssft_jax.evaluate --workdir W` writes it beside its own figures."""
     records = read_metrics(workdir)
     if not records:
         return None

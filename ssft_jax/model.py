@@ -62,7 +62,9 @@ class ModelConfig:
         if isinstance(self.eos_token_id, list):  # keep the config hashable: it is a static jit argument
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         if self.model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(f"model_type {self.model_type!r} is not supported; expected one of {SUPPORTED_MODEL_TYPES}")
+            raise ValueError(
+                f"model_type {self.model_type!r} is not supported; expected one of {SUPPORTED_MODEL_TYPES}"
+            )
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
@@ -70,7 +72,9 @@ class ModelConfig:
             )
         if self.model_type == "qwen2" and not self.attention_bias:
             # transformers' Qwen2 always has q/k/v biases: a bias-free "qwen2" could not be exported faithfully.
-            raise ValueError("model_type 'qwen2' has q/k/v biases (attention_bias=True); use 'llama' for a bias-free model")
+            raise ValueError(
+                "model_type 'qwen2' has q/k/v biases (attention_bias=True); use 'llama' for a bias-free model"
+            )
         if self.model_type == "qwen3" and not self.qk_norm:
             raise ValueError("model_type 'qwen3' has q/k RMSNorm (qk_norm=True)")
         if self.remat not in REMAT_POLICIES:
@@ -108,7 +112,9 @@ class ModelConfig:
         # A file carrying both layouts (our exports do) must not say two things: transformers 4 reads the top-level
         # keys, 5 reads rope_parameters, so a disagreement would load two different models.
         if hf.get("rope_parameters") and hf.get("rope_theta") is not None and float(hf["rope_theta"]) != float(theta):
-            raise ValueError(f"config.json: rope_theta={hf['rope_theta']} disagrees with rope_parameters.rope_theta={theta}")
+            raise ValueError(
+                f"config.json: rope_theta={hf['rope_theta']} disagrees with rope_parameters.rope_theta={theta}"
+            )
         heads = hf["num_attention_heads"]
         default_bias = model_type == "qwen2"
         fields = dict(
@@ -236,7 +242,9 @@ def params_of(module: nnx.Module) -> Params:
 def logical_axes_of(module: nnx.Module) -> dict:
     """Same structure as `params_of`, with each leaf the tuple of logical axis names of that parameter."""
     state = nnx.state(module, nnx.Param)
-    axes = jax.tree.map(lambda v: v.get_metadata()["logical_axes"], state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    axes = jax.tree.map(
+        lambda v: v.get_metadata()["logical_axes"], state, is_leaf=lambda x: isinstance(x, nnx.Variable)
+    )
     return nnx.to_pure_dict(axes) if not isinstance(axes, dict) else axes
 
 
@@ -561,5 +569,7 @@ def resize_vocab(cfg: ModelConfig, params: Params, new_vocab_size: int) -> tuple
     params["embedding"] = jnp.concatenate([emb, jnp.broadcast_to(emb.mean(0, keepdims=True), (extra, emb.shape[1]))])
     if not cfg.tie_word_embeddings:
         head = params["lm_head"]
-        params["lm_head"] = jnp.concatenate([head, jnp.broadcast_to(head.mean(1, keepdims=True), (head.shape[0], extra))], 1)
+        params["lm_head"] = jnp.concatenate(
+            [head, jnp.broadcast_to(head.mean(1, keepdims=True), (head.shape[0], extra))], 1
+        )
     return cfg.replace(vocab_size=new_vocab_size), params

@@ -13,9 +13,7 @@ from typing import Any, Callable
 import jax
 from etils import epath
 
-from ssft_jax import checkpoint as ckpt_lib, cli as cli_lib
-from ssft_jax import config as config_lib
-from ssft_jax import hf_io, metrics_log, tokenization
+from ssft_jax import checkpoint as ckpt_lib, cli as cli_lib, config as config_lib, hf_io, metrics_log, tokenization
 from ssft_jax.run_stats import RunStats
 
 
@@ -167,8 +165,9 @@ def export_hf(dest, cfg, params, tokenizer, tags, dtype: str | None = None):
         return hf_io.save_hf_folder(dest, cfg, params, tokenizer=tokenizer, eos_token_ids=eos, tags=tags, dtype=dtype)
     import tempfile
     with tempfile.TemporaryDirectory() as tmp:
-        local = hf_io.save_hf_folder(pathlib.Path(tmp) / "hf_export", cfg, params, tokenizer=tokenizer, eos_token_ids=eos,
-                                     tags=tags, dtype=dtype)
+        local = hf_io.save_hf_folder(
+            pathlib.Path(tmp) / "hf_export", cfg, params, tokenizer=tokenizer, eos_token_ids=eos, tags=tags, dtype=dtype
+        )
         if jax.process_index() == 0:
             dest.mkdir(parents=True, exist_ok=True)
             for f in local.iterdir():

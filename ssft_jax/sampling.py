@@ -255,7 +255,9 @@ def generate_rows(
                          f"{len(row_suffixes)} lists)")
     R = len(row_suffixes[0])
     if any(len(r) != R for r in row_suffixes):
-        raise ValueError(f"generate_rows: every prompt needs the same number of rows, got {[len(r) for r in row_suffixes]}")
+        raise ValueError(
+            f"generate_rows: every prompt needs the same number of rows, got {[len(r) for r in row_suffixes]}"
+        )
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
     B = len(prompts)

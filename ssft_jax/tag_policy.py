@@ -149,7 +149,9 @@ def used_tags(tag_counts: Sequence[int] | None, num_tags: int) -> np.ndarray:
     return np.ones(num_tags, bool)
 
 
-def policy_rows(prompts: Sequence[Sequence[int]], prefix_ids: Sequence[int], width: int) -> tuple[np.ndarray, np.ndarray]:
+def policy_rows(
+    prompts: Sequence[Sequence[int]], prefix_ids: Sequence[int], width: int
+) -> tuple[np.ndarray, np.ndarray]:
     """(tokens [B, width], lengths [B]): each prompt followed by the tags' shared prefix, right-padded with 0."""
     out = np.zeros((len(prompts), width), np.int32)
     lengths = np.zeros((len(prompts),), np.int32)

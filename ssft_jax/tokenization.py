@@ -169,7 +169,11 @@ class ForkingTags:
             raise ValueError("add_to_tokenizer is only for mode='special'")
         from tokenizers import AddedToken
 
-        new = [AddedToken(s, special=True, normalized=False) for s in self.token_strings() if token_id(tokenizer, s) is None]
+        new = [
+            AddedToken(s, special=True, normalized=False)
+            for s in self.token_strings()
+            if token_id(tokenizer, s) is None
+        ]
         if new:
             tokenizer.add_tokens(new, special_tokens=True)
         ids = [tokenizer.convert_tokens_to_ids(s) for s in self.token_strings()]
@@ -368,7 +372,9 @@ def render_example(
     )
     full_ids = _encode_pieces(tokenizer, full_pieces)
     if full_ids[: len(prompt_ids)] != prompt_ids:
-        at = next((i for i, (a, b) in enumerate(zip(prompt_ids, full_ids)) if a != b), min(len(prompt_ids), len(full_ids)))
+        at = next(
+            (i for i, (a, b) in enumerate(zip(prompt_ids, full_ids)) if a != b), min(len(prompt_ids), len(full_ids))
+        )
         raise PromptPrefixError(
             f"example {example_id!r}: the rendered prompt (add_generation_prompt=True, {len(prompt_ids)} tokens) "
             f"is not a token prefix of the rendered conversation ({len(full_ids)} tokens); first difference at "
@@ -406,7 +412,9 @@ def full_render_ids(
     only for text without control strings). ``render_example(...).full_ids`` should equal this."""
     tag_text = tags.tag_string(tag_index) if tag_index is not None else ""
     msgs = _as_messages(prompt_messages) + [{"role": "assistant", "content": tag_text + completion}]
-    text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=False, **(chat_template_kwargs or {}))
+    text = tokenizer.apply_chat_template(
+        msgs, tokenize=False, add_generation_prompt=False, **(chat_template_kwargs or {})
+    )
     return encode_control(tokenizer, text)
 
 
@@ -426,15 +434,15 @@ CHATML_TEMPLATE = (
 # tokenizer_config.json names: it keeps only the vocabulary, merges and added tokens of tokenizer.json and rebuilds
 # the rest as below (NFC, this split, byte-level, BPE without unk). A tokenizer meant to be exported beside a qwen2
 # model must therefore be exactly this pipeline, or serving tokenizes differently from training.
-QWEN2_SPLIT_REGEX = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
+QWEN2_SPLIT_REGEX = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""  # noqa: E501  (Qwen2's pre-tokenizer, verbatim)
 CHAR_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>")
 
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte -> printable character table (what the `tokenizers` ByteLevel pre-tokenizer emits)."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     table, extra = {}, 0
     for b in range(256):
         if b in keep:
@@ -532,7 +540,8 @@ def chat_template_with_forking_tag(template: str, tags: ForkingTags) -> str:
     head, tail = fmt.split("{i}", 1)
     clause = (
         f"{_CLAUSE_BEGIN}"
-        f"{{%- if add_generation_prompt and {FORKING_TAG_VARIABLE} is defined and {FORKING_TAG_VARIABLE} is not none %}}"
+        f"{{%- if add_generation_prompt and {FORKING_TAG_VARIABLE} is defined"
+        f" and {FORKING_TAG_VARIABLE} is not none %}}"
         f"{{%- if {FORKING_TAG_VARIABLE} is string %}}{{{{- {FORKING_TAG_VARIABLE} }}}}"
         f"{{%- elif {FORKING_TAG_VARIABLE} < 1 or {FORKING_TAG_VARIABLE} > {tags.n} %}}"
         f"{{{{- raise_exception('forking_tag must be 1..{tags.n} (the number in <think1>..<think{tags.n}>)') }}}}"

@@ -20,15 +20,23 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from ssft_jax import assembly
-from ssft_jax import checkpoint as ckpt_lib
-from ssft_jax import config as config_lib
-from ssft_jax import data as data_lib
-from ssft_jax import datasets
-from ssft_jax import memory_plan, mesh as mesh_lib, metrics_log, run_monitor, tokenization
-from ssft_jax import lora as lora_lib, losses as losses_lib, run_common, train_state
+from ssft_jax import (
+    assembly,
+    checkpoint as ckpt_lib,
+    config as config_lib,
+    data as data_lib,
+    datasets,
+    lora as lora_lib,
+    losses as losses_lib,
+    memory_plan,
+    mesh as mesh_lib,
+    metrics_log,
+    run_common,
+    run_monitor,
+    tokenization,
+    train_state,
+)
 from ssft_jax.run_common import TrainingDivergedError  # noqa: F401  (raised by the loop; callers catch it here)
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # The run: `run` reads on one screen; each concern is a named helper below it

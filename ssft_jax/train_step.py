@@ -15,11 +15,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ssft_jax import faults
-from ssft_jax import lora as lora_lib
-from ssft_jax import losses
-from ssft_jax import mesh as mesh_lib
-from ssft_jax import rows as rows_lib
+from ssft_jax import faults, lora as lora_lib, losses, mesh as mesh_lib, rows as rows_lib
 from ssft_jax.model import ModelConfig
 from ssft_jax.step_jit import CountedJit, keep_if_finite
 from ssft_jax.train_state import State

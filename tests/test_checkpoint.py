@@ -16,7 +16,12 @@ def _state(mesh):
     shapes, axes = M.abstract_params(CFG)
     params = jax.device_put(params, mesh_lib.tree_shardings(axes, shapes, mesh))
     opt_state = optax.adamw(1e-3).init(params)
-    return {"params": params, "opt_state": opt_state, "step": jnp.int32(7), "rng": jax.random.key_data(jax.random.key(3))}
+    return {
+        "params": params,
+        "opt_state": opt_state,
+        "step": jnp.int32(7),
+        "rng": jax.random.key_data(jax.random.key(3)),
+    }
 
 
 def test_save_restore_onto_a_different_mesh(tmp_path):
@@ -89,7 +94,9 @@ def test_slow_checkpoint_writes_hook(tmp_path):
         c.wait()
         assert time.perf_counter() - t0 >= 0.5
         assert c.all_steps() == [1]
-        _, state, data, config = c.restore(1, {"x": jax.ShapeDtypeStruct((3,), jnp.float32)}, require=("state", "data"))[:4]
+        _, state, data, config = c.restore(
+            1, {"x": jax.ShapeDtypeStruct((3,), jnp.float32)}, require=("state", "data")
+        )[:4]
         assert data == {"i": 1} and config == {"lr": 0.1}
         np.testing.assert_array_equal(state["x"], np.ones(3))
     finally:

@@ -1,9 +1,9 @@
 """configs/*.py, the `python -m ssft_jax.train` CLI, and SIGTERM (preemption) handling."""
 import importlib.util
 import json
-import re
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -125,7 +125,9 @@ def test_every_cli_mistake_is_one_message_and_exit_2(tmp_path, case):
     """Through the real CLI: one `error:` line naming the flag or file (and a hint line), exit code 2, no
     traceback; nothing is written to the workdir."""
     overrides, names = CLI_MISTAKES[case]
-    config = [] if any(o.startswith("--config=") for o in overrides) else [f"--config={ROOT / 'configs' / 'demo.py'}:tiny"]
+    config = (
+        [] if any(o.startswith("--config=") for o in overrides) else [f"--config={ROOT / 'configs' / 'demo.py'}:tiny"]
+    )
     p = subprocess.run([sys.executable, "-m", "ssft_jax.train", *config, f"--workdir={tmp_path / 'wd'}", *overrides],
                        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
                        timeout=300)

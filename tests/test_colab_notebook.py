@@ -110,6 +110,9 @@ def test_the_notebooks_tpu_settings_fit_the_chip_by_the_planner():
 
 def test_modules_replaced_by_pip_are_found():
     from launch.common import modules_replaced
-    out = "Collecting x\nSuccessfully installed jax-0.10.2 jaxlib-0.10.2 ml-collections-1.1.0 protobuf-7.1 tqdm-4.70.1\n"
+
+    out = (
+        "Collecting x\nSuccessfully installed jax-0.10.2 jaxlib-0.10.2 ml-collections-1.1.0 protobuf-7.1 tqdm-4.70.1\n"
+    )
     assert modules_replaced({"jax", "jax._src", "google.colab", "os"}, out) == ["google", "jax"]
     assert modules_replaced({"numpy"}, out) == [] and modules_replaced({"jax"}, "Requirement already satisfied") == []

@@ -22,7 +22,9 @@ def test_auto_is_the_default_and_explicit_layouts_win():
         config_lib.validate(tiny("nope"), 1)
     for name in cost_layouts.names():
         assert memory_plan.resolve_cost_layout(tiny(name), 1) == name
-        assert memory_plan.with_resolved_cost_layout(tiny(name), assembly.build_layout(tiny(), 1)).ssft.cost_layout == name
+        assert (
+            memory_plan.with_resolved_cost_layout(tiny(name), assembly.build_layout(tiny(), 1)).ssft.cost_layout == name
+        )
     assert memory_plan.resolve_cost_layout(tiny(), 1) == "prefix_cache"
     # the step itself never guesses: an undecided "auto" is refused with what to call
     with pytest.raises(config_lib.ConfigError, match="with_resolved_cost_layout"):

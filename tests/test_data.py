@@ -8,11 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ssft_jax import data as D, model as Mdl, rows as rows_lib, tokenization as tk
+
 from hf_fixtures import build_tiny_tokenizer
-from ssft_jax import data as D
-from ssft_jax import model as Mdl
-from ssft_jax import rows as rows_lib
-from ssft_jax import tokenization as tk
 
 TRACES = [
     "Let me think step by step. The answer is 42.",

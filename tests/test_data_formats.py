@@ -8,12 +8,9 @@ import re
 
 import pytest
 
+from ssft_jax import config as config_lib, data as D, datasets as ds_lib, evaluate as E, tokenization as tk
+
 from hf_fixtures import build_tiny_tokenizer
-from ssft_jax import config as config_lib
-from ssft_jax import data as D
-from ssft_jax import datasets as ds_lib
-from ssft_jax import evaluate as E
-from ssft_jax import tokenization as tk
 
 # Question, its traces (teacher -> thinking), the shared attempt, the answer. Fewer traces than teachers for some.
 QUESTIONS = [

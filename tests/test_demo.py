@@ -85,7 +85,9 @@ def test_a_users_jsonl_and_classifier_reach_the_table(tmp_path, monkeypatch):
     gfpo_summary = json.loads((out / "seed0" / "ssft+gfpo" / "summary.json").read_text())
     assert gfpo_summary["final_step"] == 2 and gfpo_summary["questions"] == 16  # 24 questions, 8 held out
     ev = json.loads((out / "results.json").read_text())["results"]["ssft"]["seeds"]["0"]["eval"]["0.0"]
-    assert ev["strategy_names"] == list(datasets.STRATEGIES) + ["none"] and sum(map(sum, ev["tag_strategy_counts"])) == 30
+    assert (
+        ev["strategy_names"] == list(datasets.STRATEGIES) + ["none"] and sum(map(sum, ev["tag_strategy_counts"])) == 30
+    )
     # the evaluate CLI takes the same classifier
     from ssft_jax import evaluate
     assert evaluate.main(["--workdir", str(out / "seed0" / "ssft"), "--classifier", "demo_classifier:classify",

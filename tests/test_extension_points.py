@@ -6,8 +6,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ssft_jax import (assembly, config as config_lib, cost_layouts, datasets, evaluate, flops, gfpo, gfpo_estimators,
-                      losses, matching, memory_plan, metrics_log, train)
+from ssft_jax import (
+    assembly,
+    config as config_lib,
+    cost_layouts,
+    datasets,
+    evaluate,
+    flops,
+    gfpo,
+    gfpo_estimators,
+    losses,
+    matching,
+    memory_plan,
+    metrics_log,
+    train,
+)
 
 
 def tiny_config(**ssft):

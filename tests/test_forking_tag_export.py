@@ -6,8 +6,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from hf_fixtures import build_tiny_tokenizer, make_hf_model  # noqa: E402
 from ssft_jax import hf_io, model as M, tokenization as T  # noqa: E402
+
+from hf_fixtures import build_tiny_tokenizer, make_hf_model  # noqa: E402
 
 
 def test_special_tags_survive_export(tmp_path):

@@ -10,9 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ssft_jax import config as config_lib
-from ssft_jax import evaluate, gfpo, metrics_log, tag_policy, tokenization as T, train
-from ssft_jax import model as M
+from ssft_jax import config as config_lib, evaluate, gfpo, metrics_log, model as M, tag_policy, tokenization as T, train
 from ssft_jax.data import DataError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

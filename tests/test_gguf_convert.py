@@ -66,8 +66,12 @@ def test_mapping_complete(tied):
     assert ("lm_head.weight" in hf) == (not tied)
     np.testing.assert_array_equal(hf["model.layers.1.mlp.down_proj.weight"], t["blk.1.ffn_down.weight"])
     np.testing.assert_array_equal(hf["model.layers.0.self_attn.v_proj.weight"], t["blk.0.attn_v.weight"])
-    np.testing.assert_array_equal(hf["model.layers.0.self_attn.q_proj.weight"], gc.unpermute_qk(t["blk.0.attn_q.weight"], 2))
-    np.testing.assert_array_equal(hf["model.layers.0.self_attn.k_proj.weight"], gc.unpermute_qk(t["blk.0.attn_k.weight"], 1))
+    np.testing.assert_array_equal(
+        hf["model.layers.0.self_attn.q_proj.weight"], gc.unpermute_qk(t["blk.0.attn_q.weight"], 2)
+    )
+    np.testing.assert_array_equal(
+        hf["model.layers.0.self_attn.k_proj.weight"], gc.unpermute_qk(t["blk.0.attn_k.weight"], 1)
+    )
 
 
 @pytest.mark.parametrize("extra", ["rope_freqs.weight", "blk.0.attn_q.bias", "blk.1.ffn_up.weight"])
@@ -101,7 +105,9 @@ def test_untied_model_without_output_is_missing_lm_head():
 def test_incomplete_folder_is_not_trusted(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     assert not gc.is_complete(tmp_path, "abc")
-    (tmp_path / gc.MARKER_NAME).write_text(json.dumps({"fingerprint": "abc", "files": ["config.json", "model.safetensors"]}))
+    (tmp_path / gc.MARKER_NAME).write_text(
+        json.dumps({"fingerprint": "abc", "files": ["config.json", "model.safetensors"]})
+    )
     assert not gc.is_complete(tmp_path, "abc")  # a listed file is missing
     (tmp_path / "model.safetensors").write_bytes(b"x")
     assert gc.is_complete(tmp_path, "abc")
@@ -126,7 +132,12 @@ def test_default_gguf_found_without_importing_package():
 def test_folder_contents(hf_dir):
     cfg = json.loads((hf_dir / "config.json").read_text())
     assert cfg["model_type"] == "llama" and cfg["architectures"] == ["LlamaForCausalLM"]
-    assert (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"]) == (576, 30, 9, 3)
+    assert (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"]) == (
+        576,
+        30,
+        9,
+        3,
+    )
     assert cfg["intermediate_size"] == 1536 and cfg["vocab_size"] == 49152 and cfg["head_dim"] == 64
     assert cfg["rope_parameters"] == {"rope_type": "default", "rope_theta": 100000.0}
     assert cfg["tie_word_embeddings"] is True
@@ -136,7 +147,11 @@ def test_folder_contents(hf_dir):
     vocab = json.loads((hf_dir / "tokenizer.json").read_text())["model"]["vocab"]
     im_end = vocab.get("<|im_end|>")
     if im_end is None:
-        im_end = next(t["id"] for t in json.loads((hf_dir / "tokenizer.json").read_text())["added_tokens"] if t["content"] == "<|im_end|>")
+        im_end = next(
+            t["id"]
+            for t in json.loads((hf_dir / "tokenizer.json").read_text())["added_tokens"]
+            if t["content"] == "<|im_end|>"
+        )
     eos = gen["eos_token_id"] if isinstance(gen["eos_token_id"], list) else [gen["eos_token_id"]]
     assert im_end in eos and cfg["eos_token_id"] in eos
     assert "<|im_start|>" in tok_cfg["chat_template"]
@@ -198,9 +213,13 @@ def test_tokenizer_matches_transformers_gguf_tokenizer(hf_dir):
         assert ids == ref.encode(text, add_special_tokens=False), text
         assert ours.decode(ids) == text
     assert ours.convert_tokens_to_ids("<|im_end|>") == 2
-    rendered = ours.apply_chat_template([{"role": "user", "content": "Hi there"}], tokenize=False, add_generation_prompt=True)
+    rendered = ours.apply_chat_template(
+        [{"role": "user", "content": "Hi there"}], tokenize=False, add_generation_prompt=True
+    )
     assert rendered.endswith("<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n")
-    assert rendered == ref.apply_chat_template([{"role": "user", "content": "Hi there"}], tokenize=False, add_generation_prompt=True)
+    assert rendered == ref.apply_chat_template(
+        [{"role": "user", "content": "Hi there"}], tokenize=False, add_generation_prompt=True
+    )
 
 
 @pytest.mark.slow

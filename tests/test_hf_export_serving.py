@@ -19,9 +19,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from ssft_jax import hf_io, model as M, sampling, tokenization as T  # noqa: E402
+
 import hf_serve_probe  # noqa: E402
 from hf_fixtures import build_tiny_tokenizer, ensure_transformers4, make_hf_model  # noqa: E402
-from ssft_jax import hf_io, model as M, sampling, tokenization as T  # noqa: E402
 
 HERE = pathlib.Path(__file__).resolve().parent
 MESSAGES = [{"role": "user", "content": "What is 17 + 25?"}]

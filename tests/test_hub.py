@@ -33,7 +33,9 @@ class _FakeHub(http.server.BaseHTTPRequestHandler):
         if self.path == "/api/repos/create":
             req = json.loads(data)
             self.received.setdefault("repos", []).append(req)
-            return self._reply({"url": f"http://{self.headers['Host']}/{req.get('organization') or 'me'}/{req['name']}"})
+            return self._reply(
+                {"url": f"http://{self.headers['Host']}/{req.get('organization') or 'me'}/{req['name']}"}
+            )
         if self.path == "/api/validate-yaml":  # the model card's front matter (README.md in the commit)
             self.received["card_yaml"] = json.loads(data)
             return self._reply({"errors": [], "warnings": []})
@@ -45,7 +47,9 @@ class _FakeHub(http.server.BaseHTTPRequestHandler):
             for line in data.decode().splitlines():
                 op = json.loads(line)
                 if op["key"] == "file":
-                    self.received.setdefault("files", {})[op["value"]["path"]] = base64.b64decode(op["value"]["content"])
+                    self.received.setdefault("files", {})[op["value"]["path"]] = base64.b64decode(
+                        op["value"]["content"]
+                    )
                 elif op["key"] == "header":
                     self.received["summary"] = op["value"]["summary"]
             return self._reply({"commitUrl": f"http://{self.headers['Host']}/me/ssft-demo/commit/{'a' * 40}",
@@ -81,7 +85,9 @@ def test_model_card_says_how_to_prompt_each_tag_and_the_run():
     folder = pathlib.Path(config_lib.__file__).parent  # any existing folder works for the text; write to tmp below
     text = hub.model_card(base_model=c.model.hf_dir, method="ssft", num_tags=6, max_traces=4, cost_prefix_len=32,
                           tag_mode="text", summary=summary)
-    assert text.startswith("---\nlibrary_name: transformers") and "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in text
+    assert (
+        text.startswith("---\nlibrary_name: transformers") and "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in text
+    )
     assert "L=32 tokens" in text and "N=6 tags, up to M=4 traces" in text and "forking_tag=k" in text
     assert "for k in range(1, 7):" in text and "| loss | 1.5000 -> 0.6000 |" in text
     assert "| traces matched per tag | 3 0 5 4 4 0 |" in text and folder.is_dir()
@@ -97,7 +103,10 @@ def test_push_to_hub_uploads_the_folder_to_the_stand_in(tmp_path, fake_hub):
     hub.write_model_card(folder, c, {"final_step": 6, "losses": {"1": 4.7, "6": 4.1}, "tag_counts": [1] * 6})
     url = hub.push_to_hub(folder, "me/ssft-demo", endpoint=endpoint, token="hf_test_token")
     assert url == f"{endpoint}/me/ssft-demo/commit/{'a' * 40}"
-    assert server.received["repos"][0]["name"] == "ssft-demo" and server.received["repos"][0].get("visibility") == "private"
+    assert (
+        server.received["repos"][0]["name"] == "ssft-demo"
+        and server.received["repos"][0].get("visibility") == "private"
+    )
     assert server.received["files"] == {p.name: p.read_bytes() for p in folder.iterdir()}
     assert "README.md" in server.received["files"] and server.received["summary"] == "Upload SSFT export"
     assert "forking-tokens" in json.dumps(server.received["card_yaml"])  # the card's front matter was validated

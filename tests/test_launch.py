@@ -13,6 +13,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `launch` is a top-level folder of the repository, not an installed package
 
 from launch import common, sweep, tpu  # noqa: E402
+
 CONFIG_32B = "configs/qwen2p5_32b.py:hf_dir=/ckpt/Qwen2.5-32B-Instruct,data=/data/s1k_multi.jsonl"
 
 

@@ -17,7 +17,9 @@ def test_chunked_equals_full_log_softmax(chunk):
     np.testing.assert_allclose(token_logprobs(h, w, t, chunk_size=chunk), full, atol=1e-5)
 
     mask = jnp.asarray(rs.rand(3, 11) > 0.3)
-    f_ref = lambda h, w: masked_mean_nll(jnp.take_along_axis(jax.nn.log_softmax(h @ w, -1), t[..., None], -1)[..., 0], mask)[0]
+    f_ref = lambda h, w: masked_mean_nll(
+        jnp.take_along_axis(jax.nn.log_softmax(h @ w, -1), t[..., None], -1)[..., 0], mask
+    )[0]
     f_ours = lambda h, w: masked_mean_nll(token_logprobs(h, w, t, chunk_size=chunk), mask)[0]
     g_ref, g_ours = jax.grad(f_ref, (0, 1))(h, w), jax.jit(jax.grad(f_ours, (0, 1)))(h, w)
     for a, b in zip(g_ref, g_ours):

@@ -99,8 +99,13 @@ def test_gradients_and_optimizer_state_cover_the_adapters_only():
     rs = np.random.RandomState(5)
     toks = rs.randint(0, cfg.vocab_size, (3, 12))
     toks[:, 2] = TAGS[1]  # a tag token in the input and as a target: its embedding and head rows get gradients
-    rows = {"tokens": jnp.asarray(toks[:, :-1]), "targets": jnp.asarray(toks[:, 1:]),
-            "segment_ids": jnp.ones((3, 11), jnp.int32), "loss_mask": jnp.ones((3, 11), jnp.int32), "positions": jnp.broadcast_to(jnp.arange(11), (3, 11))}
+    rows = {
+        "tokens": jnp.asarray(toks[:, :-1]),
+        "targets": jnp.asarray(toks[:, 1:]),
+        "segment_ids": jnp.ones((3, 11), jnp.int32),
+        "loss_mask": jnp.ones((3, 11), jnp.int32),
+        "positions": jnp.broadcast_to(jnp.arange(11), (3, 11)),
+    }
 
     def loss(t):
         s, n = losses.set_loss_sums(cfg, lora.adapted_params(cfg, spec, frozen, t), rows, 0)

@@ -7,8 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 from scipy.optimize import linear_sum_assignment
 
 from ssft_jax import matching as mm
@@ -334,7 +333,7 @@ def test_method_validation_and_auto():
         mm.resolve_method("bruteforce", 12, 6)
     assert mm.resolve_method("auto", 6, 4) == "bruteforce"
     assert mm.resolve_method("auto", 32, 32) == "hungarian"
-    assert set(mm.METHODS) >= {"auto", "auction", "hungarian", "bruteforce", "sinkhorn", "optax_hungarian"}
+    assert set(mm.solver_names()) >= {"auto", "auction", "hungarian", "bruteforce", "sinkhorn", "optax_hungarian"}
     assert mm.num_candidates(6, 4) == 360
 
 

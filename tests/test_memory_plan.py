@@ -11,10 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from ssft_jax import config as config_lib
-from ssft_jax import memory_plan as mp
-from ssft_jax import mesh as mesh_lib
-from ssft_jax import model as model_lib
+from ssft_jax import config as config_lib, memory_plan as mp, mesh as mesh_lib, model as model_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

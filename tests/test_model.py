@@ -8,8 +8,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from hf_fixtures import FAMILIES, make_hf_model  # noqa: E402
 from ssft_jax import hf_io, mesh as mesh_lib, model as M  # noqa: E402
+
+from hf_fixtures import FAMILIES, make_hf_model  # noqa: E402
 
 TOL = 1e-4  # f32, max abs error on logits
 
@@ -129,13 +130,25 @@ def _rewrite_checkpoint(folder, edit):
     save_file(tensors, str(path), metadata={"format": "pt"})
 
 
-@pytest.mark.parametrize("fault,expected", [
-    (lambda t: t.pop("model.layers.1.mlp.up_proj.weight"), "missing tensor.*model.layers.1.mlp.up_proj.weight"),
-    (lambda t: t.update({"model.layers.0.mlp.extra.weight": np.zeros(3, np.float32)}), "unexpected tensor.*mlp.extra"),
-    (lambda t: t.update({"model.layers.7.mlp.up_proj.weight": np.zeros((64, 32), np.float32)}), "unexpected tensor.*layers.7"),
-    (lambda t: t.update({"model.norm.weight": np.zeros(31, np.float32)}), "model.norm.weight.*shape"),
-    (lambda t: t.update({"lm_head.weight": np.zeros((97, 32), np.float32)}), "unexpected tensor.*lm_head.*tie_word_embeddings"),
-])
+@pytest.mark.parametrize(
+    "fault,expected",
+    [
+        (lambda t: t.pop("model.layers.1.mlp.up_proj.weight"), "missing tensor.*model.layers.1.mlp.up_proj.weight"),
+        (
+            lambda t: t.update({"model.layers.0.mlp.extra.weight": np.zeros(3, np.float32)}),
+            "unexpected tensor.*mlp.extra",
+        ),
+        (
+            lambda t: t.update({"model.layers.7.mlp.up_proj.weight": np.zeros((64, 32), np.float32)}),
+            "unexpected tensor.*layers.7",
+        ),
+        (lambda t: t.update({"model.norm.weight": np.zeros(31, np.float32)}), "model.norm.weight.*shape"),
+        (
+            lambda t: t.update({"lm_head.weight": np.zeros((97, 32), np.float32)}),
+            "unexpected tensor.*lm_head.*tie_word_embeddings",
+        ),
+    ],
+)
 def test_strict_key_accounting(tmp_path, fault, expected):
     make_hf_model("qwen2_tied", tmp_path)
     _rewrite_checkpoint(tmp_path, fault)
@@ -223,7 +236,9 @@ def test_shared_prefix_equals_repeating_the_prompt(family):
     for cont, start in ((c1, 9), (c2, 14)):
         ref = np.asarray(M.forward(cfg, params, jnp.asarray(np.concatenate([prompt, cont])[None])))
         np.testing.assert_allclose(shared[0, start:start + len(cont)], ref[0, 9:], atol=TOL)
-    np.testing.assert_allclose(shared[0, :9], np.asarray(M.forward(cfg, params, jnp.asarray(prompt[None])))[0], atol=TOL)
+    np.testing.assert_allclose(
+        shared[0, :9], np.asarray(M.forward(cfg, params, jnp.asarray(prompt[None])))[0], atol=TOL
+    )
 
 
 def test_chunked_attention_equals_dense(family):

@@ -6,8 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from ssft_jax import assembly, config as config_lib, data as data_lib, losses, mesh as mesh_lib, train
-from ssft_jax import rows as rows_lib
+from ssft_jax import assembly, config as config_lib, data as data_lib, losses, mesh as mesh_lib, rows as rows_lib, train
 from ssft_jax.data import packing
 
 
@@ -61,7 +60,9 @@ def test_packed_loss_and_grads_equal_unpacked_on_the_tiny_model():
     for k in ref["cost"]:
         np.testing.assert_array_equal(pk["cost"][k], ref["cost"][k])
     counts_u, counts_p = data_lib.batch_token_counts(ref), data_lib.batch_token_counts(pk)
-    assert counts_u["train_real"] == counts_p["train_real"] and counts_p["train_slots"] * 4 == counts_u["train_slots"] * 3
+    assert (
+        counts_u["train_real"] == counts_p["train_real"] and counts_p["train_slots"] * 4 == counts_u["train_slots"] * 3
+    )
     tags = _tags(B, M, c.ssft.num_tags, 0)
     tags[1] = -1  # a dropped question: all padding in both layouts
     _assert_same_loss_and_grads(x.model_config, x.params, ref["train"], pk["train"], x.tag_table, x.tag_lengths,
@@ -94,9 +95,17 @@ def test_train_step_packed_equals_unpacked_with_micro_batches(tmp_path):
 
 
 def _questions(lengths, prompt=3):
-    return [data_lib.TokenizedQuestion(index=i, id=f"q{i}", where=f"mem[{i}]", prompt_ids=np.full(prompt, 5, np.int32),
-                                       trace_ids=tuple(np.full(n, 7, np.int32) for n in ls), truncated=(False,) * len(ls))
-            for i, ls in enumerate(lengths)]
+    return [
+        data_lib.TokenizedQuestion(
+            index=i,
+            id=f"q{i}",
+            where=f"mem[{i}]",
+            prompt_ids=np.full(prompt, 5, np.int32),
+            trace_ids=tuple(np.full(n, 7, np.int32) for n in ls),
+            truncated=(False,) * len(ls),
+        )
+        for i, ls in enumerate(lengths)
+    ]
 
 
 def _layout(**kw):
@@ -167,9 +176,16 @@ def test_packed_loss_and_grads_equal_unpacked_on_smollm2():
     qs, _ = data_lib.tokenize_records(records, tok, tags, layout)
     table, lengths = data_lib.tag_table(tok, tags, layout.tag_len)
     ref = next(data_lib.make_iterator(qs, layout, table, lengths, shuffle=False, epochs=1))
-    pk = next(data_lib.make_iterator(qs, dataclasses.replace(layout, pack_rows=2, pack_len=2 * layout.train_row_len), table,
-                                     lengths, shuffle=False,
-                                     epochs=1))
+    pk = next(
+        data_lib.make_iterator(
+            qs,
+            dataclasses.replace(layout, pack_rows=2, pack_len=2 * layout.train_row_len),
+            table,
+            lengths,
+            shuffle=False,
+            epochs=1,
+        )
+    )
     _assert_same_loss_and_grads(cfg, params, ref["train"], pk["train"], table, lengths,
                                 np.array([[0, 2], [3, 1]], np.int32), rtol=1e-4, atol=1e-5)
 

@@ -31,16 +31,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ssft_jax import assembly
-from ssft_jax import checkpoint as ckpt_lib
-from ssft_jax import config as config_lib
-from ssft_jax import data as data_lib
-from ssft_jax import faults
-from ssft_jax import mesh as mesh_lib
-from ssft_jax import metrics_log
-from ssft_jax import tokenization as tk
-from ssft_jax import train
-from ssft_jax import train_state
+from ssft_jax import (
+    assembly,
+    checkpoint as ckpt_lib,
+    config as config_lib,
+    data as data_lib,
+    faults,
+    mesh as mesh_lib,
+    metrics_log,
+    tokenization as tk,
+    train,
+    train_state,
+)
 
 # A failed orbax restore leaves coroutines behind that are reported when garbage-collected: expected here.
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
@@ -535,8 +537,10 @@ def test_nonfinite_cost_loss_and_gradients(tmp_path):
 
 
 def test_a_run_that_keeps_producing_nonfinite_steps_stops(tmp_path):
-    with pytest.raises(train.TrainingDivergedError,
-                       match=r"4 consecutive steps \(steps 6\.\.9\).*max_consecutive_skips=3.*latest checkpoint is step 6"):
+    with pytest.raises(
+        train.TrainingDivergedError,
+        match=r"4 consecutive steps \(steps 6\.\.9\).*max_consecutive_skips=3.*latest checkpoint is step 6",
+    ):
         train.run(_nonfinite_cfg(), tmp_path, progress=False)
     records = metrics_log.read_metrics(tmp_path)
     assert [r["step"] for r in records] == list(range(1, 10))  # the steps up to the stop, each counted
@@ -602,7 +606,9 @@ BAD = {
         lambda i: _j({"id": 1.5, "question": "q", "traces": [{"text": "a"}], "note": i}),
         lambda i: _j({"id": True, "question": "q", "traces": [{"text": "a"}], "note": i}),
         lambda i: _j({"id": i, "question": "q", "traces": [{"text": "a", "source": 3}]}),
-        lambda i: _j({"id": i, "question": "q", "messages": [{"role": "user", "content": "q"}], "traces": [{"text": "a"}]}),
+        lambda i: _j(
+            {"id": i, "question": "q", "messages": [{"role": "user", "content": "q"}], "traces": [{"text": "a"}]}
+        ),
     ],
     "missing_field": [
         lambda i: _j({"id": i, "question": None, "traces": [{"text": "a"}]}),
@@ -616,8 +622,13 @@ BAD = {
         lambda i: _j({"id": i, "messages": [], "traces": [{"text": "a"}]}),
         lambda i: _j({"id": i, "messages": "hi", "traces": [{"text": "a"}]}),
         lambda i: _j({"id": i, "messages": [{"role": "user"}], "traces": [{"text": "a"}]}),
-        lambda i: _j({"id": i, "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
-                      "traces": [{"text": "a"}]}),
+        lambda i: _j(
+            {
+                "id": i,
+                "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+                "traces": [{"text": "a"}],
+            }
+        ),
     ],
     "empty_prompt": [
         lambda i: _j(_rec(i, question="")),
@@ -639,12 +650,14 @@ BAD = {
     ],
     "unknown_characters": [  # the character tokenizer has printable ASCII only
         lambda i: _j(_rec(i, question="caf\u00e9?")),
-        lambda i: _j(_rec(i, traces=("ok", "\U0001F600"))),
+        lambda i: _j(_rec(i, traces=("ok", "\U0001f600"))),
         lambda i: _j({"id": i, "messages": [{"role": "user", "content": "\u00fcber"}], "traces": [{"text": "a"}]}),
     ],
     "template_error": [
         lambda i: _j(_rec(i, question="q \ue000ssft0\ue001")),
-        lambda i: _j({"id": i, "messages": [{"role": "user", "content": "\ue000ssft3\ue001"}], "traces": [{"text": "a"}]}),
+        lambda i: _j(
+            {"id": i, "messages": [{"role": "user", "content": "\ue000ssft3\ue001"}], "traces": [{"text": "a"}]}
+        ),
     ],
     "prompt_over_budget": [
         lambda i: _j(_rec(i, question="How much is " + "1+" * 20 + "1?")),
@@ -658,11 +671,17 @@ BAD = {
 
 # Good records, some carrying chat-control strings and other unusual but valid text.
 GOOD = [
-    lambda i, k: _rec(i, question=f"What is {k}+{k + 1}?", traces=(f"{k}+{k + 1}={2 * k + 1}", f"{k + 1}+{k}={2 * k + 1}")),
+    lambda i, k: _rec(
+        i, question=f"What is {k}+{k + 1}?", traces=(f"{k}+{k + 1}={2 * k + 1}", f"{k + 1}+{k}={2 * k + 1}")
+    ),
     lambda i, k: _rec(i, question=f"<|im_end|>{k}+1?", traces=(f"<|im_start|>assistant {k + 1}", f"{k + 1}<|im_end|>")),
     lambda i, k: _rec(i, question=f"<think3> {k}*2?", traces=(f"<think1>{2 * k}", f"{k}+{k}={2 * k}", "<|endoftext|>")),
-    lambda i, k: {"id": i, "messages": [{"role": "user", "content": f"{k}-1?"}], "traces": [{"text": f"{k - 1}", "source": "m1"}]},
-    lambda i, k: _rec(i, question=f"tab\t{k} \"q\" a\\b?", traces=(f"{k}\t\\n ~`",)),
+    lambda i, k: {
+        "id": i,
+        "messages": [{"role": "user", "content": f"{k}-1?"}],
+        "traces": [{"text": f"{k - 1}", "source": "m1"}],
+    },
+    lambda i, k: _rec(i, question=f'tab\t{k} "q" a\\b?', traces=(f"{k}\t\\n ~`",)),
 ]
 
 
@@ -799,8 +818,9 @@ def test_hf_folder_with_a_missing_tensor_is_refused_before_any_step(tmp_path):
     pytest.importorskip("torch")
     from safetensors.numpy import load_file, save_file
 
-    from hf_fixtures import make_hf_model
     from ssft_jax import hf_io
+
+    from hf_fixtures import make_hf_model
 
     hf = tmp_path / "hf"
     make_hf_model("qwen2_tied", hf)

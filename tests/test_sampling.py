@@ -4,8 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ssft_jax import assembly
-from ssft_jax import model as M
+from ssft_jax import assembly, model as M
 from ssft_jax.sampling import bucket_length, generate, sample_logits
 
 CFG = M.ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

@@ -25,6 +25,7 @@ def test_logits_match_transformers_on_real_weights(smollm2):
     torch = pytest.importorskip("torch")
     import jax.numpy as jnp
     import transformers
+
     from ssft_jax import model as M
     folder, cfg, params, tok = smollm2
     ref_model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()

@@ -8,6 +8,7 @@ from ssft_jax.gguf_convert import ensure_smollm2_hf
 
 from hf_fixtures import QWEN2_TEMPLATE, build_tiny_tokenizer as _build_tiny_tokenizer  # noqa: E402
 
+
 @pytest.fixture(scope="module")
 def smol():
     return T.load_tokenizer(ensure_smollm2_hf())
@@ -212,7 +213,8 @@ def test_control_strings_in_user_and_trace_are_text(tok):
 def test_prompt_prefix_error_names_example(qwen):
     # a template whose generation prompt differs from how it renders the assistant turn
     qwen.chat_template = QWEN2_TEMPLATE.replace(
-        "'<|im_start|>' + message.role + '\\n'", "'<|im_start|>' + (message.role if message.role != 'assistant' else 'model') + '\\n'"
+        "'<|im_start|>' + message.role + '\\n'",
+        "'<|im_start|>' + (message.role if message.role != 'assistant' else 'model') + '\\n'",
     )
     tags = T.ForkingTags.for_tokenizer(qwen, 2)
     with pytest.raises(T.PromptPrefixError, match="ex-42"):

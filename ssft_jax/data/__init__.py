@@ -38,10 +38,10 @@ counted per reason in the ``ValidationReport`` (logged with ``logging.warning``)
 is bad whether it is a JSON escape or raw bytes in the file (``nul_byte``, ``lone_surrogate``); other undecodable
 bytes are ``invalid_utf8``; a NaN or Infinity anywhere in a record is ``non_finite_number``; a character the
 tokenizer would turn into its unknown token (the character tokenizer's ``<unk>``) is ``unknown_characters``. Rows
-of one question that disagree on its answer or id are ``conflicting_rows``. Control-token strings (``<|im_end|>``, ``<think3>``) inside text are valid text and are
-encoded as text. Traces longer than T are truncated to T tokens
-(they then lose their end-of-turn token; counted as ``truncated_traces``) or, with ``overlong='reject'``, make the
-record bad (``trace_over_budget``).
+of one question that disagree on its answer or id are ``conflicting_rows``. Control-token strings
+(``<|im_end|>``, ``<think3>``) inside text are valid text and are encoded as text. Traces longer than T are
+truncated to T tokens (they then lose their end-of-turn token; counted as ``truncated_traces``) or, with
+``overlong='reject'``, make the record bad (``trace_over_budget``).
 
 Static-shape layout
 -------------------
@@ -71,7 +71,7 @@ Cost view (the no-grad forward that fills C), one packed row per question, ``R =
 
 Train view (forward+backward on the matched sequences), M rows per question, ``[B, M, S]``, ``S = P + Lt + T``::
 
-    [ prompt (P, right-padded) | tag slot (Lt, EMPTY until rows.fill_tags, then left-padded tag) | trace (T, right-padded) ]
+    [ prompt (P, right-padded) | tag slot (Lt, EMPTY until rows.fill_tags, then left-padded) | trace (T, right-padded) ]
 
   * ``segment_ids`` 1 on real tokens, 0 on padding and on the empty tag slot; ``loss_mask`` 1 at the positions whose
     target is a trace token (incl. the end-of-turn token): the slot's last position (the last tag token after
@@ -100,16 +100,35 @@ Token budget per question: cost ``P + N*M*(Lt+Le)`` (shared prompt) vs ``N*M*(P+
 train ``M*(P+Lt+T)``. B is per process: the global batch is ``B * process_count``.
 """
 
-from ssft_jax.data.divergence import DivergenceReport, divergence_report, first_divergence
-from ssft_jax.data.layout import LayoutConfig, QuestionLayout, batch_token_counts, tag_table
-from ssft_jax.data.formats import (FORMATS, DataError, FormatError, RawRecord, heldout_count, prompt_id, read_jsonl,
-                                   read_parquet, read_records, read_source, record_id, split_heldout)
 from ssft_jax.data import packing
+from ssft_jax.data.divergence import DivergenceReport, divergence_report, first_divergence
+from ssft_jax.data.formats import (
+                                   FORMATS,
+                                   DataError,
+                                   FormatError,
+                                   RawRecord,
+                                   heldout_count,
+                                   prompt_id,
+                                   read_jsonl,
+                                   read_parquet,
+                                   read_records,
+                                   read_source,
+                                   record_id,
+                                   split_heldout,
+)
+from ssft_jax.data.layout import LayoutConfig, QuestionLayout, batch_token_counts, tag_table
 from ssft_jax.data.packing import PackedIterator, PackedTrainLayout, PackingError
 from ssft_jax.data.pipeline import TraceSample, make_dataset, make_iterator
 from ssft_jax.data.question import TokenizedQuestion
-from ssft_jax.data.records import (EXTRA_TRACES, OVERLONG, ON_BAD_RECORD, REASONS, ValidationReport, load_questions,
-                                   tokenize_records)
+from ssft_jax.data.records import (
+                                   EXTRA_TRACES,
+                                   ON_BAD_RECORD,
+                                   OVERLONG,
+                                   REASONS,
+                                   ValidationReport,
+                                   load_questions,
+                                   tokenize_records,
+)
 
 __all__ = [
     "DivergenceReport", "divergence_report", "first_divergence",

@@ -7,8 +7,8 @@ from typing import Sequence
 
 import numpy as np
 
-from ssft_jax.data.layout import LayoutConfig, QuestionLayout
 from ssft_jax.data import packing
+from ssft_jax.data.layout import LayoutConfig, QuestionLayout
 from ssft_jax.data.question import TokenizedQuestion
 
 

@@ -17,6 +17,8 @@ class TokenizedQuestion:
     id: str
     where: str
     prompt_ids: np.ndarray  # [p] int32, the rendered prompt (generation prompt, no tag)
-    trace_ids: tuple[np.ndarray, ...]  # 1..M arrays (more with data.extra_traces="sample": the pipeline picks M per epoch) [len] int32: trace + end-of-turn, at most T
+    # 1..M arrays (more with data.extra_traces="sample": the pipeline picks M per epoch), each [len] int32: trace +
+    # end-of-turn, at most T
+    trace_ids: tuple[np.ndarray, ...]
     truncated: tuple[bool, ...]  # per trace: cut to T (end-of-turn token lost)
     answer: Any = None

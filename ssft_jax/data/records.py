@@ -11,9 +11,18 @@ from typing import Any, Mapping
 import numpy as np
 
 from ssft_jax import tokenization
-from ssft_jax.data.formats import (BadRecord, DataError, RawRecord, as_messages, check_text, native_prompt, prompt_id,
-                                   read_records, record_id)
 from ssft_jax.data.divergence import divergence_report
+from ssft_jax.data.formats import (
+    BadRecord,
+    DataError,
+    RawRecord,
+    as_messages,
+    check_text,
+    native_prompt,
+    prompt_id,
+    read_records,
+    record_id,
+)
 from ssft_jax.data.layout import LayoutConfig
 from ssft_jax.data.question import TokenizedQuestion
 

@@ -16,12 +16,27 @@ Every builder returns plain dicts ``{"id": str, "question": str, "traces": [{"te
 """
 
 from . import gsm8k, synthetic
-from .gsm8k import (answer_is_correct, extract_gsm8k_answer, load_gsm8k_multitrace, load_gsm8k_single,
-                    normalize_number, summary, to_decimal)
-from .registry import (DATASETS, DatasetSpec, StrategyClassifier, build_records, check_source, dataset_names,
-                       get_dataset, load_classifier, register_dataset)
-from .synthetic import (CHARSET, STRATEGIES, SyntheticDifficulty, VerifyResult, build_splits, render_trace,
-                        verify)
+from .gsm8k import (
+                    answer_is_correct,
+                    extract_gsm8k_answer,
+                    load_gsm8k_multitrace,
+                    load_gsm8k_single,
+                    normalize_number,
+                    summary,
+                    to_decimal,
+)
+from .registry import (
+                    DATASETS,
+                    DatasetSpec,
+                    StrategyClassifier,
+                    build_records,
+                    check_source,
+                    dataset_names,
+                    get_dataset,
+                    load_classifier,
+                    register_dataset,
+)
+from .synthetic import CHARSET, STRATEGIES, SyntheticDifficulty, VerifyResult, build_splits, render_trace, verify
 
 __all__ = [
     "gsm8k", "synthetic",
