@@ -189,6 +189,7 @@ def measure(args, mode: dict, flags_info: dict) -> dict:
         losses,
         memory_plan,
         mesh as mesh_lib,
+        plan_check,
         train_state,
     )
 
@@ -292,7 +293,7 @@ def measure(args, mode: dict, flags_info: dict) -> dict:
                 train_slots=float(np.mean([k["train_slots"] for k in counts])),
                 train_real=float(np.mean([k["train_real"] for k in counts])),
                 plan_bytes=plans[v].total,
-                xla=memory_plan.memory_figures(compiled),
+                xla=plan_check.memory_figures(compiled),
                 peak_bytes_so_far=device_memory("peak_bytes_in_use"),
                 R=layout.cost_row_len,
                 S=layout.train_row_len,

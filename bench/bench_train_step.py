@@ -55,8 +55,8 @@ from ssft_jax import (  # noqa: E402  # noqa: E402
     train_state,
 )
 from ssft_jax.logprobs import token_logprobs  # noqa: E402
-from ssft_jax.memory_plan import memory_figures  # noqa: E402
 from ssft_jax.model import forward, output_embedding  # noqa: E402
+from ssft_jax.plan_check import memory_figures  # noqa: E402
 
 import train_step_variants as V  # noqa: E402
 from timing_helpers import block, interleaved, med, ratio  # noqa: E402

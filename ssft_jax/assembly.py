@@ -308,8 +308,9 @@ def read_checkpoint_config(workdir: str | pathlib.Path, step: int | None = None)
     return None
 
 
-def _read_summary(workdir: pathlib.Path) -> dict:
-    p = workdir / "summary.json"
+def read_summary(workdir: str | pathlib.Path) -> dict:
+    """A run's summary.json ({} when it has none yet)."""
+    p = pathlib.Path(workdir) / "summary.json"
     return json.loads(p.read_text()) if p.is_file() else {}
 
 
@@ -351,7 +352,7 @@ def load_checkpoint_for_generation(workdir: str | pathlib.Path, *, step: int | N
     cfg, tok = pieces.model_config, pieces.tokenizer
     if lora_run:  # sampling runs on the merged weights: the adapted model, at the base model's speed
         state = {"params": lora_lib.merge(cfg, spec, frozen, state["params"], dtype=cfg.param_dtype)}
-    summary = _read_summary(workdir)
+    summary = read_summary(workdir)
     return LoadedModel(cfg, state["params"], tok, pieces.tags, tokenization.eos_token_ids(tok), _vocab_limit(cfg, tok),
                        f"checkpoint:{workdir}:{step}", train_config=config_json,
                        tag_counts=summary.get("tag_counts"), method=config.ssft.method)
@@ -382,7 +383,7 @@ def load_for_generation(*, workdir: str | pathlib.Path | None = None, hf_dir: st
             s = found[1]["ssft"]
             lm.tags = tokenization.ForkingTags.for_tokenizer(lm.tokenizer, num_tags or s["num_tags"], s["tag_mode"])
             lm.train_config, lm.method = found[1], s["method"]
-        lm.tag_counts = _read_summary(workdir).get("tag_counts")
+        lm.tag_counts = read_summary(workdir).get("tag_counts")
         return lm
     if found is None:
         raise FileNotFoundError(f"{workdir}: neither checkpoints/ nor hf_export/ found")

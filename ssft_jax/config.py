@@ -418,21 +418,8 @@ def validate_gfpo(g: ml_collections.ConfigDict, num_tags: int) -> None:
 # Fields a resumed run may change without changing what the run is: how it is logged, checkpointed, evaluated on the
 # way, exported and placed on devices (a run resumes onto any mesh). Everything else (method, model, data, N/M/L,
 # optimiser, schedule, batch, seed) changes the run's meaning: a resume that changes it is refused unless accepted.
-HARMLESS_ON_RESUME = (
-    "log_every",
-    "logging",
-    "eval_every",
-    "eval",
-    "checkpoint",
-    "export_hf",
-    "export",
-    "max_consecutive_skips",
-    "mesh",
-    "debug",
-    "resume",
-    "accelerator",
-    "model.preset",
-)
+HARMLESS_ON_RESUME = ("log_every", "logging", "eval_every", "eval", "checkpoint", "export_hf", "export",
+                      "max_consecutive_skips", "mesh", "debug", "resume", "accelerator", "model.preset")
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:

@@ -70,16 +70,10 @@ def fit_budgets(config) -> dict[str, Any]:
     wide.data.update(max_prompt_len=4096, max_trace_len=4096)
     layout = assembly.build_layout(wide, tags.max_tag_len(tokenizer), num_processes=1)
     train_records, _ = datasets.build_records(config)
-    questions, report = data_lib.tokenize_records(
-        train_records,
-        tokenizer,
-        tags,
-        layout,
-        on_bad_record=config.data.on_bad_record,
-        overlong=config.data.overlong,
-        extra_traces=config.data.extra_traces,
-        format=config.data.format,
-    )
+    d = config.data
+    questions, report = data_lib.tokenize_records(train_records, tokenizer, tags, layout,
+                                                  on_bad_record=d.on_bad_record, overlong=d.overlong,
+                                                  extra_traces=d.extra_traces, format=d.format)
     P = max(len(q.prompt_ids) for q in questions)
     T = max(len(t) for q in questions for t in q.trace_ids)
     advice = report.divergence

@@ -44,13 +44,8 @@ def peak_flops_per_device(device_kind: str, override: float = 0.0) -> float | No
 
 
 def _linear_params_per_layer(cfg: ModelConfig) -> int:
-    D, H, K, hd, F = (
-        cfg.hidden_size,
-        cfg.num_attention_heads,
-        cfg.num_key_value_heads,
-        cfg.head_dim,
-        cfg.intermediate_size,
-    )
+    D, H, K, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    F = cfg.intermediate_size
     return D * (H + 2 * K) * hd + H * hd * D + 3 * D * F
 
 

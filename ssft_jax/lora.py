@@ -94,6 +94,21 @@ def spec_from_config(config, tokenizer=None, tags=None, *, model_param_dtype: st
                     tag_token_ids=ids, base_dtype=lc.base_dtype or model_param_dtype, seed=int(config.seed))
 
 
+def spec_for_plan(config, cfg: ModelConfig) -> LoraSpec | None:
+    """The run's LoraSpec (None without `lora.enabled`). The planner has no tokenizer for a preset: the N tag
+    rows are counted as N ids (their values do not change the memory). For `memory_plan` and `plan_check`."""
+    lc = config.get("lora")
+    if lc is None or not lc.enabled:
+        return None
+    s = config.ssft
+    ids = tuple(range(cfg.vocab_size - s.num_tags, cfg.vocab_size)) if (
+        lc.train_tag_rows and s.tag_mode == "special") else ()
+    return LoraSpec(rank=int(lc.rank), alpha=float(lc.alpha), dropout=float(lc.dropout),
+                    targets=tuple(lc.targets), tag_token_ids=ids,
+                    base_dtype=lc.base_dtype or cfg.param_dtype)
+
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The trainable pytree: shapes, logical axes, initial values
 # ---------------------------------------------------------------------------------------------------------------

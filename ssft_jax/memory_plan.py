@@ -8,7 +8,7 @@ the config's mesh fits the local devices (fake CPU devices via `XLA_FLAGS=--xla_
 or a shrunk model), the real train step is also lowered and compiled on abstract inputs and XLA's
 `memory_analysis()` is printed beside the estimate.
 
-The inputs and every formula of the plan are in `METHOD` below (`pydoc ssft_jax.memory_plan`).
+The inputs and every formula of the plan: docs/memory_plan.md. The compile check (`--compile`): `plan_check`.
 """
 
 from __future__ import annotations
@@ -19,107 +19,24 @@ import logging
 import math
 import pathlib
 import re
+import time
 import types
 from typing import Any, Mapping
 
+import jax
 import numpy as np
 
-from ssft_jax import cost_layouts
-
-# The plan's inputs and formulas (kept out of the module docstring so that --help fits a screen).
-METHOD = """
-Inputs
-------
-* model: `model.hf_dir`'s config.json when that folder exists here; else `model.preset` from the built-in table
-  `PRESETS` (the Qwen2.5-0.5B/1.5B/7B/32B-Instruct config.json values), so the plan works offline before the weights are
-  staged; else (`hf_dir` empty) the from-scratch `model.init` with the tokenizer's vocabulary. compute dtype, param
-  dtype, remat and attention_chunk come from `config.model` (`assembly.model_overrides`). Special-token tags
-  grow the vocabulary to len(tokenizer) + N when the embedding has no room (`assembly.vocab_for_tags`).
-* Lt (tag slot length): exact from the tokenizer when one is available; for a preset without its folder, the
-  preset's `tag_len` (an upper bound of ChatML text tags `<|im_start|><thinkK>\\n`), or `--tag_len`.
-* mesh sizes (data d, fsdp f, tensor t) from `config.mesh`; a -1 axis takes the devices left by the others, the
-  device count being `--num_devices`, else `mesh.num_devices`, else the chips of `config.accelerator` (e.g.
-  "v5p-32" = 16 chips), else the local device count. `config.validate` refuses impossible combinations first.
-
-Notation (per device)
----------------------
-dp = d*f (batch rows are split over 'data' and 'fsdp'); b = batch_size / (micro_batches * dp) questions per device
-per micro-batch; M traces, N tags, L cost prefix, P prompt budget, T trace budget; Le = min(L, T);
-cost row R = P + N*M*(Lt + Le) tokens (`LayoutConfig.cost_row_len`: the prompt once, then N*M (tag, trace prefix)
-blocks); train row S = P + Lt + T (`train_row_len`), M of them per question. D hidden, F MLP width, H/K query/KV
-heads of size Dh, V vocabulary, nl layers. Split by the tensor axis as `mesh.LOGICAL_AXIS_RULES` shards the
-weights that produce them: H_t = H/t, K_t = K/t, F_t = F/t, V_t = V/t, each left whole when t does not divide it
-(`mesh.logical_to_spec` then replicates the weight dimension, so the activation is not split either).
-a = bytes of the compute dtype (bf16: 2), w = bytes of the parameter dtype (fp32 master weights: 4), 4 for fp32.
-
-Formulas
---------
-parameters      sum over `model.abstract_params(cfg)` leaves of prod(shape_i / split_i) * w, split_i = the product
-                of the mesh axes that `mesh.logical_to_spec(axes, shape, mesh)` assigns to dimension i: exact,
-                including dimensions replicated because they do not divide (e.g. 2 KV heads over tensor=4).
-optimizer       2 * parameters (AdamW's mu and nu in the parameter dtype, sharded like the parameters).
-gradients       2 * parameters: the micro-batch `lax.scan` carries the accumulated gradients and each micro-step
-                produces a fresh set before the add (fp32, sharded like the parameters).
-update          1 * parameters: the optimizer's `updates` tree, alive while new parameters and moments are written.
-batch           the step's input rows, all micro-batches: micro_batches * (7*b*R + 4*r*S) int32 (+ small masks),
-                plus `fill_tags`' rebuilt train rows for one micro-batch: 5 * r*S int32 (r, S: below).
-gathered        FSDP all-gathers each layer's weights before use: 2 * (one layer's parameters / t) * a (the layer in
-                use and the next one, prefetched), one layer's weight gradients before the reduce-scatter
-                (layer / t) * w, and the output head gathered for the logits V_t * D * a.
-Activations are counted per phase of one layer, since the layers run one at a time (`lax.scan`) and a layer's
-attention and MLP intermediates are not live together:
-attn_tok        (H_t + 2*K_t)*Dh*a + (H_t + K_t)*Dh*4 + H_t*Dh*a per token (q/k/v, RoPE's fp32 q/k, attention out)
-mlp_tok         3*F_t*a per token (gate, up, silu(gate)*up)
-stored_tok      (3*D + (H_t + 2*K_t)*Dh + H_t*Dh + 2*F_t)*a per token: what one layer's backward needs of its forward
-                (two RMSNorm outputs, the mid-layer residual, q/k/v, attention out, gate, up)
-scores(r, n, c) r * H_t * q * n * (4*c + a) + r * q * n for r rows of n tokens: c live fp32 copies of a query
-                block's [q, n] scores per head (scores, softmax; + their cotangent in the backward), the
-                compute-dtype probabilities and the boolean mask; q = attention_chunk when the model chunks the
-                queries (`model._attention`: chunk > 0 and n > chunk, the row padded up to a multiple of the block),
-                else q = n (dense: the whole [n, n] scores).
-head(r, n, c)   the chunked log-softmax (`logprobs.token_logprobs`): min(logprob_chunk, r*n) * V_t * 4 * c (c = 2
-                live fp32 copies in the forward: logits, exp; 3 in the backward: + their cotangent) + r*n*D*a (the
-                padded hidden copy).
-(a) cost pass   no-grad forward over b rows of R tokens:
-                b*R*2*D*a (residual + normed input) + max(b*R*attn_tok + scores(b, R, 2), b*R*mlp_tok)
-                + head(b, R, 2)
-                with ssft.cost_layout='prefix_cache', over b*N*M rows of W = Lt + Le queries reading P + W keys: the
-                KV cache 2*nl*b*N*M*(P + W)*K_t*Dh*a + the same terms with b*N*M*W tokens, scores of [q, P + W]
-(b) train pass  forward + backward over r = b*M rows of S tokens (packed, `data.packed`: r = pack_rows /
-                (micro_batches * dp) rows of S = pack_len, 0 meaning P + Lt + T; its memory and FLOPs are those of
-                the rows, so what a length distribution needs is the pack_rows that fits it):
-                saved + stored + max(r*S*(H_t + 2*K_t)*Dh*a + scores(r, S, 3), r*S*(mlp_tok + D*(a + 4)))
-                + r*S*D*(a + 4) (the residual's cotangent) + head(r, S, 3), with, by `model.remat`:
-                full            saved = nl*r*S*D*a + r*S*D*a (each layer's input, kept by the layer scan, and the
-                                final hidden); stored = r*S*stored_tok (one layer recomputed for its backward)
-                none            saved = that + nl*r*S*(stored_tok + 2*F_t*4 + 2*D*4 + (H_t + K_t)*Dh*4 +
-                                blocks*2*K_t*Dh*a) (+ nl*scores(r, S, 2) when dense; blocks = query blocks, whose
-                                checkpoints keep k/v), stored = 0: every layer keeps everything (least precise)
-                dots            saved = the carry + nl*r*S*[(H_t + 2K_t)*Dh + H_t*Dh + 2D + 2F_t]*a (+ nl*r*H_t*S*S*4
-                                dense scores, a batched dot); stored as for full
-                dots_no_batch   saved = the carry + nl*r*S*[(H_t + 2K_t)*Dh + 2D + 2F_t]*a; stored as for full
-                (chunked attention is always rematerialised per query block, so chunked scores are never saved.)
-total           parameters + optimizer + gradients + update + batch + gathered + max((a), (b)): the cost pass ends
-                (C is [b, N, M]) before the train rows' forward starts.
-LoRA            (`lora.enabled`, ssft_jax/lora.py) parameters = the frozen base in `lora.base_dtype` (exact shards);
-                adapters = the trainable pytree (`lora.trainable_shapes`: A, B per target, special-mode tag rows),
-                fp32, sharded by the same rules; optimizer = 2 * adapters, gradients = 2 * adapters, update =
-                1 * adapters (nothing base-sized); tag-row copies = the [V, D] embedding (and untied lm_head) with
-                the tag rows written in, in the base dtype, plus its cotangent of the same size (the gradient of
-                the rows is gathered from it), per device (V_t * D / fsdp); gathered: two layers of the base in the
-                compute dtype and the head (0 when fsdp = 1 and the base is in the compute dtype: nothing is
-                gathered or cast), no base weight gradients. Activations as above (the backward still runs through
-                every layer); the adapters' own [tokens, r] intermediates are r/D of a residual and left out.
-
-Checked against XLA on CPU (`tests/test_memory_plan.py`; one device, Qwen2.5-0.5B shapes with 2-4 layers and 8k-16k
-token rows): the full-remat estimate of the temporaries is 1.0-1.4x XLA's; with the mesh's data axis only, the
-tiny demo model agrees within 10%.
-
-XLA's figures (`--compile`): argument (state + batch), output (new state + metrics), alias (donated state reused
-for the output), temp (everything else) and peak = argument + output - alias + temp; compare the estimate's
-"arguments" (parameters + optimizer + batch) and "temporaries" (the rest) with them. On TPU, leave a margin for
-the runtime and fragmentation: the verdict calls a chip tight below 10% headroom.
-"""
+from ssft_jax import (
+    assembly,
+    cli as cli_lib,
+    config as config_lib,
+    cost_layouts,
+    flops as flops_lib,
+    lora as lora_lib,
+    mesh as mesh_lib,
+    model as model_lib,
+    tokenization,
+)
 
 GiB = 1024 ** 3
 
@@ -181,7 +98,6 @@ class ModelFacts:
 
 def resolve_model(config, tag_len: int | None = None) -> ModelFacts:
     """The ModelConfig the trainer would build for `config` (`assembly`), and the tag slot length Lt."""
-    from ssft_jax import assembly, tokenization
 
     s = config.ssft
     notes: list[str] = []
@@ -237,7 +153,6 @@ def resolve_model(config, tag_len: int | None = None) -> ModelFacts:
 
 def mesh_sizes(config, num_devices: int | None = None) -> tuple[dict[str, int], int, str]:
     """({'data', 'fsdp', 'tensor'} sizes, device count, where the count came from); validates the config."""
-    from ssft_jax import config as config_lib
 
     m = config.mesh
     sizes = {"data": m.data, "fsdp": m.fsdp, "tensor": m.tensor}
@@ -251,7 +166,6 @@ def mesh_sizes(config, num_devices: int | None = None) -> tuple[dict[str, int], 
     elif -1 not in sizes.values():
         n, why = math.prod(sizes.values()), "the mesh axes"
     else:
-        import jax
         n, why = jax.device_count(), "the local devices"
     config_lib.validate(config, n)
     known = math.prod(v for v in sizes.values() if v != -1)
@@ -272,7 +186,6 @@ def _split(n: int, parts: int) -> float:
 
 def local_bytes(shape, dtype, axes, sizes: Mapping[str, int]) -> int:
     """Bytes one device holds of an array with these logical axes, sharded exactly as `mesh.logical_to_spec`."""
-    from ssft_jax import mesh as mesh_lib
 
     spec = mesh_lib.logical_to_spec(axes, shape, mesh_stub(sizes))
     n = 1
@@ -286,9 +199,7 @@ def local_bytes(shape, dtype, axes, sizes: Mapping[str, int]) -> int:
 
 def parameter_bytes(cfg, sizes: Mapping[str, int]) -> dict[str, Any]:
     """Exact parameter count, global bytes and per-device bytes (total, per top-level group, one layer)."""
-    import jax
 
-    from ssft_jax import model as model_lib
 
     shapes, axes = model_lib.abstract_params(cfg)
     flat_s = jax.tree_util.tree_leaves_with_path(shapes)
@@ -306,28 +217,10 @@ def parameter_bytes(cfg, sizes: Mapping[str, int]) -> dict[str, Any]:
     return dict(count=count, global_bytes=glob, local_bytes=local, layer_elems_gathered=layer_local_unsharded_fsdp)
 
 
-def lora_spec_for_plan(config, cfg):
-    """The run's LoraSpec (None without `lora.enabled`). The planner has no tokenizer for a preset: the N tag
-    rows are counted as N ids (their values do not change the memory)."""
-    from ssft_jax import lora as lora_lib
-
-    lc = config.get("lora")
-    if lc is None or not lc.enabled:
-        return None
-    s = config.ssft
-    ids = tuple(range(cfg.vocab_size - s.num_tags, cfg.vocab_size)) if (
-        lc.train_tag_rows and s.tag_mode == "special") else ()
-    return lora_lib.LoraSpec(rank=int(lc.rank), alpha=float(lc.alpha), dropout=float(lc.dropout),
-                             targets=tuple(lc.targets), tag_token_ids=ids,
-                             base_dtype=lc.base_dtype or cfg.param_dtype)
-
-
 def lora_bytes(cfg, spec, sizes: Mapping[str, int]) -> dict[str, int]:
     """Count and per-device bytes of the trainable LoRA pytree (`lora.trainable_shapes`), sharded as the mesh
     rules shard it."""
-    import jax
 
-    from ssft_jax import lora as lora_lib
 
     shapes, axes = lora_lib.trainable_shapes(cfg, spec)
     flat_a = dict(jax.tree_util.tree_leaves_with_path(axes, is_leaf=lambda x: isinstance(x, tuple)))
@@ -404,7 +297,6 @@ def choose_cost_layout(config, *, num_devices: int | None = None, tag_len: int |
     """The cost layout with the fewest step FLOPs whose planned memory per device fits `limit_bytes` (None: the
     config's accelerator chip, else no limit: the CPU). When none fits, the smaller one (training then fails on
     memory, as it would have anyway). Same counts as `make_plan` and `flops.step_flops`."""
-    from ssft_jax import assembly, flops as flops_lib
 
     if limit_bytes is None and config.accelerator:
         limit_bytes = CHIPS[accelerator_chips(config.accelerator)[0]] * GiB
@@ -426,7 +318,6 @@ def choose_cost_layout(config, *, num_devices: int | None = None, tag_len: int |
 def device_memory_limit(mesh=None) -> float | None:
     """Bytes one device of `mesh` (default: the first device) can hold, where the backend says (GPU, TPU); None
     on the CPU (host memory: no planned limit)."""
-    import jax
 
     device = mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
     try:
@@ -498,7 +389,7 @@ def make_plan(config, *, num_devices: int | None = None, tag_len: int | None = N
         if t > 1 and part == full:
             notes.append(f"{name} ({full}) not divisible by tensor={t}: replicated")
 
-    lora_spec = lora_spec_for_plan(config, cfg)
+    lora_spec = lora_lib.spec_for_plan(config, cfg)
     if lora_spec is not None:  # the frozen base is held (and planned) in lora.base_dtype
         cfg = cfg.replace(param_dtype=lora_spec.base_dtype)
         w = np.dtype(cfg.param_dtype).itemsize
@@ -598,34 +489,14 @@ def make_plan(config, *, num_devices: int | None = None, tag_len: int | None = N
         ("batch (inputs)", batch_in, f"{mb} micro-batch(es) x {b} question(s): cost + train rows, int32"),
         ("fill_tags rows", fill, "one micro-batch's rebuilt train rows"),
     ]
-    dims = dict(
-        N=N,
-        M=M,
-        L=L,
-        Le=Le,
-        P=P,
-        T=T,
-        Lt=Lt,
-        R=R,
-        S=S,
-        b=b,
-        micro_batches=mb,
-        dp=dp,
-        cost_layout=s.cost_layout,
-        packed=bool(d.packed),
-        train_rows=r,
-        batch_size=config.batch_size,
-        remat=remat,
-        attention_chunk=chunk,
-        logprob_chunk=lchunk,
-        lora=(
-            f"r={lora_spec.rank} alpha={lora_spec.alpha:g} base {lora_spec.base_dtype}" if lora_spec is not None else ""
-        ),
-        cost_attention="chunked" if _chunked(chunk, R) else "dense",
-        train_attention="chunked" if _chunked(chunk, S) else "dense",
-        dtype=cfg.dtype,
-        param_dtype=cfg.param_dtype,
-    )
+    dims = dict(N=N, M=M, L=L, Le=Le, P=P, T=T, Lt=Lt, R=R, S=S, b=b, micro_batches=mb, dp=dp,
+                cost_layout=s.cost_layout, packed=bool(d.packed), train_rows=r,
+                batch_size=config.batch_size, remat=remat, attention_chunk=chunk, logprob_chunk=lchunk,
+                lora=(f"r={lora_spec.rank} alpha={lora_spec.alpha:g} base {lora_spec.base_dtype}"
+                      if lora_spec is not None else ""),
+                cost_attention="chunked" if _chunked(chunk, R) else "dense",
+                train_attention="chunked" if _chunked(chunk, S) else "dense",
+                dtype=cfg.dtype, param_dtype=cfg.param_dtype)
     return Plan(config_name, facts.source, cfg, sizes, n_dev, why, dims, params, rows, cost, train, notes,
                 accelerator=config.accelerator)
 
@@ -723,114 +594,11 @@ def format_plan(plan: Plan, xla: Mapping[str, float] | None = None, xla_notes: l
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The compiled step (shared with the step-time benchmark in bench/)
-# ---------------------------------------------------------------------------------------------------------------
-
-def memory_figures(compiled) -> dict[str, float] | None:
-    """XLA's `memory_analysis()` of a compiled executable as a dict of bytes (per device), with peak =
-    argument + output - alias + temp (and XLA's own `peak_memory_in_bytes` as peak_reported when the backend gives
-    one); None if the backend reports nothing."""
-    m = compiled.memory_analysis()
-    if m is None:
-        return None
-    out = {"argument": m.argument_size_in_bytes, "output": m.output_size_in_bytes, "alias": m.alias_size_in_bytes,
-           "temp": m.temp_size_in_bytes, "generated_code": m.generated_code_size_in_bytes}
-    out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
-    reported = getattr(m, "peak_memory_in_bytes", None)
-    if reported:  # the CPU backend's figure leaves the temporaries out; kept for reference only
-        out["peak_reported"] = reported
-    return {k: float(v) for k, v in out.items()}
-
-
-def abstract_step_inputs(config, cfg, tag_len: int, mesh):
-    """(optimizer, state, batch, tag_table, tag_lengths, layout): the step's inputs as sharded
-    `jax.ShapeDtypeStruct`s, built by `assembly` exactly as `train.run` builds the real ones (parameters and moments
-    with their logical shardings, counters replicated, batch rows over data*fsdp). With `lora.enabled`, two more:
-    the LoraSpec and the frozen base (the step's fifth argument)."""
-    import jax
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    from ssft_jax import assembly, train_state
-
-    optimizer = assembly.make_optimizer(config, config.num_steps or 1000)
-    params = assembly.abstract_params(cfg, mesh)
-    spec = lora_spec_for_plan(config, cfg)
-    frozen = None
-    if spec is not None:  # LoRA: the state holds the adapters; the frozen base (its dtype) is the fifth argument
-        from ssft_jax import lora as lora_lib
-
-        frozen = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, np.dtype(spec.base_dtype), sharding=x.sharding),
-                              params)
-        params = lora_lib.abstract_trainable(cfg, spec, mesh)
-    state = train_state.abstract_state(params, optimizer, mesh)
-    layout = assembly.build_layout(config, tag_len, num_processes=1)
-    batch = assembly.abstract_batch(layout, config.batch_size, mesh)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    tbl = jax.ShapeDtypeStruct((config.ssft.num_tags, tag_len), np.int32, sharding=replicated)
-    lns = jax.ShapeDtypeStruct((config.ssft.num_tags,), np.int32, sharding=replicated)
-    if spec is not None:
-        return optimizer, state, batch, tbl, lns, layout, spec, frozen
-    return optimizer, state, batch, tbl, lns, layout
-
-
-def shard_bytes(tree) -> int:
-    """Bytes one device holds of a pytree of sharded arrays / ShapeDtypeStructs (from their shardings)."""
-    import jax
-
-    total = 0
-    for x in jax.tree.leaves(tree):
-        shape = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) is not None else x.shape
-        total += math.prod(shape) * np.dtype(x.dtype).itemsize
-    return total
-
-
-def compile_step(config, cfg, tag_len: int, mesh, *, return_state: bool = False):
-    """Lower and compile the trainer's real step (`assembly.make_step`) on abstract inputs: no weights or data are
-    needed. Returns the compiled executable (and the abstract state)."""
-    from ssft_jax import assembly
-
-    optimizer, state, batch, table, lengths, layout, *lora = abstract_step_inputs(config, cfg, tag_len, mesh)
-    spec, frozen = lora if lora else (None, None)
-    config = with_resolved_cost_layout(config, layout, mesh)
-    jitted = assembly.make_step(config, cfg, layout, optimizer, state, batch, mesh, lora=spec, frozen=frozen)
-    compiled = jitted.lower(state, batch, table, lengths, *([frozen] if spec is not None else [])).compile()
-    return (compiled, state) if return_state else compiled
-
-
-def compile_for_plan(config, plan: Plan):
-    """Compile on the first plan.num_devices local devices (PlanError if there are not enough)."""
-    import jax
-
-    from ssft_jax import mesh as mesh_lib
-
-    if plan.num_devices > jax.device_count():
-        raise PlanError(f"--compile: the mesh needs {plan.num_devices} devices, this host has {jax.device_count()} "
-                        f"({jax.devices()[0].platform}); fake more with XLA_FLAGS="
-                        f"--xla_force_host_platform_device_count={plan.num_devices} or shrink the model/mesh")
-    sz = plan.sizes
-    mesh = mesh_lib.make_mesh(sz["data"], sz["fsdp"], sz["tensor"], devices=jax.devices()[: plan.num_devices])
-    return compile_step(config, plan.cfg, plan.dims["Lt"], mesh, return_state=True)
-
-
-def compile_notes(plan: Plan, xla: Mapping[str, float] | None, state) -> list[str]:
-    """What the compiled step says about the plan's assumptions: activations split over the data-parallel axes.
-    (The optimizer moments are sharded like the parameters by construction: `train_state.opt_state_shardings`.)"""
-    del state
-    notes = []
-    if xla and xla["temp"] > 2 * plan.temporaries:
-        notes.append(f"XLA's temporaries are {xla['temp'] / plan.temporaries:.1f}x the estimate: the partitioner "
-                     "probably computes some activations on more rows than this device's share (not split over "
-                     "data*fsdp); look for the global batch size as a leading dimension in compiled.as_text()")
-    return notes
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------------------------
 
 def main(argv):
     del argv
-    import time
 
     from absl import flags
     from ml_collections import config_flags
@@ -841,10 +609,11 @@ def main(argv):
     plan = make_plan(config, num_devices=FLAGS.num_devices or None, tag_len=FLAGS.tag_len, config_name=config_name)
     xla, xla_notes = None, []
     if FLAGS.compile:
+        from ssft_jax import plan_check  # it builds on this module: imported where --compile asks for it
         t0 = time.perf_counter()
-        compiled, state = compile_for_plan(config, plan)
-        xla = memory_figures(compiled)
-        xla_notes = compile_notes(plan, xla, state)
+        compiled, state = plan_check.compile_for_plan(config, plan)
+        xla = plan_check.memory_figures(compiled)
+        xla_notes = plan_check.compile_notes(plan, xla, state)
         print(f"compiled the train step in {time.perf_counter() - t0:.1f}s")
         if xla is None:
             print("memory_analysis() is not reported by this backend")
@@ -861,7 +630,6 @@ def cli() -> None:
     from absl import flags
     from ml_collections import config_flags
 
-    from ssft_jax import cli as cli_lib
 
     config_flags.DEFINE_config_file("config", None, "a configs/*.py file, optionally with :arg", lock_config=True)
     flags.DEFINE_bool("compile", False, "also lower+compile the real train step and print XLA's memory_analysis()")

@@ -64,8 +64,14 @@ def apply(flags: Sequence[str] = GPU_FLAGS, *, env: "os._Environ | dict" = os.en
     if not force and platforms and not any(p in platforms for p in ("cuda", "gpu")):
         return env.get("XLA_FLAGS", "")
     if env is os.environ and not force and "jax" in sys.modules:
-        import jax._src.xla_bridge as xb  # a backend already up would leave the flags silently unused
-        if getattr(xb, "_backends", None):
+        # A backend already up would leave the flags silently unused. jax has no public "is a backend up?", so this
+        # reads a private table; should a jax version move it, the check is skipped (never an ImportError here).
+        try:
+            import jax._src.xla_bridge as xb
+            started = bool(getattr(xb, "_backends", None))
+        except ImportError:
+            started = False
+        if started:
             raise RuntimeError("xla_flags.apply() after the JAX backend started: XLA_FLAGS is read once at start-up")
     env["XLA_FLAGS"] = merge(env.get("XLA_FLAGS", ""), flags)
     return env["XLA_FLAGS"]

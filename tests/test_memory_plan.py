@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from ssft_jax import config as config_lib, memory_plan as mp, mesh as mesh_lib, model as model_lib
+from ssft_jax import config as config_lib, memory_plan as mp, mesh as mesh_lib, model as model_lib, plan_check
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -139,9 +139,9 @@ def test_fsdp_step_keeps_moments_and_activations_on_their_shards():
     config = load("demo")
     config.mesh.update(data=1, fsdp=8, tensor=1, num_devices=8)
     plan = mp.make_plan(config, num_devices=8)
-    compiled, state = mp.compile_for_plan(config, plan)
-    xla = mp.memory_figures(compiled)
-    assert mp.compile_notes(plan, xla, state) == []
+    compiled, state = plan_check.compile_for_plan(config, plan)
+    xla = plan_check.memory_figures(compiled)
+    assert plan_check.compile_notes(plan, xla, state) == []
     mu = state["opt_state"][1][0].mu
     assert jax.tree.map(lambda m, p: m.sharding == p.sharding, mu, state["params"]) == jax.tree.map(
         lambda _: True, state["params"])
@@ -189,9 +189,9 @@ def test_lora_compile_lowers_the_adapters_step_with_the_frozen_base_as_an_argume
     c.mesh.update(data=2, fsdp=2, tensor=1, num_devices=4)
     c.lora.update(enabled=True, rank=4, base_dtype="bfloat16")
     plan = mp.make_plan(c, num_devices=4)
-    compiled, state = mp.compile_for_plan(c, plan)
+    compiled, state = plan_check.compile_for_plan(c, plan)
     assert set(state["params"]) == {"lora", "tag_embedding"}
-    xla = mp.memory_figures(compiled)
+    xla = plan_check.memory_figures(compiled)
     # The arguments are the adapters' state, the bf16 base and the batch, as planned (to a few bytes of counters
     # and the small tag table).
     assert 0.8 <= plan.arguments / xla["argument"] <= 1.25, (plan.arguments, xla)

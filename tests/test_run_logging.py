@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from ssft_jax import assembly, config as config_lib, flops, losses, mesh as mesh_lib, metrics_log, train
-from ssft_jax.memory_plan import abstract_step_inputs
+from ssft_jax.plan_check import abstract_step_inputs
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -161,14 +161,15 @@ class QuestionLayout:
     def __call__(self, q: TokenizedQuestion) -> dict[str, Any]:
         return {"cost": self.cost_view(q), "train": self.train_view(q), "question_index": np.int32(q.index)}
 
-    def _check(self, q: TokenizedQuestion):
+    def check_fits(self, q: TokenizedQuestion) -> None:
+        """A ValueError naming the question when it does not fit this layout's budgets."""
         c = self.cfg
         if len(q.prompt_ids) > c.max_prompt_len or not 1 <= len(q.trace_ids) <= c.num_traces or any(
                 not 1 <= len(t) <= c.max_trace_len for t in q.trace_ids):
             raise ValueError(f"{q.where}: question {q.id!r} does not fit {c} (tokenize with the same LayoutConfig)")
 
     def cost_view(self, q: TokenizedQuestion) -> dict[str, np.ndarray]:
-        self._check(q)
+        self.check_fits(q)
         c = self.cfg
         N, M, Lt, Le, R = c.num_tags, c.num_traces, c.tag_len, c.cost_slot_len, c.cost_row_len
         tokens, seg, prefix, pos, tgt, lm = (np.zeros(R, np.int32) for _ in range(6))
@@ -199,7 +200,7 @@ class QuestionLayout:
                 "trace_lengths": lengths, "cost_lengths": np.minimum(lengths, Le).astype(np.int32)}
 
     def train_view(self, q: TokenizedQuestion) -> dict[str, np.ndarray]:
-        self._check(q)
+        self.check_fits(q)
         c = self.cfg
         M, P, Lt, S = c.num_traces, c.max_prompt_len, c.tag_len, c.train_row_len
         tokens, seg, tgt, lm = (np.zeros((M, S), np.int32) for _ in range(4))

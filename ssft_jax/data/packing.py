@@ -151,7 +151,7 @@ class PackedTrainLayout:
 def question_element(layout: QuestionLayout):
     """The per-question map of the packed pipeline: the cost view, and the question itself for the packer."""
     def element(q: TokenizedQuestion) -> dict[str, Any]:
-        layout._check(q)
+        layout.check_fits(q)
         return {"cost": layout.cost_view(q), "question": q, "question_index": np.int32(q.index)}
     return element
 
