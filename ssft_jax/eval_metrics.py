@@ -5,11 +5,12 @@ together for `evaluate.evaluate_model`. The definitions follow the paper (README
 from __future__ import annotations
 
 import collections
-import hashlib
 import math
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+
+from ssft_jax.data import formats
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -201,8 +202,7 @@ def validation_split(ids: Sequence[str], validation: int | float) -> set[int]:
     k = validation if isinstance(validation, int) else int(round(validation * len(ids)))
     if not 0 <= k < len(ids):
         raise ValueError(f"validation={validation!r} leaves no test questions among {len(ids)}")
-    order = sorted(range(len(ids)), key=lambda i: (hashlib.sha256(str(ids[i]).encode()).hexdigest(), i))
-    return set(order[:k])
+    return set(formats.hash_order(ids)[:k])
 
 
 def tag_choice_metrics(generations: Sequence[Mapping[str, Any]], log_pi: Mapping[int, Sequence[float]],

@@ -422,7 +422,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
     export_dir = None
     if config.export_hf and not stopped_early:
         export_dir = run_common.export_hf(r.workdir / "hf_export", r.lm.cfg, r.state["params"], r.lm.tokenizer,
-                                          r.lm.tags, dtype=config.export.dtype or None)
+                                          r.lm.tags, dtype=config.export.dtype)
     return finish(r, step, stopped_early, elapsed, export_dir)
 
 

@@ -159,7 +159,8 @@ def write_summary(workdir: epath.Path, summary: dict) -> None:
 
 def export_hf(dest, cfg, params, tokenizer, tags, dtype: str | None = None):
     """HF folder at `dest` (local, or gs:// via a local staging folder: safetensors writes local files only), its
-    weights in `dtype` (None: the params' dtype; `export.dtype`)."""
+    weights in `dtype` (`export.dtype`; "" or None: the params' dtype)."""
+    dtype = dtype or None
     eos = tokenization.eos_token_ids(tokenizer)
     if not metrics_log.is_remote(dest):
         return hf_io.save_hf_folder(dest, cfg, params, tokenizer=tokenizer, eos_token_ids=eos, tags=tags, dtype=dtype)

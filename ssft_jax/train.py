@@ -269,7 +269,7 @@ def export(r: Training) -> epath.Path | None:
     merged = params if r.lora_spec is None else lora_lib.merge(cfg, r.lora_spec, r.frozen, params,
                                                                dtype=cfg.param_dtype)
     export_dir = run_common.export_hf(r.workdir / "hf_export", cfg, merged, tokenizer, tags,
-                                      dtype=c.export.dtype or None)
+                                      dtype=c.export.dtype)
     if r.lora_spec is not None and c.lora.export_adapter and not metrics_log.is_remote(r.workdir):
         adapter = lora_lib.save_peft_adapter(pathlib.Path(str(r.workdir / "lora_adapter")), cfg, r.lora_spec,
                                              params, base_model=c.model.hf_dir)

@@ -42,7 +42,7 @@ import math
 import os
 import pathlib
 import re
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -560,13 +560,21 @@ def heldout_count(heldout: int | float, num_questions: int) -> int:
     return k
 
 
+def hash_order(keys: Sequence[object]) -> list[int]:
+    """The positions of `keys` ordered by the sha256 of each key's text (ties: by position): an order that depends
+    on neither input order nor seed. The held-out split (`split_heldout`) and evaluation's validation split
+    (`eval_metrics.validation_split`) both take their lowest-hashing questions from it."""
+    digest = [hashlib.sha256(str(k).encode("utf-8", "surrogatepass")).hexdigest() for k in keys]
+    return sorted(range(len(keys)), key=lambda i: (digest[i], i))
+
+
 def split_heldout(records: list[RawRecord], heldout: int | float) -> tuple[list[RawRecord], list[RawRecord]]:
     """(train, held out), each in input order: the questions whose ids hash lowest are held out (``heldout_count``
     of the distinct ids), so the split depends on neither file order nor seed, and records that share an id land on
     the same side. Records without an id (unreadable, or an invalid prompt) stay in train, whose validation reports
     them."""
     ids = [record_id(r.record) if r.reason is None else None for r in records]
-    distinct = sorted({i for i in ids if i is not None},
-                      key=lambda i: hashlib.sha256(i.encode("utf-8", "surrogatepass")).hexdigest())
+    distinct = sorted({i for i in ids if i is not None})
+    distinct = [distinct[k] for k in hash_order(distinct)]
     held = set(distinct[: heldout_count(heldout, len(distinct))])
     return ([r for r, i in zip(records, ids) if i not in held], [r for r, i in zip(records, ids) if i in held])
