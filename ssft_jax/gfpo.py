@@ -21,8 +21,12 @@ question order and every rollout's randomness are functions of (seed, step), so 
 uninterrupted one would); SIGTERM saves; metrics go to metrics.jsonl / TensorBoard / wandb; the result is exported
 as an HF folder with the forking tags.
 
-Scope: one process (any number of local devices). Rollouts are driven from the host over the whole batch;
-multi-host GFPO would need each process to roll out its own share, which is not built yet: it refuses clearly.
+Several hosts (a TPU pod slice): every process builds the same questions, tag draws and prompts; the sampler and
+the policy run on the global mesh with the rows split over its data axes (each device decodes its own rows, each
+prompt's KV cache shared by its rows), every process gets the generated tokens back and checks its own share of the
+questions (`checked_by_this_process`), and the rewards are all-gathered, so every process feeds the update the same
+batch. The update is the same jitted program on the same global mesh as training (FSDP over hosts). Nothing drawn
+depends on the process count: a 2-process run equals the 1-process run on the same mesh (tests/test_multihost.py).
 """
 from __future__ import annotations
 
@@ -261,9 +265,8 @@ def _batch_shardings(batch: Mapping[str, np.ndarray], mesh) -> dict:
 
 
 def place_batch(batch: Mapping[str, np.ndarray], mesh) -> dict:
-    """The update's host batch on the mesh, questions split over the data axes."""
-    shardings = _batch_shardings(batch, mesh)
-    return {k: jax.device_put(np.asarray(v), shardings[k]) for k, v in batch.items()}
+    """The update's host batch (every process holds all of it) on the mesh, questions split over the data axes."""
+    return {k: mesh_lib.rows_on_mesh(v, mesh) for k, v in batch.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -305,20 +308,49 @@ class Rollouts:
         self.tokens = tokens
 
 
+def checked_by_this_process(num_questions: int) -> np.ndarray:
+    """The questions (positions in the step's batch) whose rollouts this process decodes and checks: a contiguous
+    share, so the host-side work (detokenizing, math checking, a user's reward_fn) is split over the hosts."""
+    return np.array_split(np.arange(num_questions), jax.process_count())[jax.process_index()]
+
+
+def gather_checked(local: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Each process's checked rows ([B, ...] arrays, filled at its own share) -> the whole arrays on every process."""
+    P = jax.process_count()
+    if P == 1:
+        return dict(local)
+    from jax.experimental import multihost_utils
+
+    gathered = multihost_utils.process_allgather({k: np.asarray(v) for k, v in local.items()})  # [P, B, ...]
+    B = len(next(iter(local.values())))
+    owner = np.concatenate([np.full(len(part), p) for p, part in enumerate(np.array_split(np.arange(B), P))])
+    return {k: np.asarray(v)[owner, np.arange(B)] for k, v in gathered.items()}
+
+
+def rollout_chunk(batch: int, mesh, target: int = 16) -> int:
+    """Questions per sampler call: about `target`, a multiple of the mesh's data-parallel size (the rows split
+    evenly over the devices), at most the step's batch. A function of the mesh, not of the process count."""
+    dp = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+    return max(dp, min(batch, -(-target // dp) * dp))
+
+
 def roll_out(cfg, params, tokenizer, choice: tag_policy.TagChoice, questions: Questions, idx: np.ndarray,
              row_tags: np.ndarray, checker: checkers.Checker, g, *, eos_token_ids, vocab_limit, seed: int,
-             reward_fn: RewardFn | None = None, chunk: int = 16) -> Rollouts:
+             reward_fn: RewardFn | None = None, mesh=None) -> Rollouts:
     """Generate the rows `row_tags` [B, R] (prompt + the tag's tokens + a sampled answer) and score them.
 
-    Questions go to the sampler `chunk` at a time (the last chunk padded by repeating a question: one compile),
-    each chunk with its own seed derived from `seed`."""
+    Questions go to the sampler `rollout_chunk` at a time (the last chunk padded by repeating a question: one
+    compile), each chunk with its own seed derived from `seed`. With a mesh over several processes, every process
+    makes the same calls (the rows split over the devices), checks its own share of the questions
+    (`checked_by_this_process`) and the results are all-gathered."""
     B, R = row_tags.shape
     max_new = int(g.max_new_tokens)
     rewards = np.zeros((B, R), np.float32)
     correct = np.zeros((B, R), bool)
     answered = np.zeros((B, R), bool)
-    n_tokens = 0
-    chunk = max(1, min(chunk, B))
+    tokens = np.zeros((B, R), np.int64)
+    mine = set(checked_by_this_process(B).tolist())
+    chunk = rollout_chunk(B, mesh)
     for c, start in enumerate(range(0, B, chunk)):
         rows = list(range(start, min(start + chunk, B)))
         pad = [rows[-1]] * (chunk - len(rows))
@@ -327,20 +359,23 @@ def roll_out(cfg, params, tokenizer, choice: tag_policy.TagChoice, questions: Qu
         outs = sampling.generate_rows(cfg, params, prompts, suffixes, max_new_tokens=max_new,
                                       eos_token_ids=eos_token_ids, temperature=float(g.temperature),
                                       top_k=int(g.top_k), top_p=float(g.top_p), seed=seed * 1009 + c,
-                                      vocab_limit=vocab_limit)
+                                      vocab_limit=vocab_limit, mesh=mesh)
         for j, b in enumerate(rows):
+            if b not in mine:
+                continue
             rec = questions.records[idx[b]]
             for r, gen in enumerate(outs[j]):
                 body = gen.tokens[:-1] if gen.finished else gen.tokens
                 text = tokenizer.decode(body, skip_special_tokens=True)
                 res = checker(rec, text)
-                n_tokens += len(gen.tokens)
+                tokens[b, r] = len(gen.tokens)
                 correct[b, r], answered[b, r] = res.correct, res.answer is not None
                 if reward_fn is not None:
                     rewards[b, r] = float(reward_fn(rec, text, res))
                 else:
                     rewards[b, r] = float(res.correct) - (0.0 if res.answer is not None else float(g.format_penalty))
-    return Rollouts(row_tags, rewards, correct, answered, n_tokens)
+    whole = gather_checked({"rewards": rewards, "correct": correct, "answered": answered, "tokens": tokens})
+    return Rollouts(row_tags, whole["rewards"], whole["correct"], whole["answered"], int(whole["tokens"].sum()))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -378,15 +413,14 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
             tokens, lengths = tag_policy.policy_rows([r.questions.prompts[i] for i in idx], r.choice.prefix_ids,
                                                      r.width)
             t_roll = time.perf_counter()
-            logp_old = np.asarray(tag_policy.jitted_log_probs(r.lm.cfg, r.state["params"], jnp.asarray(tokens),
-                                                              jnp.asarray(lengths), r.choice_ids,
-                                                              jnp.asarray(r.valid)))
+            logp_old = tag_policy.log_probs_on_mesh(r.lm.cfg, r.model_params(), tokens, lengths,
+                                                    r.choice.choice_ids, r.valid, r.mesh)
             rng = np.random.default_rng([int(config.seed), step, 17])
             row_tags = draw_row_tags(g.estimator, np.exp(logp_old), r.valid, group_size=int(g.group_size),
                                      samples_per_tag=int(g.samples_per_tag), rng=rng)
-            ro = roll_out(r.lm.cfg, r.state["params"], r.lm.tokenizer, r.choice, r.questions, idx, row_tags,
+            ro = roll_out(r.lm.cfg, r.model_params(), r.lm.tokenizer, r.choice, r.questions, idx, row_tags,
                           r.checker, g, eos_token_ids=r.lm.eos_token_ids, vocab_limit=r.lm.vocab_limit,
-                          seed=int(config.seed) * 100_003 + step, reward_fn=reward_fn)
+                          seed=int(config.seed) * 100_003 + step, reward_fn=reward_fn, mesh=r.mesh)
             t_upd = time.perf_counter()
             batch = {"tokens": tokens, "lengths": lengths, "valid": np.broadcast_to(r.valid, (B, N)),
                      "logp_old": logp_old, "logp_ref": r.logp_ref[idx], "row_tags": row_tags, "rewards": ro.rewards}
@@ -450,14 +484,15 @@ class GfpoRun:
     rollout_s: float = 0.0
     update_s: float = 0.0
 
+    def model_params(self) -> dict:
+        """The weights the model runs with now (rollouts, the policy)."""
+        return self.state["params"]
+
 
 def open_gfpo(config: ml_collections.ConfigDict, workdir: epath.Path, checker) -> GfpoRun:
     """Config checked, mesh, the SSFT model (`load_init`), run files, questions, the reference policy, optimizer
     and state (restored when there is a checkpoint) and the jitted update."""
     mesh_lib.maybe_initialize_distributed()
-    if jax.process_count() > 1:
-        raise config_lib.ConfigError("GFPO runs in one process (any number of local devices); multi-host rollouts "
-                                     "are not built yet")
     if config.get("stage", "ssft") != "gfpo":
         raise config_lib.ConfigError(f"stage={config.get('stage', 'ssft')!r}: this is not a GFPO config (use "
                                      "configs/gfpo_demo.py as a template, or --config.stage=gfpo)")
@@ -478,7 +513,7 @@ def open_gfpo(config: ml_collections.ConfigDict, workdir: epath.Path, checker) -
     checkpointer, config_json = run_common.open_run(config, workdir)
 
     tokenizer, tags = lm.tokenizer, lm.tags
-    if not metrics_log.is_remote(workdir):
+    if jax.process_index() == 0 and not metrics_log.is_remote(workdir):
         tokenization.save_tokenizer(tokenizer, pathlib.Path(str(workdir / "tokenizer")), tags=tags)
     choice = tag_policy.TagChoice.for_tags(tokenizer, tags)
     valid = valid_tags(g.valid_tags, tags.n, lm.tag_counts)
@@ -491,7 +526,7 @@ def open_gfpo(config: ml_collections.ConfigDict, workdir: epath.Path, checker) -
     B, N = int(g.questions_per_step), tags.n
     width = sampling.bucket_length(max(len(p) for p in questions.prompts) + len(choice.prefix_ids))
     # The reference policy (the SSFT model), for the KL term and its log: once, before any update donates weights.
-    logp_ref = tag_policy.TagPolicy(lm.cfg, lm.params, choice, valid, batch=B).log_probs(questions.prompts)
+    logp_ref = tag_policy.TagPolicy(lm.cfg, lm.params, choice, valid, batch=B, mesh=mesh).log_probs(questions.prompts)
 
     updates = int(g.num_steps) * int(g.updates_per_batch)
     optimizer = assembly.make_optimizer(config, updates)
@@ -513,7 +548,7 @@ def open_gfpo(config: ml_collections.ConfigDict, workdir: epath.Path, checker) -
                "rewards": np.zeros((B, R), np.float32)}
     update = jit_update(make_update(lm.cfg, g, optimizer), state, example, mesh)
     return GfpoRun(config, workdir, mesh, checkpointer, config_json, lm, questions, checker, choice,
-                   jnp.asarray(choice.choice_ids, jnp.int32), valid, width, logp_ref,
+                   mesh_lib.replicated_on_mesh(np.asarray(choice.choice_ids, np.int32), mesh), valid, width, logp_ref,
                    train_state.learning_rate_schedule(g.optim, updates), state, start, stats, update)
 
 
@@ -583,7 +618,8 @@ def finish(r: GfpoRun, step: int, stopped_early: bool, elapsed: float, export_di
         "export_dir": str(export_dir) if export_dir else None,
     }
     summary.update(run_common.publish_export(export_dir, r.config, summary))
-    run_common.write_summary(r.workdir, summary)
+    if jax.process_index() == 0:
+        run_common.write_summary(r.workdir, summary)
     r.checkpointer.close()
     return {**summary, "state": r.state, "model_config": lm.cfg, "tokenizer": lm.tokenizer, "tags": lm.tags}
 

@@ -157,3 +157,32 @@ def to_global(batch: Mapping[str, Any], mesh: Mesh) -> dict:
     """Per-process numpy batch -> global jax arrays, rows split over the data-parallel axes (`batch_sharding`)."""
     return jax.tree.map(
         lambda x: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(x)), np.asarray(x)), batch)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Host arrays that every process holds whole (GFPO's prompts, rollouts and rewards) <-> global arrays
+# ---------------------------------------------------------------------------------------------------------------
+
+def rows_on_mesh(x: Any, mesh: Mesh) -> jax.Array:
+    """A host array every process holds whole -> a global array, rows split over the data-parallel axes
+    (`batch_sharding`; replicated when they do not divide the rows). Each process copies only the slices its own
+    devices hold (`make_array_from_callback`), so this is the same call on one host or many."""
+    x = np.asarray(x)
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    sharding = batch_sharding(mesh, x.ndim) if x.ndim and x.shape[0] % dp == 0 else NamedSharding(mesh, P())
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def replicated_on_mesh(x: Any, mesh: Mesh) -> jax.Array:
+    """A host array every process holds whole -> a global array replicated on every device of `mesh`."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, NamedSharding(mesh, P()), lambda index: x[index])
+
+
+def fetch(x: jax.Array) -> np.ndarray:
+    """The whole value of a global array, on every process (an all-gather across hosts when this process's
+    devices do not hold all of it; a plain copy otherwise)."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ssft_jax import mesh as mesh_lib
 from ssft_jax.model import ModelConfig, Params, forward, init_cache, logits_from_hidden
 
 logger = logging.getLogger(__name__)
@@ -119,11 +120,13 @@ def _repeat_cache(cache: dict, r: int) -> dict:
 
 @functools.partial(jax.jit, static_argnames=("cfg", "repeats", "max_new_tokens", "temperature", "top_k", "top_p",
                                              "vocab_limit", "cache_dtype"))
-def _generate_core(cfg: ModelConfig, params: Params, prompts, lengths, suffixes, suffix_lengths, eos_ids, rng, *,
-                   repeats: int, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
+def _generate_core(cfg: ModelConfig, params: Params, prompts, lengths, suffixes, suffix_lengths, eos_ids, key_data,
+                   *, repeats: int, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
                    vocab_limit: int | None, cache_dtype: str | None = None):
     """prompts [B, P] (right-padded, `lengths` real tokens); suffixes [B*repeats, Ls] (right-padded,
-    `suffix_lengths`). Returns (tokens [B*repeats, max_new_tokens], done [B*repeats], num_tokens [B*repeats])."""
+    `suffix_lengths`); key_data: the raw key (`jax.random.key_data`, an array that can be placed on a mesh like any
+    other). Returns (tokens [B*repeats, max_new_tokens], done [B*repeats], num_tokens [B*repeats])."""
+    rng = jax.random.wrap_key_data(key_data)
     B, P = prompts.shape
     R = B * repeats
     Ls = suffixes.shape[1]
@@ -246,9 +249,14 @@ def generate_rows(
     vocab_limit: int | None = None,
     share_prefix: bool = True,
     cache_dtype: str | None = None,
+    mesh=None,
 ) -> list[list[Generation]]:
     """out[b][r]: prompt b continued by its own suffix row_suffixes[b][r]; every prompt has the same number R of rows
-    (e.g. the G tags drawn for question b). Same core, and the same prompt-cache sharing, as `generate_forked`."""
+    (e.g. the G tags drawn for question b). Same core, and the same prompt-cache sharing, as `generate_forked`.
+
+    mesh: the params' mesh when it spans several processes (GFPO on a pod): every process passes the same prompts,
+    the rows are split over the mesh's data axes (each device decodes its own), and every process gets all rows
+    back. The random draws do not depend on the split (JAX's partitionable threefry), so neither do the samples."""
     _check_prompts(prompts)
     if len(row_suffixes) != len(prompts) or not row_suffixes[0]:
         raise ValueError(f"generate_rows: need one non-empty list of suffixes per prompt ({len(prompts)} prompts, "
@@ -261,7 +269,10 @@ def generate_rows(
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
     B = len(prompts)
-    eos = jnp.asarray(list(eos_token_ids), jnp.int32)
+    place = (lambda x: jnp.asarray(x)) if mesh is None else (lambda x: mesh_lib.rows_on_mesh(x, mesh))
+    whole = (lambda x: jnp.asarray(x)) if mesh is None else (lambda x: mesh_lib.replicated_on_mesh(x, mesh))
+    eos = whole(np.asarray(list(eos_token_ids), np.int32))
+    key = whole(np.asarray(jax.random.key_data(jax.random.key(seed))))
     kw = dict(max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_k=int(top_k),
               top_p=float(top_p), vocab_limit=vocab_limit, cache_dtype=cache_dtype)
     flat_suffixes = [list(s) for rows in row_suffixes for s in rows]
@@ -269,18 +280,18 @@ def generate_rows(
         P = bucket_length(max(len(p) for p in prompts))
         Ls = _suffix_bucket(max(len(s) for s in flat_suffixes))
         out, done, _ = _generate_core(
-            cfg, params, jnp.asarray(_pad(prompts, P)), jnp.asarray([len(p) for p in prompts], jnp.int32),
-            jnp.asarray(_pad(flat_suffixes, Ls)), jnp.asarray([len(s) for s in flat_suffixes], jnp.int32), eos,
-            jax.random.key(seed), repeats=R, **kw)
+            cfg, params, place(_pad(prompts, P)), place(np.asarray([len(p) for p in prompts], np.int32)),
+            place(_pad(flat_suffixes, Ls)), place(np.asarray([len(s) for s in flat_suffixes], np.int32)), eos, key,
+            repeats=R, **kw)
     else:
         rows = [list(prompts[b]) + flat_suffixes[b * R + r] for b in range(B) for r in range(R)]
         P = bucket_length(max(len(r) for r in rows))
         out, done, _ = _generate_core(
-            cfg, params, jnp.asarray(_pad(rows, P)), jnp.asarray([len(r) for r in rows], jnp.int32),
-            jnp.zeros((len(rows), 0), jnp.int32), jnp.zeros((len(rows),), jnp.int32), eos, jax.random.key(seed),
+            cfg, params, place(_pad(rows, P)), place(np.asarray([len(r) for r in rows], np.int32)),
+            place(np.zeros((len(rows), 0), np.int32)), place(np.zeros((len(rows),), np.int32)), eos, key,
             repeats=1, **kw)
     stops = set(int(e) for e in eos_token_ids)
-    flat = [_cut(row, stops) for row in np.asarray(out).tolist()]
+    flat = [_cut(row, stops) for row in mesh_lib.fetch(out).tolist()]
     return [flat[b * R: (b + 1) * R] for b in range(B)]
 
 

@@ -174,8 +174,8 @@ class TagPolicy:
     size and widths bucketed to powers of two, so a run compiles a handful of shapes."""
 
     def __init__(self, cfg: ModelConfig, params: Params, choice: TagChoice, tag_valid: Sequence[bool] | None = None,
-                 *, batch: int = 16):
-        self.cfg, self.params, self.choice, self.batch = cfg, params, choice, batch
+                 *, batch: int = 16, mesh=None):
+        self.cfg, self.params, self.choice, self.batch, self.mesh = cfg, params, choice, batch, mesh
         self.tag_valid = np.ones(choice.n, bool) if tag_valid is None else np.asarray(tag_valid, bool)
         if not self.tag_valid.any():
             raise ValueError("tag_valid: at least one tag must be valid")
@@ -191,7 +191,21 @@ class TagPolicy:
             chunk = list(prompts[s: s + self.batch])
             chunk += [chunk[-1]] * (self.batch - len(chunk))
             tokens, lengths = policy_rows(chunk, self.choice.prefix_ids, width)
-            lp = jitted_log_probs(self.cfg, self.params, jnp.asarray(tokens), jnp.asarray(lengths),
-                                   jnp.asarray(self.choice.choice_ids, jnp.int32), jnp.asarray(self.tag_valid))
-            out.append(np.asarray(lp))
+            out.append(log_probs_on_mesh(self.cfg, self.params, tokens, lengths, self.choice.choice_ids,
+                                         self.tag_valid, self.mesh))
         return np.concatenate(out)[: len(prompts)]
+
+
+def log_probs_on_mesh(cfg: ModelConfig, params: Params, tokens: np.ndarray, lengths: np.ndarray,
+                      choice_ids: Sequence[int], tag_valid: np.ndarray, mesh=None) -> np.ndarray:
+    """[B, N] log pi(tag | row) as a host array, every process holding all of it. mesh: the params' mesh when it
+    spans several processes (each process passes the same rows; they are split over the data axes)."""
+    from ssft_jax import mesh as mesh_lib
+
+    if mesh is None:
+        place = whole = jnp.asarray
+    else:
+        place, whole = (lambda x: mesh_lib.rows_on_mesh(x, mesh)), (lambda x: mesh_lib.replicated_on_mesh(x, mesh))
+    lp = jitted_log_probs(cfg, params, place(np.asarray(tokens, np.int32)), place(np.asarray(lengths, np.int32)),
+                          whole(np.asarray(choice_ids, np.int32)), whole(np.asarray(tag_valid, bool)))
+    return mesh_lib.fetch(lp)
