@@ -278,6 +278,9 @@ class LoadedModel:
     train_config: dict | None = None  # the training run's config (workdir only)
     tag_counts: list[int] | None = None  # the training run's matching statistics (summary.json), if any
     method: str | None = None  # the run's ssft.method (workdir only)
+    # A LoRA run loaded with merge_lora=False: `params` are its adapters (and tag rows), the base is `frozen`
+    lora_spec: lora_lib.LoraSpec | None = None
+    frozen: Params | None = None
 
 
 def _vocab_limit(cfg: ModelConfig, tokenizer) -> int | None:
@@ -315,11 +318,13 @@ def read_summary(workdir: str | pathlib.Path) -> dict:
 
 
 def load_checkpoint_for_generation(workdir: str | pathlib.Path, *, step: int | None = None,
-                                   mesh=None) -> LoadedModel:
+                                   mesh=None, merge_lora: bool = True) -> LoadedModel:
     """Restore the params of a training run's Orbax checkpoint (`<workdir>/checkpoints`, latest step by default)
     on one device: the run's config (saved with the checkpoint) rebuilds the abstract train state through `build`,
     the whole state is restored into it, and only the params are kept. The run's saved tokenizer
-    (`<workdir>/tokenizer`, tags included) is used when present."""
+    (`<workdir>/tokenizer`, tags included) is used when present. A LoRA run's adapters are merged into its base
+    (re-read from `model.hf_dir`), unless merge_lora=False: then `params` are the adapters and `frozen` the base
+    (GFPO from a LoRA run trains the adapters)."""
     from ssft_jax import checkpoint as ckpt_lib
 
     workdir = pathlib.Path(workdir)
@@ -350,12 +355,13 @@ def load_checkpoint_for_generation(workdir: str | pathlib.Path, *, step: int | N
     finally:
         ckpt.close()
     cfg, tok = pieces.model_config, pieces.tokenizer
-    if lora_run:  # sampling runs on the merged weights: the adapted model, at the base model's speed
+    if lora_run and merge_lora:  # sampling runs on the merged weights: the adapted model, at the base model's speed
         state = {"params": lora_lib.merge(cfg, spec, frozen, state["params"], dtype=cfg.param_dtype)}
+        spec, frozen = None, None
     summary = read_summary(workdir)
     return LoadedModel(cfg, state["params"], tok, pieces.tags, tokenization.eos_token_ids(tok), _vocab_limit(cfg, tok),
                        f"checkpoint:{workdir}:{step}", train_config=config_json,
-                       tag_counts=summary.get("tag_counts"), method=config.ssft.method)
+                       tag_counts=summary.get("tag_counts"), method=config.ssft.method, lora_spec=spec, frozen=frozen)
 
 
 def load_for_generation(*, workdir: str | pathlib.Path | None = None, hf_dir: str | pathlib.Path | None = None,

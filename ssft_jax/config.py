@@ -347,9 +347,6 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
             raise ConfigError(str(e)) from None
         if lc.base_dtype not in ("", "float32", "bfloat16", "float16"):
             raise ConfigError(f"lora.base_dtype={lc.base_dtype!r}: expected '', float32, bfloat16 or float16")
-        if c.stage == "gfpo":
-            raise ConfigError("lora.enabled with stage='gfpo': GFPO trains full weights (it starts from an SSFT "
-                              "LoRA run's merged model)")
     try:
         faults.parse_inject_nonfinite(c.debug.inject_nonfinite)
     except faults.FaultSpecError as e:

@@ -52,6 +52,7 @@ from ssft_jax import (
     config as config_lib,
     datasets,
     gfpo_estimators,
+    lora as lora_lib,
     mesh as mesh_lib,
     metrics_log,
     run_common,
@@ -69,8 +70,9 @@ logger = logging.getLogger(__name__)
 # A user's reward: (record, generated text after the tag, the checker's result) -> float.
 RewardFn = Callable[[Mapping[str, Any], str, checkers.CheckResult], float]
 
-# Sections of the SSFT run's config that describe the model GFPO trains: they replace the GFPO config's own.
-INIT_SECTIONS = ("model", "tokenizer", "ssft")
+# Sections of the SSFT run's config that describe the model GFPO trains: they replace the GFPO config's own
+# (`lora`: a LoRA SSFT run's adapters are what GFPO moves, its base stays frozen).
+INIT_SECTIONS = ("model", "tokenizer", "ssft", "lora")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -90,7 +92,7 @@ def load_init(config: ml_collections.ConfigDict, mesh) -> tuple[ml_collections.C
     path = pathlib.Path(src)
     config = copy.deepcopy(config)
     if (path / "checkpoints").is_dir():
-        lm = assembly.load_checkpoint_for_generation(path, mesh=mesh)
+        lm = assembly.load_checkpoint_for_generation(path, mesh=mesh, merge_lora=False)
         init = config_lib.from_saved(lm.train_config)
         sections = INIT_SECTIONS + (("data",) if config.gfpo.data == "init" else ())
         with config.unlocked():
@@ -107,6 +109,7 @@ def load_init(config: ml_collections.ConfigDict, mesh) -> tuple[ml_collections.C
         with config.unlocked():
             config.model.hf_dir = str(path)
             config.tokenizer = str(path)
+            config.lora.enabled = False  # an HF folder is a whole model: GFPO trains its weights
     else:
         raise config_lib.ConfigError(f"gfpo.init_from={src}: neither a training workdir (no checkpoints/) nor an HF "
                                      "folder (no config.json)")
@@ -198,14 +201,20 @@ def advantages_and_weights(estimator: str, rewards: jax.Array, row_tags: jax.Arr
                                                      normalize_std=normalize_std)
 
 
-def make_update(cfg: ModelConfig, g: ml_collections.ConfigDict, optimizer: optax.GradientTransformation):
-    """The pure update `(state, batch, choice_ids) -> (state, metrics)`.
+def make_update(cfg: ModelConfig, g: ml_collections.ConfigDict, optimizer: optax.GradientTransformation,
+                lora_spec: lora_lib.LoraSpec | None = None):
+    """The pure update `(state, batch, choice_ids[, frozen]) -> (state, metrics)`.
 
     batch: tokens [B, W] / lengths [B] (prompt + tag prefix), valid [B, N], logp_old [B, N] (the policy the rollouts
-    were drawn from), logp_ref [B, N] (the SSFT model's), row_tags [B, R], rewards [B, R]."""
+    were drawn from), logp_ref [B, N] (the SSFT model's), row_tags [B, R], rewards [B, R]. With `lora_spec` the
+    state's params are the adapters (and tag rows) and the frozen base is the fourth argument, never differentiated
+    (no LoRA dropout here: pi and pi_old must be the same function for the ratio to mean anything)."""
     estimator, U = g.estimator, int(g.updates_per_batch)
 
-    def step_fn(state, batch, choice_ids):
+    def step_fn(state, batch, choice_ids, *frozen):
+        def model_weights(params):
+            return params if lora_spec is None else lora_lib.adapted_params(cfg, lora_spec, frozen[0], params)
+
         valid = batch["valid"]
         adv, weights = advantages_and_weights(
             estimator, batch["rewards"], batch["row_tags"], batch["logp_old"], valid,
@@ -213,7 +222,8 @@ def make_update(cfg: ModelConfig, g: ml_collections.ConfigDict, optimizer: optax
         logp_old_sel = jnp.take_along_axis(batch["logp_old"], batch["row_tags"], axis=-1)
 
         def loss_fn(params):
-            logp = tag_policy.tag_log_probs(cfg, params, batch["tokens"], batch["lengths"], choice_ids, valid)
+            logp = tag_policy.tag_log_probs(cfg, model_weights(params), batch["tokens"], batch["lengths"], choice_ids,
+                                            valid)
             sel = jnp.take_along_axis(logp, batch["row_tags"], axis=-1)
             objective, clipfrac = tag_policy.clipped_surrogate(sel, logp_old_sel, adv, weights, float(g.clip_eps))
             kl = tag_policy.exact_kl(logp, batch["logp_ref"], valid)
@@ -250,13 +260,15 @@ def make_update(cfg: ModelConfig, g: ml_collections.ConfigDict, optimizer: optax
     return step_fn
 
 
-def jit_update(step_fn, state, batch_example: Mapping[str, np.ndarray], mesh) -> CountedJit:
+def jit_update(step_fn, state, batch_example: Mapping[str, np.ndarray], mesh, frozen=None) -> CountedJit:
     """The one jit site of the stage: explicit shardings from the live state, questions split over the mesh's
-    data axes, the old state donated; called as update(state, batch, choice_ids) with the batch placed by
-    `place_batch`."""
+    data axes, the old state donated; called as update(state, batch, choice_ids[, frozen]) with the batch placed by
+    `place_batch` (`frozen`: a LoRA run's base, sharded as it lies)."""
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
     replicated = NamedSharding(mesh, P())
-    return CountedJit(step_fn, mesh, in_shardings=(state_shardings, _batch_shardings(batch_example, mesh), replicated),
+    frozen_shardings = () if frozen is None else (jax.tree.map(lambda x: x.sharding, frozen),)
+    return CountedJit(step_fn, mesh, in_shardings=(state_shardings, _batch_shardings(batch_example, mesh), replicated,
+                                                   *frozen_shardings),
                       out_shardings=(state_shardings, replicated))
 
 
@@ -424,7 +436,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
             t_upd = time.perf_counter()
             batch = {"tokens": tokens, "lengths": lengths, "valid": np.broadcast_to(r.valid, (B, N)),
                      "logp_old": logp_old, "logp_ref": r.logp_ref[idx], "row_tags": row_tags, "rewards": ro.rewards}
-            r.state, metrics = r.update(r.state, place_batch(batch, r.mesh), r.choice_ids)
+            r.state, metrics = r.update(r.state, place_batch(batch, r.mesh), r.choice_ids, *r.frozen_args)
             metrics = jax.device_get(metrics)
             t_end = time.perf_counter()
             step += 1
@@ -455,8 +467,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
     elapsed = time.perf_counter() - t0
     export_dir = None
     if config.export_hf and not stopped_early:
-        export_dir = run_common.export_hf(r.workdir / "hf_export", r.lm.cfg, r.state["params"], r.lm.tokenizer,
-                                          r.lm.tags, dtype=config.export.dtype)
+        export_dir = run_common.export_model(r.workdir, config, r.lm.cfg, r.state["params"], r.lm.tokenizer, r.lm.tags,
+                                             lora_spec=r.lm.lora_spec, frozen=r.lm.frozen)
     return finish(r, step, stopped_early, elapsed, export_dir)
 
 
@@ -485,8 +497,18 @@ class GfpoRun:
     update_s: float = 0.0
 
     def model_params(self) -> dict:
-        """The weights the model runs with now (rollouts, the policy)."""
-        return self.state["params"]
+        """The weights the model runs with now (rollouts, the policy): a LoRA run's base with the adapters applied
+        inside the layer scan (no merged copy of the base)."""
+        return model_params(self.lm, self.state["params"])
+
+    @property
+    def frozen_args(self) -> tuple:
+        return () if self.lm.lora_spec is None else (self.lm.frozen,)
+
+
+def model_params(lm: assembly.LoadedModel, params) -> dict:
+    """What `model.forward` reads: `params` themselves, or a LoRA run's frozen base adapted by them."""
+    return params if lm.lora_spec is None else lora_lib.adapted_params(lm.cfg, lm.lora_spec, lm.frozen, params)
 
 
 def open_gfpo(config: ml_collections.ConfigDict, workdir: epath.Path, checker) -> GfpoRun:
@@ -526,7 +548,8 @@ def open_gfpo(config: ml_collections.ConfigDict, workdir: epath.Path, checker) -
     B, N = int(g.questions_per_step), tags.n
     width = sampling.bucket_length(max(len(p) for p in questions.prompts) + len(choice.prefix_ids))
     # The reference policy (the SSFT model), for the KL term and its log: once, before any update donates weights.
-    logp_ref = tag_policy.TagPolicy(lm.cfg, lm.params, choice, valid, batch=B, mesh=mesh).log_probs(questions.prompts)
+    logp_ref = tag_policy.TagPolicy(lm.cfg, model_params(lm, lm.params), choice, valid, batch=B,
+                                    mesh=mesh).log_probs(questions.prompts)
 
     updates = int(g.num_steps) * int(g.updates_per_batch)
     optimizer = assembly.make_optimizer(config, updates)
@@ -546,7 +569,11 @@ def open_gfpo(config: ml_collections.ConfigDict, workdir: epath.Path, checker) -
                "valid": np.zeros((B, N), bool), "logp_old": np.zeros((B, N), np.float32),
                "logp_ref": np.zeros((B, N), np.float32), "row_tags": np.zeros((B, R), np.int32),
                "rewards": np.zeros((B, R), np.float32)}
-    update = jit_update(make_update(lm.cfg, g, optimizer), state, example, mesh)
+    update = jit_update(make_update(lm.cfg, g, optimizer, lm.lora_spec), state, example, mesh, frozen=lm.frozen)
+    if lm.lora_spec is not None:
+        logging.info("GFPO from a LoRA run: %d trainable parameters (adapters%s), the base frozen",
+                     lora_lib.trainable_count(lm.cfg, lm.lora_spec),
+                     " and tag rows" if lm.lora_spec.tag_token_ids else "")
     return GfpoRun(config, workdir, mesh, checkpointer, config_json, lm, questions, checker, choice,
                    mesh_lib.replicated_on_mesh(np.asarray(choice.choice_ids, np.int32), mesh), valid, width, logp_ref,
                    train_state.learning_rate_schedule(g.optim, updates), state, start, stats, update)
@@ -615,13 +642,15 @@ def finish(r: GfpoRun, step: int, stopped_early: bool, elapsed: float, export_di
         **({"stats_cover_steps_from": stats.since + 1} if stats.since else {}), "seconds": elapsed,
         "rollout_seconds": r.rollout_s, "update_seconds": r.update_s, "rollout_tokens": stats.rollout_tokens,
         "compiles": r.update.compiles, "questions": len(r.questions), "skipped_records": r.questions.skipped,
+        "trained": "lora adapters" if lm.lora_spec is not None else "all weights",
         "export_dir": str(export_dir) if export_dir else None,
     }
     summary.update(run_common.publish_export(export_dir, r.config, summary))
     if jax.process_index() == 0:
         run_common.write_summary(r.workdir, summary)
     r.checkpointer.close()
-    return {**summary, "state": r.state, "model_config": lm.cfg, "tokenizer": lm.tokenizer, "tags": lm.tags}
+    return {**summary, "state": r.state, "model_config": lm.cfg, "tokenizer": lm.tokenizer, "tags": lm.tags,
+            **({"lora": lm.lora_spec, "frozen": lm.frozen} if lm.lora_spec is not None else {})}
 
 
 def cli() -> None:

@@ -176,6 +176,22 @@ def export_hf(dest, cfg, params, tokenizer, tags, dtype: str | None = None):
     return dest
 
 
+def export_model(workdir: epath.Path, config, cfg, params, tokenizer, tags, *, lora_spec=None, frozen=None):
+    """A stage's exports: `<workdir>/hf_export` (a LoRA run's adapters merged into its base, in the base's dtype
+    unless `export.dtype` says otherwise) and, for a LoRA run with `lora.export_adapter`, the PEFT adapter folder
+    `<workdir>/lora_adapter` with the tokenizer (its grown vocabulary: special tags). Every process calls it."""
+    from ssft_jax import lora as lora_lib
+
+    merged = params if lora_spec is None else lora_lib.merge(cfg, lora_spec, frozen, params, dtype=cfg.param_dtype)
+    export_dir = export_hf(workdir / "hf_export", cfg, merged, tokenizer, tags, dtype=config.export.dtype)
+    if lora_spec is not None and config.lora.export_adapter and not metrics_log.is_remote(workdir):
+        adapter = lora_lib.save_peft_adapter(pathlib.Path(str(workdir / "lora_adapter")), cfg, lora_spec, params,
+                                             base_model=config.model.hf_dir)
+        if jax.process_index() == 0:
+            tokenization.save_tokenizer(tokenizer, adapter, tags=tags)
+    return export_dir
+
+
 def report_first_step(seconds: float | None, compiles: int, bar) -> None:
     """Log the run's first step on its own line (it holds the compilation) and restart the progress bar's clock
     after it, so its rate and ETA are those of the steps that follow."""

@@ -264,18 +264,8 @@ def save(r: Training, step: int, *, force: bool = False) -> None:
 
 def export(r: Training) -> epath.Path | None:
     """hf_export/ (LoRA: merged into the base), and LoRA's PEFT adapter folder when asked for."""
-    c, cfg, params = r.config, r.inputs.model_config, r.state["params"]
-    tokenizer, tags = r.inputs.tokenizer, r.inputs.tags
-    merged = params if r.lora_spec is None else lora_lib.merge(cfg, r.lora_spec, r.frozen, params,
-                                                               dtype=cfg.param_dtype)
-    export_dir = run_common.export_hf(r.workdir / "hf_export", cfg, merged, tokenizer, tags,
-                                      dtype=c.export.dtype)
-    if r.lora_spec is not None and c.lora.export_adapter and not metrics_log.is_remote(r.workdir):
-        adapter = lora_lib.save_peft_adapter(pathlib.Path(str(r.workdir / "lora_adapter")), cfg, r.lora_spec,
-                                             params, base_model=c.model.hf_dir)
-        if jax.process_index() == 0:  # the grown vocabulary (special tags) comes with the adapter
-            tokenization.save_tokenizer(tokenizer, adapter, tags=tags)
-    return export_dir
+    return run_common.export_model(r.workdir, r.config, r.inputs.model_config, r.state["params"], r.inputs.tokenizer,
+                                   r.inputs.tags, lora_spec=r.lora_spec, frozen=r.frozen)
 
 
 def finish(r: Training, step: int, stopped_early: bool, elapsed: float, export_dir) -> dict[str, Any]:

@@ -389,3 +389,48 @@ def test_rewards_without_a_learning_signal_are_warned_about_and_plotted(ssft_wor
     assert png.stat().st_size > 20_000
     keys = set().union(*recs)
     assert {"reward", "entropy", "kl_to_init", "pi_mean"} <= keys
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GFPO from a LoRA SSFT run: the adapters (and special tags' rows) move, the base does not
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_gfpo_from_a_lora_run_moves_only_the_adapters_and_exports_merged(tmp_path):
+    from ssft_jax import assembly, hf_io, lora
+
+    c = config_lib.load_config("demo", "tiny")
+    c.mesh.update(data=1, fsdp=1, tensor=1, num_devices=1)
+    c.lora.update(enabled=True, rank=4, alpha=8.0, base_dtype="float32")
+    c.optim.update(learning_rate=1e-2, warmup_frac=0.0)
+    c.num_steps, c.export_hf = 2, False
+    train.run(c, tmp_path / "ssft", progress=False)
+    before = assembly.load_checkpoint_for_generation(tmp_path / "ssft", merge_lora=False)
+    assert set(before.params) == {"lora", "tag_embedding"}
+
+    g = _gfpo_config(tmp_path / "ssft", num_steps=2)
+    g.gfpo.optim.learning_rate = 1e-2
+    g.export_hf = True
+    # a reward that differs between rollouts of this barely trained model: every step has a learning signal
+    s = gfpo.run(g, tmp_path / "gfpo", progress=False, reward_fn=lambda rec, text, res: float(len(text) % 2))
+    assert s["trained"] == "lora adapters" and s["compiles"] == 1 and s["final_step"] == 2
+    spec, frozen, params = s["lora"], s["frozen"], s["state"]["params"]
+    assert set(params) == {"lora", "tag_embedding"}  # the train state (and checkpoint) holds the adapters only
+    # the base is bit-identical to the SSFT run's; the adapters and the tag rows moved
+    for a, b in zip(jax.tree.leaves(frozen), jax.tree.leaves(before.frozen)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    moved = jax.tree.map(lambda x, y: float(jnp.abs(x - y).max()), params, before.params)
+    assert moved["lora"]["q_proj"]["a"] > 0 and moved["tag_embedding"] > 0
+
+    cfg = s["model_config"]
+    toks = jnp.asarray(np.random.RandomState(0).randint(0, cfg.vocab_size, (2, 15)))
+    toks = toks.at[:, 4].set(spec.tag_token_ids[1])
+    adapted = M.forward(cfg, lora.adapted_params(cfg, spec, frozen, params), toks)
+    cfg2, exported = hf_io.load_hf_params(s["export_dir"])
+    assert float(jnp.abs(M.forward(cfg2, exported, toks) - adapted).max()) <= 1e-5
+    spec2, back = lora.load_peft_adapter(tmp_path / "gfpo" / "lora_adapter", cfg)
+    assert spec2.rank == spec.rank
+    np.testing.assert_allclose(np.asarray(back["lora"]["q_proj"]["a"]), np.asarray(params["lora"]["q_proj"]["a"]),
+                               atol=1e-6)
+    # the GFPO run's checkpoint resumes as a LoRA run too (adapters-only state, the base re-read)
+    again = gfpo.run(g, tmp_path / "gfpo", progress=False)
+    assert again["start_step"] == again["final_step"] == 2
