@@ -192,6 +192,7 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+# gfpo.data's two named sources; anything else is the prompts' own files (`gfpo.gfpo_sources`)
 GFPO_DATA = ("init", "config")
 
 
@@ -202,7 +203,13 @@ def gfpo_defaults() -> ml_collections.ConfigDict:
         # --init_from sets it. From a workdir, the model, tokenizer and tag sections of its config replace this
         # config's, so the GFPO run describes the model it trains.
         init_from="",
-        data="init",          # init: the questions of the SSFT run's data section | config: this config's data section
+        # init: the questions of the SSFT run's data section | config: this config's data section | otherwise the
+        # RL prompts' own files: JSONL / parquet / `datasets` folder(s), comma-separated, rows with a verifiable
+        # answer and no traces: {"prompt" | "question" | "messages", "answer"} (the DAPO-17k / math shape; DAPO's
+        # reward_model.ground_truth is read as the answer)
+        data="init",
+        checker="",           # how rollouts are judged: "" = the dataset's (data.name's) checker, "math" for a
+                              # prompts file unless set | a `checkers` name (gsm8k, math, synthetic, ...)
         estimator="grpo",     # grpo: G tags sampled from pi per question (the paper) | enumerate: every valid tag
                               # rolled out samples_per_tag times, the exact gradient of sum_i pi_i r_i
         questions_per_step=8,  # B: questions per RL step (global)
@@ -307,8 +314,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
         ("checkpoint.on_corrupt", c.checkpoint.on_corrupt, ON_CORRUPT),
         ("export.dtype", c.export.dtype, ("", "float32", "bfloat16", "float16")),
     ]
-    choices += [("stage", c.stage, ("ssft", "gfpo")), ("gfpo.estimator", c.gfpo.estimator, gfpo_estimators.names()),
-                ("gfpo.data", c.gfpo.data, GFPO_DATA)]
+    choices += [("stage", c.stage, ("ssft", "gfpo")), ("gfpo.estimator", c.gfpo.estimator, gfpo_estimators.names())]
     for field, value, allowed in choices:
         if value not in allowed:
             raise ConfigError(f"{field}={value!r}: expected one of {tuple(allowed)}")
@@ -407,6 +413,12 @@ def validate_gfpo(g: ml_collections.ConfigDict, num_tags: int) -> None:
         raise ConfigError(f"gfpo: need clip_eps > 0, kl_coef >= 0, temperature >= 0, max_new_tokens >= 0 and "
                           f"adv_eps >= 0 (got {g.clip_eps}, {g.kl_coef}, {g.temperature}, {g.max_new_tokens}, "
                           f"{g.adv_eps})")
+    if not str(g.data).strip(", "):
+        raise ConfigError(f"gfpo.data={g.data!r}: expected 'init', 'config' or the prompts' file(s)")
+    from ssft_jax import checkers  # light; here so that config's import stays free of the checkers' deps
+    if g.checker and g.checker not in checkers.CHECKERS:
+        raise ConfigError(f"gfpo.checker={g.checker!r}: expected one of {sorted(checkers.CHECKERS)} (or '' for the "
+                          "dataset's)")
     if not 0 < g.top_p <= 1 or g.top_k < 0:
         raise ConfigError(f"gfpo.top_p={g.top_p} must lie in (0, 1] and gfpo.top_k={g.top_k} be >= 0")
     parse_valid_tags(g.valid_tags, num_tags)

@@ -62,6 +62,7 @@ from ssft_jax import (
     train_state,
 )
 from ssft_jax.data import DataError, RawRecord, read_records
+from ssft_jax.data.formats import read_source
 from ssft_jax.model import ModelConfig
 from ssft_jax.step_jit import CountedJit, keep_if_finite
 
@@ -130,6 +131,25 @@ def valid_tags(spec: str, num_tags: int, tag_counts: Sequence[int] | None) -> np
     return tag_policy.used_tags(tag_counts, num_tags) if spec == "used" else np.ones(num_tags, bool)
 
 
+def as_question_record(rec: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A prompt-only row in the shape checkers and rendering read: 'prompt' as 'question' (a string) or 'messages'
+    (a chat), the answer under 'answer' (DAPO-17k rows keep it in reward_model.ground_truth)."""
+    out = dict(rec)
+    if out.get("answer") in (None, "") and isinstance(out.get("reward_model"), Mapping):
+        out["answer"] = out["reward_model"].get("ground_truth")
+    prompt = out.get("prompt")
+    if not out.get("question") and not out.get("messages") and prompt:
+        out["question" if isinstance(prompt, str) else "messages"] = prompt
+    return out
+
+
+def gfpo_sources(spec: str) -> list[str] | None:
+    """The prompts' files named by gfpo.data, or None for 'init' / 'config' (the questions of a data section)."""
+    if spec in config_lib.GFPO_DATA:
+        return None
+    return [s.strip() for s in str(spec).split(",") if s.strip()]
+
+
 class Questions:
     """The RL questions: records with their rendered prompts (prompt + nothing: the tag comes from the policy).
 
@@ -151,11 +171,12 @@ class Questions:
                     raise ValueError(f"{unreadable[0]}: {unreadable[1]}")
                 if not isinstance(rec, Mapping):
                     raise ValueError(f"a record must be an object, got {type(rec).__name__}")
+                rec = as_question_record(rec)
                 if rec.get("answer") in (None, ""):
                     raise ValueError("no 'answer' to check rollouts against")
                 prompt = rec.get("messages") or rec.get("question")
                 if not prompt:
-                    raise ValueError("no 'question' (or 'messages')")
+                    raise ValueError("no 'question' (or 'prompt', 'messages')")
                 ids = list(tokenization.render_example(tokenizer, prompt, None, tags, None, example_id=rid).prompt_ids)
                 if len(ids) > max_prompt_len:
                     raise ValueError(f"prompt is {len(ids)} tokens, more than data.max_prompt_len={max_prompt_len}")
@@ -523,7 +544,8 @@ def open_gfpo(config: ml_collections.ConfigDict, workdir: epath.Path, checker) -
     mesh = mesh_lib.make_mesh(m.data, m.fsdp, m.tensor, devices=devices)
     config, lm = load_init(config, mesh)
     config_lib.validate(config, len(devices))
-    datasets.check_source(config)
+    if gfpo_sources(config.gfpo.data) is None:  # the prompts files are read (and named) by gfpo_questions
+        datasets.check_source(config)
     g = config.gfpo
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
     if g.questions_per_step % dp:
@@ -543,8 +565,10 @@ def open_gfpo(config: ml_collections.ConfigDict, workdir: epath.Path, checker) -
         logger.warning("GFPO: only tag(s) %s are valid: the policy has nothing to choose between",
                        np.flatnonzero(valid).tolist())
     questions = gfpo_questions(config, tokenizer, tags)
-    # the dataset's checker unless the caller judges answers its own way (the demo's --checker for a user's file)
-    checker = checkers.get_checker(checker or datasets.get_dataset(config.data.name).checker)
+    # the caller's checker (the demo's --checker for a user's file), else gfpo.checker, else the dataset's (a
+    # prompts file: math, the paper's RL data)
+    default = "math" if gfpo_sources(g.data) is not None else datasets.get_dataset(config.data.name).checker
+    checker = checkers.get_checker(checker or g.checker or default)
     B, N = int(g.questions_per_step), tags.n
     width = sampling.bucket_length(max(len(p) for p in questions.prompts) + len(choice.prefix_ids))
     # The reference policy (the SSFT model), for the KL term and its log: once, before any update donates weights.
@@ -580,8 +604,13 @@ def open_gfpo(config: ml_collections.ConfigDict, workdir: epath.Path, checker) -
 
 
 def gfpo_questions(config, tokenizer, tags) -> Questions:
-    """The stage's questions (prompts with their records), from the config's data."""
-    train_records, _ = datasets.build_records(config)
+    """The stage's questions (prompts with their records): the prompts' own files (gfpo.data; rows as they are,
+    each named file:line), else the config's data section."""
+    sources = gfpo_sources(config.gfpo.data)
+    if sources is not None:
+        train_records = [row for s in sources for row in read_source(s)]
+    else:
+        train_records, _ = datasets.build_records(config)
     if any(isinstance(r, (str, pathlib.PurePath)) for r in train_records):  # data.name=jsonl: the files themselves
         train_records = read_records(list(train_records), format=config.data.format)
     questions = Questions(train_records, tokenizer, tags, max_prompt_len=int(config.data.max_prompt_len),

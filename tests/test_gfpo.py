@@ -434,3 +434,56 @@ def test_gfpo_from_a_lora_run_moves_only_the_adapters_and_exports_merged(tmp_pat
     # the GFPO run's checkpoint resumes as a LoRA run too (adapters-only state, the base re-read)
     again = gfpo.run(g, tmp_path / "gfpo", progress=False)
     assert again["start_step"] == again["final_step"] == 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The paper's RL data shape: prompts with a verifiable answer, no traces
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_prompt_only_rows_load_from_jsonl_parquet_and_datasets_folders(char_tok, tmp_path):
+    import datasets as hf_datasets
+
+    from ssft_jax.data.formats import read_source
+    tags = T.ForkingTags.for_tokenizer(char_tok, 2, "text")
+    rows = [{"prompt": [{"role": "user", "content": "2+3?"}], "reward_model": {"ground_truth": "5"}},  # DAPO-17k
+            {"question": "1+1?", "answer": "2"},
+            {"messages": [{"role": "user", "content": "3+3?"}], "answer": 6},
+            {"prompt": "4+4?", "answer": "8"}]
+    jsonl = tmp_path / "rl.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    flat = [{"prompt": "2+3?", "answer": "5"}, {"prompt": "1+1?", "answer": "2"}]
+    hf_datasets.Dataset.from_list(flat).to_parquet(str(tmp_path / "rl.parquet"))
+    hf_datasets.Dataset.from_list(flat).save_to_disk(str(tmp_path / "rl_folder"))
+    q = gfpo.Questions(read_source(jsonl), char_tok, tags, max_prompt_len=64)
+    assert len(q) == 4 and [r["answer"] for r in q.records] == ["5", "2", 6, "8"]
+    for src in ("rl.parquet", "rl_folder"):
+        q = gfpo.Questions(read_source(tmp_path / src), char_tok, tags, max_prompt_len=64)
+        assert [r["answer"] for r in q.records] == ["5", "2"]
+    # bad rows are named by file:line, or counted when skipping
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(rows[1]) + "\n" + json.dumps({"prompt": "no answer"}) + "\n{not json\n")
+    with pytest.raises(DataError, match=r"bad\.jsonl:2\): no 'answer'"):
+        gfpo.Questions(read_source(bad), char_tok, tags, max_prompt_len=64)
+    bad.write_text(json.dumps(rows[1]) + "\n{not json\n")
+    with pytest.raises(DataError, match=r"bad\.jsonl:2\): broken_json"):
+        gfpo.Questions(read_source(bad), char_tok, tags, max_prompt_len=64)
+    bad.write_text(json.dumps(rows[1]) + "\n" + json.dumps({"answer": "1"}) + "\n{not json\n")
+    q = gfpo.Questions(read_source(bad), char_tok, tags, max_prompt_len=64, on_bad_record="skip")
+    assert len(q) == 1 and sum(q.skipped.values()) == 2
+
+
+def test_gfpo_runs_on_a_prompts_file(ssft_workdir, tmp_path):
+    # the SSFT run's own questions written as prompt-only rows: what a user's RL prompt set looks like
+    from ssft_jax import datasets
+    c = _gfpo_config(ssft_workdir, num_steps=1)
+    init = config_lib.from_saved(json.loads((ssft_workdir / "config.json").read_text()))
+    records, _ = datasets.build_records(init)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": r["question"], "answer": r["answer"]}) + "\n"
+                               for r in records[:8]))
+    c.gfpo.update(data=str(prompts), checker="synthetic")
+    s = gfpo.run(c, tmp_path / "run", progress=False)
+    assert s["questions"] == 8 and s["final_step"] == 1
+    c.gfpo.checker = "nope"
+    with pytest.raises(config_lib.ConfigError, match="gfpo.checker='nope'"):
+        gfpo.run(c, tmp_path / "run2", progress=False)
