@@ -27,15 +27,17 @@ from typing import Any
 
 import numpy as np
 
+from ssft_jax import eval_metrics
+
 METHODS = ("sft_mixed", "random", "ssft")
 TEMPERATURES = (0.0, 1.0)
 # GFPO steps of the ssft+gfpo row: configs/gfpo_demo.py runs 40 (the README's GFPO section); half of that fits the
 # 15-minute budget and already moves the tag policy (entropy, self-chosen Pass@1).
 DEMO_GFPO_STEPS = 20
 GFPO_ROW = "ssft+gfpo"
-# The held-out questions that only choose the best fixed tag (evaluate.validation_split); every Pass@1 figure of the
-# table is on the other two thirds. Choosing the best of N tags on the questions it is then scored on favours it.
-VALIDATION_FRACTION = 1 / 3
+# The held-out questions that only choose the best fixed tag (evaluate.validation_split; evaluate's default too);
+# every Pass@1 figure of the table is on the other two thirds.
+VALIDATION_FRACTION = eval_metrics.VALIDATION_FRACTION
 
 
 def demo_config(quick: bool, steps: int | None, *, dataset: str | None = None, data: str | None = None,

@@ -53,9 +53,11 @@ import numpy as np
 
 from ssft_jax import checkers, datasets
 from ssft_jax.eval_metrics import (  # noqa: F401  (re-exported: evaluate is where callers find them)
+    MIN_QUESTIONS_TO_SPLIT,
     compute_metrics,
     cons_at_k,
     coverage_tag,
+    default_validation,
     majority_vote,
     mutual_information,
     native_cons_at_n,
@@ -392,10 +394,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--pass_k", default=None, help="comma-separated k for pass@k (default 1,N,N*S)")
     p.add_argument("--cons_k", default=None, help="comma-separated k for cons@k (default N,N*S)")
     p.add_argument("--synthetic_difficulty", default="easy", help="synthetic task without a run config")
-    p.add_argument("--validation", type=float, default=0,
+    p.add_argument("--validation", type=float, default=None,
                    help="questions (a count >= 1, or a fraction < 1) that only choose the best fixed tag; every "
-                        "metric is then reported on the others (the test split). 0: one split, the best fixed tag "
-                        "chosen on the questions it is scored on (an optimistic bar)")
+                        "metric is then reported on the others (the test split), as in the demo. Default: a third of "
+                        f"the questions with forking tags and >= {MIN_QUESTIONS_TO_SPLIT} questions. 0: one split, "
+                        "the best fixed tag chosen on the questions it is scored on (an optimistic bar)")
     p.add_argument("--no_plots", action="store_true", help="skip the PNG figures")
     p.add_argument("--out", default=None, help="output folder (default: <workdir>/eval, or eval_out for --hf_dir)")
     a = p.parse_args(argv)
@@ -427,6 +430,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ssft_jax import losses  # the method's own flag: one shared tag (sft_mixed) or one tag per trace
     shared = a.tags_mode == "shared" or (a.tags_mode == "auto" and lm.method in losses.METHODS
                                          and not losses.get_method(lm.method).distinct_tags)
+    validation = a.validation if a.validation is not None else default_validation(len(questions), forking=not shared)
+    if validation:
+        print(f"best fixed tag chosen on {validation:g} of the questions (the validation split); every figure below "
+              "is on the others (--validation 0: one split)")
     result = evaluate_model(lm.cfg, lm.params, lm.tokenizer, lm.tags, questions, a.checker or spec.checker,
                             classifier=datasets.load_classifier(a.classifier) if a.classifier else spec.classifier,
                             num_samples_per_tag=a.samples_per_tag,
@@ -435,7 +442,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             pass1_tag=a.pass1_tag, tag_counts=lm.tag_counts, pass_ks=_ints(a.pass_k),
                             cons_ks=_ints(a.cons_k), batch_questions=a.batch_questions,
                             eos_token_ids=lm.eos_token_ids, vocab_limit=lm.vocab_limit, progress=True,
-                            validation=int(a.validation) if a.validation >= 1 else a.validation)
+                            validation=int(validation) if validation >= 1 else validation)
     result.settings.update(source=lm.source, method=lm.method, dataset=dataset, split=scored,
                            split_requested=a.split, num_questions=len(questions))
     paths = result.write(a.out, plots=not a.no_plots)

@@ -193,6 +193,7 @@ def test_cli_evaluates_a_trained_workdir(tiny_run, tmp_path, capsys):
     for v in (m["accuracy"], m["pass@1"]["value"], m["cons@N_native"], *m["pass@k"].values(), *m["cons@k"].values()):
         assert 0.0 <= v <= 1.0
     assert m["pass@1_coverage"]["tag"] == int(np.argmax(s["tag_counts"]))
+    assert "split" not in m  # 3 questions: too few to hold a validation third out (one split)
     assert sorted(m["pass@k"]) == ["1", "12", "6"] and sorted(m["cons@k"]) == ["12", "6"]
     mat = np.asarray(m["strategy"]["tag_strategy_counts"])
     assert mat.shape == (N, len(synthetic.STRATEGIES) + 1) and mat.sum() == len(gens)
@@ -246,3 +247,15 @@ def test_library_shared_tag_mode_and_checkpoint_equals_export(tiny_run):
     with pytest.raises(ValueError, match=r"k=13 is not in 1..12"):
         E.evaluate_model(lm.cfg, lm.params, lm.tokenizer, lm.tags, questions, "synthetic", num_samples_per_tag=2,
                          pass_ks=[13])
+
+
+def test_cli_chooses_the_best_fixed_tag_on_a_validation_split_by_default(tiny_run, tmp_path, capsys):
+    wd, _ = tiny_run
+    assert E.default_validation(6, forking=True) == 1 / 3
+    assert E.default_validation(5, forking=True) == 0 and E.default_validation(60, forking=False) == 0
+    rc = E.main(["--workdir", str(wd), "--num_questions", "6", "--max_new_tokens", "8", "--no_plots",
+                 "--out", str(tmp_path)])
+    assert rc == 0 and "best fixed tag chosen on 0.333333 of the questions" in capsys.readouterr().out
+    m = json.loads((tmp_path / "metrics.json").read_text())["metrics"]
+    assert m["split"]["validation_questions"] == 2 and m["split"]["test_questions"] == 4 == m["num_questions"]
+    assert m["tag_choice"]["best_fixed_tag"]["chosen_on"] == "validation (2 other questions)"
