@@ -43,10 +43,28 @@ def parse_overrides(items: Iterable[str]) -> dict[str, str]:
     return out
 
 
+STAGE_MODULES = {"ssft": "ssft_jax.train", "gfpo": "ssft_jax.gfpo"}
+
+
+def stage_module(config: str) -> str:
+    """The module that runs a config (`configs/X.py[:arg]`, read here): `ssft_jax.gfpo` for a stage='gfpo' config,
+    `ssft_jax.train` otherwise. A config that cannot be read is a LaunchError naming it (before anything starts)."""
+    from ssft_jax import config as config_lib  # the launcher's other commands do not need jax
+
+    path, _, arg = config.partition(":")
+    try:
+        stage = config_lib.load_config(path, arg).get("stage", "ssft")
+    except (config_lib.ConfigError, OSError, ValueError, KeyError) as e:
+        raise LaunchError(f"--config {config!r} cannot be read here ({e}); the launcher reads it to pick the stage") \
+            from None
+    return STAGE_MODULES[stage]
+
+
 def train_command(config: str, workdir: str, overrides: Mapping[str, object] = (), *,
                   python: str = sys.executable) -> list[str]:
-    """argv of one training run: `python -m ssft_jax.train --config=... --workdir=... --config.k=v ...`."""
-    cmd = [python, "-m", "ssft_jax.train", f"--config={config}", f"--workdir={workdir}"]
+    """argv of one run of the config's stage: `python -m ssft_jax.train|ssft_jax.gfpo --config=... --workdir=...
+    --config.k=v ...` (`stage_module`)."""
+    cmd = [python, "-m", stage_module(config), f"--config={config}", f"--workdir={workdir}"]
     cmd += [f"--config.{k}={format_value(v)}" for k, v in dict(overrides).items()]
     return cmd
 

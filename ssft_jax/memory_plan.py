@@ -1,4 +1,5 @@
-"""Per-device memory plan of an SSFT training config: will it fit, on which TPU chip, with how much headroom?
+"""Per-device memory plan of an SSFT training config (or a GFPO one: `gfpo_memory`): will it fit, on which TPU chip,
+with how much headroom?
 
     python -m ssft_jax.memory_plan --config configs/qwen2p5_7b.py[:arg] [--config.a.b=v ...] [--compile]
         [--num_devices K] [--tag_len LT]
@@ -535,15 +536,20 @@ def format_plan(plan: Plan, xla: Mapping[str, float] | None = None, xla_notes: l
                f"/{c.num_key_value_heads} x {c.head_dim} vocab={c.vocab_size} tied={c.tie_word_embeddings}")
     out.append(f"mesh: data={sz['data']} fsdp={sz['fsdp']} tensor={sz['tensor']} = {plan.num_devices} devices "
                f"(count from {plan.devices_from})")
-    out.append(f"batch {d['batch_size']} questions / {d['micro_batches']} micro-batch(es) / dp {d['dp']} = "
-               f"{d['b']} per device per micro-batch; N={d['N']} M={d['M']} L={d['L']} P={d['P']} T={d['T']} "
-               f"Lt={d['Lt']}")
-    train_rows = (f"train {d['train_rows']} packed rows of S' = {d['S']} per device per micro-batch"
-                  if d.get("packed") else f"train S = P + Lt + T = {d['S']} tokens x M")
-    out.append(f"rows: cost R = P + N*M*(Lt+Le) = {d['R']} tokens ({d['cost_attention']} attention); "
-               f"{train_rows} ({d['train_attention']} attention); remat={d['remat']}, "
-               f"attention_chunk={d['attention_chunk']}, logprob_chunk={d['logprob_chunk']}, compute {d['dtype']}, "
-               f"params {d['param_dtype']}")
+    gfpo = d.get("stage") == "gfpo"
+    if gfpo:
+        from ssft_jax import gfpo_memory  # it builds on this module
+        out += gfpo_memory.describe_dims(d)
+    else:
+        out.append(f"batch {d['batch_size']} questions / {d['micro_batches']} micro-batch(es) / dp {d['dp']} = "
+                   f"{d['b']} per device per micro-batch; N={d['N']} M={d['M']} L={d['L']} P={d['P']} T={d['T']} "
+                   f"Lt={d['Lt']}")
+        train_rows = (f"train {d['train_rows']} packed rows of S' = {d['S']} per device per micro-batch"
+                      if d.get("packed") else f"train S = P + Lt + T = {d['S']} tokens x M")
+        out.append(f"rows: cost R = P + N*M*(Lt+Le) = {d['R']} tokens ({d['cost_attention']} attention); "
+                   f"{train_rows} ({d['train_attention']} attention); remat={d['remat']}, "
+                   f"attention_chunk={d['attention_chunk']}, logprob_chunk={d['logprob_chunk']}, compute "
+                   f"{d['dtype']}, params {d['param_dtype']}")
     for n in plan.notes:
         out.append(f"note: {n}")
     out.append("")
@@ -552,8 +558,10 @@ def format_plan(plan: Plan, xla: Mapping[str, float] | None = None, xla_notes: l
     for name, b, how in plan.rows:
         out.append(f"{name:<44}{gib(b)}  {how}")
     peak_is_cost = plan.cost_pass["total"] >= plan.train_pass["total"]
-    for title, part, is_peak in (("(a) cost pass, no grad", plan.cost_pass, peak_is_cost),
-                                 (f"(b) train fwd+bwd, remat={d['remat']}", plan.train_pass, not peak_is_cost)):
+    titles = (("(a) rollouts, no grad", f"(b) update fwd+bwd, remat={d['remat']}") if gfpo else
+              ("(a) cost pass, no grad", f"(b) train fwd+bwd, remat={d['remat']}"))
+    for title, part, is_peak in ((titles[0], plan.cost_pass, peak_is_cost),
+                                 (titles[1], plan.train_pass, not peak_is_cost)):
         out.append(f"{title + (' [peak]' if is_peak else ''):<44}{gib(part['total'])}")
         for k, v in part.items():
             if k != "total":
@@ -606,7 +614,13 @@ def main(argv):
     FLAGS = flags.FLAGS
     config = FLAGS.config
     config_name = config_flags.get_config_filename(FLAGS["config"])
-    plan = make_plan(config, num_devices=FLAGS.num_devices or None, tag_len=FLAGS.tag_len, config_name=config_name)
+    planner = make_plan
+    if config.get("stage", "ssft") == "gfpo":
+        from ssft_jax import gfpo_memory  # it builds on this module
+        planner = gfpo_memory.make_plan
+        if FLAGS.compile:
+            raise PlanError("--compile lowers the SSFT train step; a GFPO config's plan is the estimate alone")
+    plan = planner(config, num_devices=FLAGS.num_devices or None, tag_len=FLAGS.tag_len, config_name=config_name)
     xla, xla_notes = None, []
     if FLAGS.compile:
         from ssft_jax import plan_check  # it builds on this module: imported where --compile asks for it

@@ -194,3 +194,18 @@ def test_sweep_runs_two_points_locally(tmp_path):
         assert summary["method"] == method and summary["final_step"] == 2
         assert set(summary["losses"]) == {"1", "2"}
         assert f"{name}: method={method} steps=2" in p.stdout
+
+
+def test_gfpo_32b_recipe_dry_run_runs_the_gfpo_stage_from_the_staged_ssft_export(capsys):
+    config = "configs/qwen2p5_32b_gfpo.py:init_from=/ckpt/ssft32b,data=/data/math_prompts.jsonl"
+    rc, lines, err = dry(capsys, tpu, "all", "--name", "q32-gfpo", "--zone", "us-east5-a", "--accelerator_type",
+                         "v5p-64", "--config", config, "--stage", "gs://bucket/runs/q32/hf_export=/ckpt/ssft32b",
+                         "--workdir", "gs://bucket/runs/q32_gfpo", "--dry_run")
+    assert rc == 0, err
+    stage = next(line for line in lines if "gs://bucket/runs/q32/hf_export" in " ".join(line))
+    assert "/ckpt/ssft32b" in remote(stage)
+    run = next(line for line in lines if "ssft_jax" in " ".join(line))
+    assert train_argv(remote(run)) == ["~/ssft-venv/bin/python", "-m", "ssft_jax.gfpo", f"--config={config}",
+                                       "--workdir=gs://bucket/runs/q32_gfpo"]
+    with pytest.raises(common.LaunchError, match="cannot be read here"):
+        common.stage_module("configs/no_such_config.py")
