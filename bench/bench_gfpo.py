@@ -15,6 +15,10 @@
    budget: relative MSE E|g_hat - g|^2 / |g|^2 and the mean cosine to g. grpo is run without std normalisation
    (its expectation is (G-1)/G times g: the group mean includes the rollout itself) and with it (the paper's form:
    rescaled per question, so cosine is its fair measure).
+3. Processes: the same GFPO run on 2 devices as 1 process x 2 devices and as 2 processes x 1 device (the multi-host
+   path: `jax.distributed`, gloo collectives, each process checking its share; `tests/multihost_worker.py`), one
+   after the other; per step (median after the first): rollout tokens/s per device and the update/rollout time
+   ratio.
 """
 from __future__ import annotations
 
@@ -120,6 +124,40 @@ def coefficients(estimator: str, pi, acc, valid, budget: int, rng, *, normalize_
     return c
 
 
+def processes_table(init_from: pathlib.Path, steps: int, questions: int) -> list[dict]:
+    """Per-step GFPO timing on 2 devices, as 1 process and as 2 processes (`tests/multihost_worker.py`)."""
+    import os
+    import subprocess
+
+    import portpicker
+    worker = ROOT / "tests" / "multihost_worker.py"
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_COORDINATOR_ADDRESS")}
+    env.update(PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+    rows = []
+    for processes in (1, 2):
+        with tempfile.TemporaryDirectory() as wd:
+            base = [sys.executable, str(worker), "--stage", "gfpo", "--init_from", str(init_from), "--workdir",
+                    f"{wd}/run", "--num_steps", str(steps), "--set", f"gfpo.questions_per_step={questions}",
+                    "--devices", str(2 // processes)]
+            port = portpicker.pick_unused_port()
+            cmds = [base + ["--out", f"{wd}/{i}.json"]
+                    + (["--coordinator", f"localhost:{port}", "--num_processes", "2", "--process_id", str(i)]
+                       if processes > 1 else []) for i in range(processes)]
+            procs = [subprocess.Popen(c, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True) for c in cmds]
+            outs = [pr.communicate(timeout=900)[0] for pr in procs]
+            for pr, out in zip(procs, outs):
+                if pr.returncode:
+                    raise RuntimeError(f"GFPO worker failed:\n{out[-3000:]}")
+            recs = [r for r in metrics_log.read_metrics(f"{wd}/run") if "rollout_seconds" in r][1:]
+        med = lambda k: statistics.median(r[k] for r in recs)
+        rows.append({"processes": processes, "devices": 2, "rollout_s": med("rollout_seconds"),
+                     "update_s": med("update_seconds"), "tokens": med("rollout_tokens"),
+                     "tokens_per_s_per_device": med("rollout_tokens") / med("rollout_seconds") / 2,
+                     "update_over_rollout": med("update_seconds") / med("rollout_seconds")})
+    return rows
+
+
 def noise_table(pi, K, acc, valid, budgets, repeats, seed=0):
     exact = np.where(valid, pi * (acc - np.sum(pi * acc, -1, keepdims=True)), 0.0).ravel()
     gnorm2 = exact @ K @ exact
@@ -151,6 +189,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=2000)
     p.add_argument("--json", default="")
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--no_processes", action="store_true", help="skip the 1-vs-2-process timing (part 3)")
     a = p.parse_args(argv)
     if a.quick:
         a.steps, a.questions, a.budgets, a.acc_samples, a.repeats = 3, 4, "6,12", 2, 200
@@ -165,6 +204,16 @@ def main(argv=None):
         print(f"[timing] {est:9s} rows/step={t['rows']:4d}  rollout {t['rollout_s'] * 1e3:8.1f} ms  update "
               f"{t['update_s'] * 1e3:7.1f} ms  rollout/update {t['rollout_s'] / t['update_s']:6.1f}x  "
               f"rollout {t['tokens_per_s']:8.0f} tok/s")
+
+    procs = []
+    if not a.no_processes:
+        procs = processes_table(init, a.steps, a.questions)
+        print(f"\nprocesses (grpo, {a.questions} questions/step on 2 CPU devices, median of {a.steps - 1} steps)")
+        print("| processes x devices | rollout s | update s | update / rollout | rollout tokens/s per device |")
+        print("|---|---|---|---|---|")
+        for r in procs:
+            print(f"| {r['processes']} x {2 // r['processes']} | {r['rollout_s']:.3f} | {r['update_s']:.3f} | "
+                  f"{r['update_over_rollout']:.2f} | {r['tokens_per_s_per_device']:.0f} |")
 
     lm = assembly.load_checkpoint_for_generation(init)
     config = config_lib.from_saved(lm.train_config)
@@ -191,7 +240,8 @@ def main(argv=None):
     for r in rows:
         print(f"| {r['budget']} | {r['estimator']} | {r['rel_mse']:.3g} | {r['cosine']:.3f} |")
     if a.json:
-        pathlib.Path(a.json).write_text(json.dumps({"timing": timing, "noise": rows, "load": machine_load()},
+        pathlib.Path(a.json).write_text(json.dumps({"timing": timing, "noise": rows, "processes": procs,
+                                                    "load": machine_load()},
                                                    indent=2))
     tmp.cleanup()
 

@@ -19,7 +19,8 @@ SCRIPTS = [p for p in FILES if MAIN_BLOCK.search(p.read_text())]
 EXPECTED = {
     "bench_data.py": r"\[pipeline\] \d+ batches after the first .* batches/s",
     "bench_decode.py": r"demo +shared +rows=.* decode +[\d.]+ tok/s",
-    "bench_gfpo.py": r"(?s)\[timing\] grpo .* tok/s.*\| 6 \| enumerate \| [\d.e+-]+ \| [\d.-]+ \|",
+    "bench_gfpo.py": r"(?s)\[timing\] grpo .* tok/s.*\| 2 x 1 \| [\d.]+ \| [\d.]+ \| [\d.]+ \| \d+ \|"
+                     r".*\| 6 \| enumerate \| [\d.e+-]+ \| [\d.-]+ \|",
     "bench_forward.py": r"\| SmolLM2-135M \| 1 x \w+ \| 1 x 32 \| float32 \| [\d.]+ \| [\d.]+ \| \d+ \|",
     "bench_packing.py": r"(?s)\| longtail \| tokens \| \d+x4 \| .* \| [\d.]+% \| [\d.]+ of \d+ \| \d+ \| [\d.]+x \|"
                         r".*\| longtail \| [\d.]+ \| [\d.]+ \| [\d.]+ \|.*\| qwen2p5_32b \| packed ",
