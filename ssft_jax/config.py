@@ -208,8 +208,9 @@ def gfpo_defaults() -> ml_collections.ConfigDict:
         # answer and no traces: {"prompt" | "question" | "messages", "answer"} (the DAPO-17k / math shape; DAPO's
         # reward_model.ground_truth is read as the answer)
         data="init",
-        checker="",           # how rollouts are judged: "" = the dataset's (data.name's) checker, "math" for a
-                              # prompts file unless set | a `checkers` name (gsm8k, math, synthetic, ...)
+        # How rollouts are judged: "" = the dataset's (data.name's) checker, "math" for a prompts file | a
+        # `checkers` name (gsm8k, math, synthetic, ...)
+        checker="",
         estimator="grpo",     # grpo: G tags sampled from pi per question (the paper) | enumerate: every valid tag
                               # rolled out samples_per_tag times, the exact gradient of sum_i pi_i r_i
         questions_per_step=8,  # B: questions per RL step (global)

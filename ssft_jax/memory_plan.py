@@ -33,6 +33,7 @@ from ssft_jax import (
     config as config_lib,
     cost_layouts,
     flops as flops_lib,
+    gfpo_memory,
     lora as lora_lib,
     mesh as mesh_lib,
     model as model_lib,
@@ -502,6 +503,62 @@ def make_plan(config, *, num_devices: int | None = None, tag_len: int | None = N
                 accelerator=config.accelerator)
 
 
+def make_gfpo_plan(config, *, num_devices: int | None = None, tag_len: int | None = None,
+                   config_name: str = "") -> Plan:
+    """The plan of a stage="gfpo" config: the resident weights and optimizer of what GFPO trains (all weights, or a
+    LoRA run's adapters beside its frozen base), plus the larger of its two alternating phases, the rollouts and the
+    update (`gfpo_memory`, which says what each counts)."""
+    if config.get("stage", "ssft") != "gfpo":
+        raise PlanError("make_gfpo_plan plans stage='gfpo' configs (make_plan plans SSFT)")
+    facts = resolve_model(config, tag_len)
+    cfg = facts.cfg
+    sizes, n_dev, why = mesh_sizes(config, num_devices)
+    shape = gfpo_memory.shape(config, sizes, facts.tag_len)
+    a = np.dtype(cfg.dtype).itemsize
+    notes = list(facts.notes) + [
+        "rollouts and the update alternate: the peak is the resident part plus the larger phase",
+        "KV cache rows assumed split over the data axes and KV heads over tensor (as GSPMD places them from the "
+        "inputs); the sampler keeps the whole vocabulary's logits per row"]
+    lora_spec = lora_lib.spec_for_plan(config, cfg)
+    if lora_spec is not None:
+        cfg = cfg.replace(param_dtype=lora_spec.base_dtype)
+    w = np.dtype(cfg.param_dtype).itemsize
+    params = parameter_bytes(cfg, sizes)
+    pb, layer = params["local_bytes"], params["layer_elems_gathered"]
+    gathered = ((2 * layer * a + _split(cfg.vocab_size, sizes["tensor"]) * cfg.hidden_size * a)
+                if (sizes["fsdp"] > 1 or cfg.param_dtype != cfg.dtype) else 0)
+    if lora_spec is None:
+        trained = pb
+        rows = [("parameters", pb, f"exact per-device shards of {_count(params['count'])} params x {w} B")]
+    else:
+        ad = lora_bytes(cfg, lora_spec, sizes)
+        params["lora_count"], trained = ad["count"], ad["local_bytes"]
+        rows = [("parameters", pb, f"frozen base: {_count(params['count'])} params x {w} B ({cfg.param_dtype})"),
+                ("adapters (trainable)", trained, f"LoRA r={lora_spec.rank}: {_count(ad['count'])} params x 4 B")]
+    rows += [
+        ("optimizer state", 2 * trained, "AdamW mu + nu of what GFPO trains"),
+        ("gradients", trained, "one update's gradients (updates_per_batch epochs run one after another)"),
+        ("optimizer update", trained, "the `updates` tree"),
+        ("gathered weights", gathered, "FSDP all-gather / cast: 2 layers (compute dtype) + output head"),
+        ("batch (inputs)", gfpo_memory.batch_bytes(shape, config.ssft.num_tags),
+         f"{shape.questions} questions: policy rows, logp_old/ref, tags, rewards"),
+    ]
+    d = config.data
+    r = math.ceil(shape.questions / shape.dp)
+    dims = dict(N=config.ssft.num_tags, M=config.ssft.max_traces, L=config.ssft.cost_prefix_len, Le=0,
+                P=d.max_prompt_len, T=shape.max_new, Lt=facts.tag_len, R=shape.cache_len, S=shape.update_width, b=r,
+                micro_batches=1, dp=shape.dp, cost_layout="-", packed=False, train_rows=r,
+                batch_size=shape.questions, remat=cfg.remat, attention_chunk=cfg.attention_chunk,
+                logprob_chunk=config.model.logprob_chunk,
+                lora=(f"r={lora_spec.rank} alpha={lora_spec.alpha:g} base {lora_spec.base_dtype}"
+                      if lora_spec is not None else ""),
+                cost_attention="dense", train_attention="dense", dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                **shape.dims(config.gfpo.estimator))
+    return Plan(config_name, facts.source, cfg, sizes, n_dev, why, dims, params, rows,
+                gfpo_memory.rollout_bytes(cfg, shape, sizes), gfpo_memory.update_bytes(cfg, shape, sizes), notes,
+                accelerator=config.accelerator)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Verdicts and the table
 # ---------------------------------------------------------------------------------------------------------------
@@ -538,7 +595,6 @@ def format_plan(plan: Plan, xla: Mapping[str, float] | None = None, xla_notes: l
                f"(count from {plan.devices_from})")
     gfpo = d.get("stage") == "gfpo"
     if gfpo:
-        from ssft_jax import gfpo_memory  # it builds on this module
         out += gfpo_memory.describe_dims(d)
     else:
         out.append(f"batch {d['batch_size']} questions / {d['micro_batches']} micro-batch(es) / dp {d['dp']} = "
@@ -616,8 +672,7 @@ def main(argv):
     config_name = config_flags.get_config_filename(FLAGS["config"])
     planner = make_plan
     if config.get("stage", "ssft") == "gfpo":
-        from ssft_jax import gfpo_memory  # it builds on this module
-        planner = gfpo_memory.make_plan
+        planner = make_gfpo_plan
         if FLAGS.compile:
             raise PlanError("--compile lowers the SSFT train step; a GFPO config's plan is the estimate alone")
     plan = planner(config, num_devices=FLAGS.num_devices or None, tag_len=FLAGS.tag_len, config_name=config_name)

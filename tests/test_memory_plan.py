@@ -199,11 +199,10 @@ def test_lora_compile_lowers_the_adapters_step_with_the_frozen_base_as_an_argume
 
 
 def test_gfpo_plan_kv_cache_is_the_samplers_cache_and_the_paper_recipe_fits_its_slice():
-    from ssft_jax import gfpo_memory
     c = config_lib.load_config("gfpo_demo", "tiny")
     c.mesh.update(num_devices=1, data=1)
     c.ssft.cost_prefix_len = 64  # a GFPO run takes its ssft section from the SSFT run; the plan reads the config's
-    plan = gfpo_memory.make_plan(c, num_devices=1)
+    plan = mp.make_gfpo_plan(c, num_devices=1)
     d = plan.dims
     rows = d["rollout_chunk"] * d["rollouts_per_question"]
     assert (d["rollout_chunk"], d["rollouts_per_question"]) == (4, 3)  # tiny: 4 questions x G=3 in one call
@@ -213,7 +212,7 @@ def test_gfpo_plan_kv_cache_is_the_samplers_cache_and_the_paper_recipe_fits_its_
     assert plan.total > sum(b for _, b, _ in plan.rows)
 
     big = config_lib.load_config("qwen2p5_32b_gfpo")
-    p32 = gfpo_memory.make_plan(big)
+    p32 = mp.make_gfpo_plan(big)
     assert p32.num_devices == 32 and p32.sizes == {"data": 1, "fsdp": 16, "tensor": 2}
     assert p32.cost_pass["total"] > p32.train_pass["total"]  # the rollouts' KV cache is GFPO's peak
     assert p32.total < mp.CHIPS["v5p"] * mp.GiB
