@@ -30,6 +30,7 @@ from ssft_jax import (
     losses,
     mesh as mesh_lib,
     model as model_lib,
+    quant,
     tokenization,
     train_state,
     train_step as step_lib,
@@ -138,7 +139,10 @@ def load_params(config, cfg: ModelConfig, mesh) -> tuple[ModelConfig, Params]:
     """Weights placed with their shardings: read from `model.hf_dir`, or initialised from `seed` on device."""
     hf_dir = resolve_hf_dir(config.model.hf_dir)
     if hf_dir:
-        return hf_io.load_hf_params(hf_dir, cfg, mesh=mesh)
+        lc = config.get("lora")
+        mode = lc.get("base_quant", "") if lc is not None and lc.enabled else ""
+        # QLoRA: the projections quantized on the host as they are read, never placed dense (`quant`)
+        return hf_io.load_hf_params(hf_dir, cfg, mesh=mesh, place_layer_param=quant.host_quantizer(mode))
     shardings = jax.tree.map(lambda x: x.sharding, abstract_params(cfg, mesh))
     return cfg, jax.jit(lambda: model_lib.init_params(cfg, config.seed), out_shardings=shardings)()
 
@@ -173,7 +177,9 @@ def build(config, *, mesh=None, params: ParamsMode = "load", remat: str | None =
     if vocab > cfg.vocab_size:
         if weights is not None:
             cfg, weights = model_lib.resize_vocab(cfg, weights, vocab)
-            weights = jax.device_put(weights, jax.tree.map(lambda x: x.sharding, abstract_params(cfg, mesh)))
+            target = abstract_params(cfg, mesh)  # only the grown tables move (the layers may be quantized: QLoRA)
+            weights = {**weights, **{k: jax.device_put(weights[k], target[k].sharding)
+                                     for k in ("embedding", "lm_head") if k in weights}}
         else:
             cfg = cfg.replace(vocab_size=vocab)
     if params == "abstract":

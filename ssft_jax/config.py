@@ -22,6 +22,7 @@ from ssft_jax import (
     losses,
     matching,
     model,
+    quant,
     tokenization,
 )
 from ssft_jax.checkpoint import ON_CORRUPT
@@ -149,6 +150,9 @@ def base_config() -> ml_collections.ConfigDict:
         enabled=False, rank=16, alpha=32.0, dropout=0.0,
         targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
         train_tag_rows=True, base_dtype="bfloat16", export_adapter=True,
+        # QLoRA: "int8" | "nf4" stores the frozen base's projection weights quantized, dequantized one layer at a
+        # time inside the layer scan (`ssft_jax/quant.py`); "" keeps them in base_dtype
+        base_quant="",
     ))
     # num_devices: 0 = every device; k = only the first k (comparisons, debugging).
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, num_devices=0))
@@ -354,6 +358,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
             raise ConfigError(str(e)) from None
         if lc.base_dtype not in ("", "float32", "bfloat16", "float16"):
             raise ConfigError(f"lora.base_dtype={lc.base_dtype!r}: expected '', float32, bfloat16 or float16")
+        if lc.get("base_quant", "") not in quant.QUANT_MODES:
+            raise ConfigError(f"lora.base_quant={lc.base_quant!r}: expected one of {quant.QUANT_MODES} ('' = a "
+                              "dense base)")
     try:
         faults.parse_inject_nonfinite(c.debug.inject_nonfinite)
     except faults.FaultSpecError as e:

@@ -130,11 +130,14 @@ def load_hf_params(
     folder: str | os.PathLike,
     cfg: ModelConfig | None = None,
     mesh: jax.sharding.Mesh | None = None,
+    place_layer_param=None,
 ) -> tuple[ModelConfig, Params]:
     """Read an HF folder into params, each placed with its sharding on `mesh` (default: a 1-device mesh).
 
     Parameters are cast to cfg.param_dtype. Loading goes one parameter at a time, so host memory peaks at about
-    one stacked parameter (plus what the devices hold), not the whole checkpoint.
+    one stacked parameter (plus what the devices hold), not the whole checkpoint. place_layer_param(name, stacked
+    host value, sharding) places each per-layer parameter instead (QLoRA: `quant.host_quantizer` quantizes the
+    projections on the host, so no dense copy of them ever reaches the devices).
     """
     folder = pathlib.Path(folder)
     cfg = cfg or load_hf_config(folder)
@@ -157,7 +160,11 @@ def load_hf_params(
             hf_key = next((k for k, (o, _) in (LAYER_KEYS | TOP_KEYS).items() if o == ours), ours)
             value = _assemble(ours, group, spec, found, cfg, hf_key)
             sharding = shardings["layers"][ours] if group else shardings[ours]
-            array = jax.make_array_from_callback(spec.shape, sharding, lambda idx, v=value: v[idx])
+            if group and place_layer_param is not None:
+                array = place_layer_param(ours, value, sharding)
+            else:
+                array = jax.make_array_from_callback(spec.shape, sharding, lambda idx, v=value: v[idx])
+            del value  # host memory: one stacked parameter at a time
             (params["layers"] if group else params)[ours] = array
     if where:  # tensors routed to a parameter this config does not have (e.g. biases on a bias-free model)
         extra = sorted(n for found in where.values() for _, _, n in found)

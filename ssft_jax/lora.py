@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ssft_jax import mesh as mesh_lib, model as model_lib
+from ssft_jax import mesh as mesh_lib, model as model_lib, quant
 from ssft_jax.model import ModelConfig, Params
 
 # Our projection name -> its module inside an HF decoder layer (PEFT's target_modules are the last part).
@@ -65,6 +65,7 @@ class LoraSpec:
     tag_token_ids: tuple[int, ...] = ()
     base_dtype: str = "bfloat16"
     seed: int = 0
+    base_quant: str = ""  # QLoRA: "int8" | "nf4" projection weights in the frozen base (`quant`)
 
     def __post_init__(self):
         unknown = [t for t in self.targets if t not in TARGET_MODULES]
@@ -76,6 +77,7 @@ class LoraSpec:
             raise ValueError(f"lora.rank={self.rank}: must be >= 1")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"lora.dropout={self.dropout}: must be in [0, 1)")
+        quant.check_mode(self.base_quant)
 
     @property
     def scale(self) -> float:
@@ -91,7 +93,8 @@ def spec_from_config(config, tokenizer=None, tags=None, *, model_param_dtype: st
     if lc.train_tag_rows and tags is not None and tags.mode == "special" and tokenizer is not None:
         ids = tuple(int(t[0]) for t in tags.all_tag_ids(tokenizer))
     return LoraSpec(rank=int(lc.rank), alpha=float(lc.alpha), dropout=float(lc.dropout), targets=tuple(lc.targets),
-                    tag_token_ids=ids, base_dtype=lc.base_dtype or model_param_dtype, seed=int(config.seed))
+                    tag_token_ids=ids, base_dtype=lc.base_dtype or model_param_dtype, seed=int(config.seed),
+                    base_quant=lc.get("base_quant", ""))
 
 
 def spec_for_plan(config, cfg: ModelConfig) -> LoraSpec | None:
@@ -105,7 +108,7 @@ def spec_for_plan(config, cfg: ModelConfig) -> LoraSpec | None:
         lc.train_tag_rows and s.tag_mode == "special") else ()
     return LoraSpec(rank=int(lc.rank), alpha=float(lc.alpha), dropout=float(lc.dropout),
                     targets=tuple(lc.targets), tag_token_ids=ids,
-                    base_dtype=lc.base_dtype or cfg.param_dtype)
+                    base_dtype=lc.base_dtype or cfg.param_dtype, base_quant=lc.get("base_quant", ""))
 
 
 
@@ -172,9 +175,12 @@ def abstract_trainable(cfg: ModelConfig, spec: LoraSpec, mesh) -> dict:
 
 
 def freeze(spec: LoraSpec, base: Params) -> Params:
-    """The frozen base in `spec.base_dtype` (bf16 halves its memory; compute casts per layer as always)."""
+    """The frozen base in `spec.base_dtype` (bf16 halves its memory; compute casts per layer as always), its
+    projections quantized with `spec.base_quant` (QLoRA; a base loaded quantized stays as it is)."""
     dt = jnp.dtype(spec.base_dtype)
-    return jax.tree.map(lambda x: x if x.dtype == dt else x.astype(dt), base)
+    base = quant.quantize_params(base, spec.base_quant) if spec.base_quant else base
+    return jax.tree.map(lambda x: x if quant.is_quantized(x) or x.dtype == dt else x.astype(dt), base,
+                        is_leaf=quant.is_quantized)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -212,7 +218,7 @@ def adapted_params(cfg: ModelConfig, spec: LoraSpec, frozen: Params, trainable: 
 
 def merge(cfg: ModelConfig, spec: LoraSpec, frozen: Params, trainable: dict, dtype: str = "float32") -> Params:
     """Plain params (no adapters) with W + (alpha/r) A B folded in, in `dtype`: the HF export and fast sampling."""
-    params = _with_tag_rows(spec, cfg, jax.tree.map(lambda x: x.astype(dtype), frozen), trainable)
+    params = _with_tag_rows(spec, cfg, quant.dequantize_tree(frozen, dtype), trainable)
     layers = dict(params["layers"])
     for name, ab in trainable["lora"].items():
         w = layers[name]

@@ -37,6 +37,7 @@ from ssft_jax import (
     lora as lora_lib,
     mesh as mesh_lib,
     model as model_lib,
+    quant,
     tokenization,
 )
 
@@ -199,8 +200,9 @@ def local_bytes(shape, dtype, axes, sizes: Mapping[str, int]) -> int:
     return n * np.dtype(dtype).itemsize
 
 
-def parameter_bytes(cfg, sizes: Mapping[str, int]) -> dict[str, Any]:
-    """Exact parameter count, global bytes and per-device bytes (total, per top-level group, one layer)."""
+def parameter_bytes(cfg, sizes: Mapping[str, int], base_quant: str = "") -> dict[str, Any]:
+    """Exact parameter count, global bytes and per-device bytes (total, per top-level group, one layer).
+    base_quant (QLoRA): the projections as `quant` stores them (values + fp32 scales, nf4 two per byte)."""
 
 
     shapes, axes = model_lib.abstract_params(cfg)
@@ -210,8 +212,16 @@ def parameter_bytes(cfg, sizes: Mapping[str, int]) -> dict[str, Any]:
     for path, s in flat_s:
         ax = flat_a[path]
         count += math.prod(s.shape)
-        glob += math.prod(s.shape) * np.dtype(s.dtype).itemsize
-        local += local_bytes(s.shape, s.dtype, ax, sizes)
+        name = jax.tree_util.keystr(path[-1:]).strip("[]'\"")
+        if base_quant and "layers" in jax.tree_util.keystr(path) and name in quant.PROJECTIONS:
+            values = local_bytes(s.shape, np.int8, ax, sizes) // (2 if base_quant == "nf4" else 1)
+            s_shape = quant.scale_shape(name, s.shape, base_quant)
+            s_axes = tuple(a if w == d else None for a, w, d in zip(ax, s.shape, s_shape))
+            local += values + local_bytes(s_shape, np.float32, s_axes, sizes)
+            glob += quant.layer_weight_bytes(name, s.shape, base_quant)
+        else:
+            glob += math.prod(s.shape) * np.dtype(s.dtype).itemsize
+            local += local_bytes(s.shape, s.dtype, ax, sizes)
         if "layers" in jax.tree_util.keystr(path):
             # One layer's weights as they are used: FSDP-gathered (fsdp=1), still split over tensor, in elements.
             layer_local_unsharded_fsdp += local_bytes(s.shape, s.dtype, ax, {**sizes, "fsdp": 1, "data": 1}) \
@@ -392,10 +402,11 @@ def make_plan(config, *, num_devices: int | None = None, tag_len: int | None = N
             notes.append(f"{name} ({full}) not divisible by tensor={t}: replicated")
 
     lora_spec = lora_lib.spec_for_plan(config, cfg)
+    quantized = lora_spec.base_quant if lora_spec is not None else ""
     if lora_spec is not None:  # the frozen base is held (and planned) in lora.base_dtype
         cfg = cfg.replace(param_dtype=lora_spec.base_dtype)
         w = np.dtype(cfg.param_dtype).itemsize
-    params = parameter_bytes(cfg, sizes)
+    params = parameter_bytes(cfg, sizes, quantized)
     pb = params["local_bytes"]
     # Per token of a row: attention-phase and MLP-phase intermediates of one layer, what one layer's backward keeps.
     attn_tok = (Ht + 2 * Kt) * Dh * a + (Ht + Kt) * Dh * 4 + Ht * Dh * a
@@ -473,9 +484,10 @@ def make_plan(config, *, num_devices: int | None = None, tag_len: int | None = N
         table = local_bytes((V, D), cfg.param_dtype, ("vocab", "embed"), sizes)
         copies = 2 * tables * table if lora_spec.tag_token_ids else 0
         params["lora_count"] = ad["count"]
+        what = (f"{_count(params['count'])} params: projections {quantized} + fp32 scales, the rest x {w} B "
+                f"({cfg.param_dtype})" if quantized else f"{_count(params['count'])} params x {w} B ({cfg.param_dtype}")
         rows = [
-            ("parameters", pb, f"frozen base: exact per-device shards of {_count(params['count'])} params x {w} B "
-                               f"({cfg.param_dtype}, no gradients or optimizer state)"),
+            ("parameters", pb, f"frozen base: exact per-device shards of {what}, no gradients or optimizer state)"),
             ("adapters (trainable)", ad["local_bytes"],
              f"LoRA r={lora_spec.rank} on {len(lora_spec.targets)} projections + {len(lora_spec.tag_token_ids)} tag "
              f"rows: {_count(ad['count'])} params x 4 B"),
@@ -483,19 +495,24 @@ def make_plan(config, *, num_devices: int | None = None, tag_len: int | None = N
             ("gradients", 2 * ad["local_bytes"], "accumulated + current micro-batch, adapters only"),
             ("optimizer update", ad["local_bytes"], "the `updates` tree (adapters)"),
             ("tag-row table copies", copies, f"{tables} [V, D] table(s) with the tag rows written in + cotangent"),
-            # No copy at all when nothing is gathered and the base is already in the compute dtype.
-            ("gathered weights", (2 * layer * a + Vt * D * a) if (sizes["fsdp"] > 1 or cfg.param_dtype != cfg.dtype)
-             else 0, "FSDP all-gather / cast: 2 base layers (compute dtype) + output head; no base gradients"),
+            # No copy at all when nothing is gathered or dequantized and the base is already in the compute dtype;
+            # QLoRA alone dequantizes the layers, not the (unquantized) head.
+            ("gathered weights", 2 * layer * a * bool(sizes["fsdp"] > 1 or cfg.param_dtype != cfg.dtype or quantized)
+             + Vt * D * a * bool(sizes["fsdp"] > 1 or cfg.param_dtype != cfg.dtype),
+             "FSDP all-gather / cast / dequantize: 2 base layers (compute dtype) + output head; no base gradients"),
         ]
     rows += [
         ("batch (inputs)", batch_in, f"{mb} micro-batch(es) x {b} question(s): cost + train rows, int32"),
         ("fill_tags rows", fill, "one micro-batch's rebuilt train rows"),
     ]
+    if quantized:
+        notes.append(f"QLoRA: the {quantized} projections are dequantized one layer at a time inside the scan, "
+                     "counted with the gathered layers")
     dims = dict(N=N, M=M, L=L, Le=Le, P=P, T=T, Lt=Lt, R=R, S=S, b=b, micro_batches=mb, dp=dp,
                 cost_layout=s.cost_layout, packed=bool(d.packed), train_rows=r,
                 batch_size=config.batch_size, remat=remat, attention_chunk=chunk, logprob_chunk=lchunk,
                 lora=(f"r={lora_spec.rank} alpha={lora_spec.alpha:g} base {lora_spec.base_dtype}"
-                      if lora_spec is not None else ""),
+                      + (f", projections {quantized}" if quantized else "") if lora_spec is not None else ""),
                 cost_attention="chunked" if _chunked(chunk, R) else "dense",
                 train_attention="chunked" if _chunked(chunk, S) else "dense",
                 dtype=cfg.dtype, param_dtype=cfg.param_dtype)
@@ -523,7 +540,7 @@ def make_gfpo_plan(config, *, num_devices: int | None = None, tag_len: int | Non
     if lora_spec is not None:
         cfg = cfg.replace(param_dtype=lora_spec.base_dtype)
     w = np.dtype(cfg.param_dtype).itemsize
-    params = parameter_bytes(cfg, sizes)
+    params = parameter_bytes(cfg, sizes, lora_spec.base_quant if lora_spec is not None else "")
     pb, layer = params["local_bytes"], params["layer_elems_gathered"]
     gathered = ((2 * layer * a + _split(cfg.vocab_size, sizes["tensor"]) * cfg.hidden_size * a)
                 if (sizes["fsdp"] > 1 or cfg.param_dtype != cfg.dtype) else 0)

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ssft_jax import quant
 from ssft_jax.mesh import constrain_rows
 
 Params = dict[str, Any]
@@ -522,6 +523,7 @@ def forward(
 
     def layer(h, xs):
         lp, ck, cv = xs
+        lp = quant.dequantize_layer(lp, dtype)  # a QLoRA base: this layer's weights only, right before its matmuls
         h = constrain_rows(h)  # rows stay split over data*fsdp under FSDP (see mesh.constrain_rows)
         cache_kv = (ck, cv, start) if ck is not None else None
         a, new_kv = _attention(cfg, lp, rms_norm(h, lp["attn_norm"], cfg.rms_norm_eps), rope,

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from ssft_jax import assembly, config as config_lib, lora as lora_lib, mesh as mesh_lib, train_state
+from ssft_jax import assembly, config as config_lib, lora as lora_lib, mesh as mesh_lib, quant, train_state
 
 
 def memory_figures(compiled) -> dict[str, float] | None:
@@ -40,6 +40,9 @@ def abstract_step_inputs(config, cfg, tag_len: int, mesh):
     if spec is not None:  # LoRA: the state holds the adapters; the frozen base (its dtype) is the fifth argument
         frozen = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, np.dtype(spec.base_dtype), sharding=x.sharding),
                               params)
+        if spec.base_quant:  # QLoRA: the projections as the quantized arrays the loader places
+            frozen["layers"] = {k: quant.abstract_quantized(k, v, spec.base_quant) if k in quant.PROJECTIONS else v
+                                for k, v in frozen["layers"].items()}
         params = lora_lib.abstract_trainable(cfg, spec, mesh)
     state = train_state.abstract_state(params, optimizer, mesh)
     layout = assembly.build_layout(config, tag_len, num_processes=1)
