@@ -24,6 +24,7 @@ EXPECTED = {
     "bench_forward.py": r"\| SmolLM2-135M \| 1 x \w+ \| 1 x 32 \| float32 \| [\d.]+ \| [\d.]+ \| \d+ \|",
     "bench_packing.py": r"(?s)\| longtail \| tokens \| \d+x4 \| .* \| [\d.]+% \| [\d.]+ of \d+ \| \d+ \| [\d.]+x \|"
                         r".*\| longtail \| [\d.]+ \| [\d.]+ \| [\d.]+ \|.*\| qwen2p5_32b \| packed ",
+    "bench_qlora.py": r"(?s)\| nf4 \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \|.*\| nf4 \| [\d.]+ \| [\d.]+ \| [\d.]+ \|",
     "bench_matching.py": r"\| 6x4 \| hungarian \| [\d.]+ \| [\d.]+ \| .* \| 100\.0% \| 100\.0% \|",
     # SmolLM2: the trainer's ssft/sft_mixed ratio beside its floor, and the PyTorch Llama row beside ours
     "bench_smollm2_step.py": r"(?s)ssft / sft_mixed = [\d.]+; FLOP floor .* = [\d.]+; measured / floor = [\d.]+"

@@ -130,3 +130,24 @@ def test_bad_quant_mode_is_refused():
     c = qlora_config("int4")
     with pytest.raises(config_lib.ConfigError, match="lora.base_quant='int4'"):
         config_lib.validate(c, 1)
+
+
+def test_the_loader_quantizes_an_hf_folder_on_the_host_as_quantizing_after_a_dense_load_would(tmp_path):
+    from ssft_jax import mesh as mesh_lib
+
+    from hf_fixtures import make_hf_model
+    make_hf_model("qwen2_untied", tmp_path / "hf")
+    mesh = mesh_lib.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    cfg, dense = hf_io.load_hf_params(tmp_path / "hf", mesh=mesh)
+    deltas = {}
+    for mode in ("int8", "nf4"):
+        _, loaded = hf_io.load_hf_params(tmp_path / "hf", mesh=mesh, place_layer_param=quant.host_quantizer(mode))
+        after = quant.quantize_params(dense, mode)
+        for name in quant.PROJECTIONS:
+            assert quant.is_quantized(loaded["layers"][name])
+        for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(after)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        np.testing.assert_array_equal(np.asarray(loaded["embedding"]), np.asarray(dense["embedding"]))
+        toks = jnp.asarray(np.random.RandomState(0).randint(0, cfg.vocab_size, (2, 9)))
+        deltas[mode] = float(jnp.abs(M.forward(cfg, loaded, toks) - M.forward(cfg, dense, toks)).max())
+    assert 0 < deltas["int8"] < deltas["nf4"], deltas  # 8 bits per weight err less than 4 (the quality: the bench)
