@@ -542,15 +542,18 @@ def make_gfpo_plan(config, *, num_devices: int | None = None, tag_len: int | Non
     w = np.dtype(cfg.param_dtype).itemsize
     params = parameter_bytes(cfg, sizes, lora_spec.base_quant if lora_spec is not None else "")
     pb, layer = params["local_bytes"], params["layer_elems_gathered"]
-    gathered = ((2 * layer * a + _split(cfg.vocab_size, sizes["tensor"]) * cfg.hidden_size * a)
-                if (sizes["fsdp"] > 1 or cfg.param_dtype != cfg.dtype) else 0)
+    moved = sizes["fsdp"] > 1 or cfg.param_dtype != cfg.dtype  # gathered or cast; QLoRA also dequantizes layers
+    quantized = bool(lora_spec is not None and lora_spec.base_quant)
+    gathered = (2 * layer * a * (moved or quantized)
+                + _split(cfg.vocab_size, sizes["tensor"]) * cfg.hidden_size * a * moved)
     if lora_spec is None:
         trained = pb
         rows = [("parameters", pb, f"exact per-device shards of {_count(params['count'])} params x {w} B")]
     else:
         ad = lora_bytes(cfg, lora_spec, sizes)
         params["lora_count"], trained = ad["count"], ad["local_bytes"]
-        rows = [("parameters", pb, f"frozen base: {_count(params['count'])} params x {w} B ({cfg.param_dtype})"),
+        stored = f"projections {lora_spec.base_quant} + fp32 scales, the rest x {w} B" if quantized else f"x {w} B"
+        rows = [("parameters", pb, f"frozen base: {_count(params['count'])} params, {stored} ({cfg.param_dtype})"),
                 ("adapters (trainable)", trained, f"LoRA r={lora_spec.rank}: {_count(ad['count'])} params x 4 B")]
     rows += [
         ("optimizer state", 2 * trained, "AdamW mu + nu of what GFPO trains"),
