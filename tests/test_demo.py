@@ -94,7 +94,8 @@ def test_a_users_jsonl_and_classifier_reach_the_table(tmp_path, monkeypatch):
                           "--checker", "synthetic", "--max_new_tokens", "16", "--no_plots",
                           "--out", str(tmp_path / "ev")]) == 0
     m = json.loads((tmp_path / "ev" / "metrics.json").read_text())["metrics"]
-    assert m["strategy"]["names"][:4] == list(datasets.STRATEGIES) and m["num_questions"] == 8
+    assert m["strategy"]["names"][:4] == list(datasets.STRATEGIES)
+    assert (m["num_questions"], m["split"]["validation_questions"]) == (5, 3)  # 8 held out: a third choose the tag
     with pytest.raises(ValueError, match="expected module:function"):
         datasets.load_classifier("demo_classifier")
     with pytest.raises(ValueError, match="names"):

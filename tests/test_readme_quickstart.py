@@ -40,6 +40,8 @@ def test_readme_quickstart_runs_as_written(tmp_path):
     summary = json.loads((tmp_path / "runs" / "quick" / "summary.json").read_text())
     assert summary["final_step"] == 4 and summary["questions"] == 32  # 40 written, 8 held out
     metrics = json.loads((tmp_path / "runs" / "quick" / "eval" / "metrics.json").read_text())["metrics"]
-    assert metrics["num_questions"] == 8 and metrics["num_tags"] == 6
+    # 8 questions: 3 only choose the best fixed tag (evaluate's validation split), every figure is on the other 5
+    assert metrics["num_questions"] == 5 and metrics["split"]["validation_questions"] == 3
+    assert metrics["num_tags"] == 6
     assert "README.md" in p.stdout and "model.safetensors" in p.stdout  # `ls runs/quick/hf_export`
     assert "pass@1[tag 0]=" in p.stdout and re.search(r"^summary +runs/quick/summary.json$", p.stdout, re.M)
