@@ -10,9 +10,10 @@ lr 1e-6 constant (a usual GRPO rate at 32B; GFPO moves every weight the tag posi
 epoch per batch, clip 0.2, rollouts at temperature 0.6 / top_p 0.95 (Qwen's reasoning sampling settings) up to
 15712 new tokens (the SSFT config's trace budget), the math checker.
 
-Memory (`python -m ssft_jax.memory_plan --config configs/qwen2p5_32b_gfpo.py`, per chip, estimate): see the
-README's GFPO section; the resident part is the SSFT run's weight state (FSDP 16 x tensor 2), the rollouts' KV cache
-of 16 questions x 6 rows of up to 16.7k tokens dominates the rest.
+Memory (`python -m ssft_jax.memory_plan --config configs/qwen2p5_32b_gfpo.py`, per chip, estimate): 65.8 GiB, fits
+v5p's 95 with 29.2 GiB headroom: the resident weight state 20.7 (FSDP 16 x tensor 2: fp32 weights, Adam, gradients,
+the update, gathered layers), then the rollouts 45.1 (the bf16 decoding copy 30.5, the KV cache of 16 questions x 6
+rows of up to 16742 tokens 14.3) or the update 6.3.
 
 Start from the SSFT run's HF export staged on every worker (a gs:// workdir is not read by `--init_from`):
 
@@ -33,7 +34,10 @@ def get_config(arg: str = ""):
     c.data.update(max_prompt_len=1024, max_trace_len=15712)
     c.gfpo.update(init_from=a["init_from"], data=a["data"] or "config", checker="math", estimator="grpo",
                   questions_per_step=96, group_size=6, num_steps=10, updates_per_batch=1, clip_eps=0.2, kl_coef=0.0,
-                  temperature=0.6, top_p=0.95, max_new_tokens=15712, valid_tags="used")
+                  temperature=0.6, top_p=0.95, max_new_tokens=15712, valid_tags="used",
+                  # decode from a bf16 copy split over tensor only: under FSDP 16 the training layout would
+                  # all-gather every layer for every decoded token (~29 GiB per chip per token)
+                  rollout_weights="replicated")
     c.gfpo.optim.update(learning_rate=1e-6, warmup_frac=0.0, end_lr_frac=1.0, grad_clip=1.0)
     c.checkpoint.every_steps = 2
     return c

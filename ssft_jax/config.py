@@ -229,6 +229,11 @@ def gfpo_defaults() -> ml_collections.ConfigDict:
         # Rollouts: the answer after the tag is sampled with these settings (the tag itself comes from pi).
         temperature=1.0, top_p=1.0, top_k=0,
         max_new_tokens=0,     # 0 = data.max_trace_len
+        # The weights the sampler decodes with. train: the training layout (under FSDP every decoded token
+        # all-gathers every layer) | replicated: before each step's rollouts, a copy of the matrices in the compute
+        # dtype, split over `tensor` only (no gathers while decoding; one such copy of memory, counted by
+        # memory_plan). The same tokens either way when the compute dtype is the parameters' (float32).
+        rollout_weights="train",
         format_penalty=0.0,   # subtracted from the reward of a rollout whose answer cannot be extracted
         valid_tags="used",    # all | used (tags the SSFT matching ever assigned; all when unknown) | "0,2,3"
         optim=ml_collections.ConfigDict(dict(
@@ -319,7 +324,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
         ("checkpoint.on_corrupt", c.checkpoint.on_corrupt, ON_CORRUPT),
         ("export.dtype", c.export.dtype, ("", "float32", "bfloat16", "float16")),
     ]
-    choices += [("stage", c.stage, ("ssft", "gfpo")), ("gfpo.estimator", c.gfpo.estimator, gfpo_estimators.names())]
+    choices += [("stage", c.stage, ("ssft", "gfpo")), ("gfpo.estimator", c.gfpo.estimator, gfpo_estimators.names()),
+                ("gfpo.rollout_weights", c.gfpo.rollout_weights, ("train", "replicated"))]
     for field, value, allowed in choices:
         if value not in allowed:
             raise ConfigError(f"{field}={value!r}: expected one of {tuple(allowed)}")

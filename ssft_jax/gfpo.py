@@ -451,7 +451,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progr
             rng = np.random.default_rng([int(config.seed), step, 17])
             row_tags = draw_row_tags(g.estimator, np.exp(logp_old), r.valid, group_size=int(g.group_size),
                                      samples_per_tag=int(g.samples_per_tag), rng=rng)
-            ro = roll_out(r.lm.cfg, r.model_params(), r.lm.tokenizer, r.choice, r.questions, idx, row_tags,
+            ro = roll_out(r.lm.cfg, r.rollout_params(), r.lm.tokenizer, r.choice, r.questions, idx, row_tags,
                           r.checker, g, eos_token_ids=r.lm.eos_token_ids, vocab_limit=r.lm.vocab_limit,
                           seed=int(config.seed) * 100_003 + step, reward_fn=reward_fn, mesh=r.mesh)
             t_upd = time.perf_counter()
@@ -516,15 +516,53 @@ class GfpoRun:
     update: CountedJit
     rollout_s: float = 0.0
     update_s: float = 0.0
+    decoding_copy: Callable | None = None  # gfpo.rollout_weights="replicated": the jitted copy (`rollout_params`)
 
     def model_params(self) -> dict:
         """The weights the model runs with now (rollouts, the policy): a LoRA run's base with the adapters applied
         inside the layer scan (no merged copy of the base)."""
         return model_params(self.lm, self.state["params"])
 
+    def rollout_params(self) -> dict:
+        """The weights the sampler decodes with (`gfpo.rollout_weights`): the model's own, or a copy of them split
+        over `tensor` only, its matrices in the compute dtype (`make_decoding_copy`)."""
+        params = self.model_params()
+        if self.config.gfpo.rollout_weights != "replicated":
+            return params
+        if self.decoding_copy is None:
+            self.decoding_copy = make_decoding_copy(params, self.lm.cfg.dtype)
+        return self.decoding_copy(params)
+
     @property
     def frozen_args(self) -> tuple:
         return () if self.lm.lora_spec is None else (self.lm.frozen,)
+
+
+def _without_data_axes(sharding: NamedSharding) -> NamedSharding:
+    """The sharding with the data-parallel axes ('data', 'fsdp') dropped: replicated over them, split over 'tensor'
+    as before."""
+    def keep(entry):
+        names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+        names = tuple(a for a in names if a not in ("data", "fsdp"))
+        return None if not names else names[0] if len(names) == 1 else names
+    return NamedSharding(sharding.mesh, P(*(keep(e) for e in sharding.spec)))
+
+
+def make_decoding_copy(params, dtype: str) -> Callable:
+    """A jitted `params -> copy` for decoding: every array replicated over the data-parallel axes (no FSDP
+    all-gather per decoded token), matrices cast to the compute dtype, which `forward` casts them to anyway (vectors
+    keep theirs: the norms compute in fp32). A QLoRA base's quantized arrays are moved as they are.
+    Built once per run (one compile); the training state is untouched."""
+    shardings = jax.tree.map(lambda x: _without_data_axes(x.sharding), params)
+    target = jnp.dtype(dtype)
+
+    def matrix(path, x) -> bool:  # per-layer weights carry a leading 'layers' axis
+        stacked = any(getattr(k, "key", None) == "layers" for k in path)
+        return x.ndim - stacked >= 2 and jnp.issubdtype(x.dtype, jnp.floating)
+
+    def copy(p):
+        return jax.tree_util.tree_map_with_path(lambda path, x: x.astype(target) if matrix(path, x) else x, p)
+    return jax.jit(copy, out_shardings=shardings)
 
 
 def model_params(lm: assembly.LoadedModel, params) -> dict:

@@ -574,9 +574,15 @@ def make_gfpo_plan(config, *, num_devices: int | None = None, tag_len: int | Non
                       if lora_spec is not None else ""),
                 cost_attention="dense", train_attention="dense", dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                 **shape.dims(config.gfpo.estimator))
-    return Plan(config_name, facts.source, cfg, sizes, n_dev, why, dims, params, rows,
-                gfpo_memory.rollout_bytes(cfg, shape, sizes), gfpo_memory.update_bytes(cfg, shape, sizes), notes,
-                accelerator=config.accelerator)
+    rollout = gfpo_memory.rollout_bytes(cfg, shape, sizes)
+    if config.gfpo.rollout_weights == "replicated":  # a per-step copy, split over tensor only, matrices in `dtype`
+        whole = {**sizes, "data": 1, "fsdp": 1}
+        copy = parameter_bytes(cfg.replace(param_dtype=cfg.dtype), whole, lora_spec.base_quant if quantized else "")
+        rollout["decoding copy of the weights (replicated)"] = copy["local_bytes"] + (
+            lora_bytes(cfg, lora_spec, whole)["local_bytes"] if lora_spec is not None else 0)
+        rollout["total"] = sum(v for k, v in rollout.items() if k != "total")
+    return Plan(config_name, facts.source, cfg, sizes, n_dev, why, dims, params, rows, rollout,
+                gfpo_memory.update_bytes(cfg, shape, sizes), notes, accelerator=config.accelerator)
 
 
 # ---------------------------------------------------------------------------------------------------------------

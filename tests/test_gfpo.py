@@ -487,3 +487,23 @@ def test_gfpo_runs_on_a_prompts_file(ssft_workdir, tmp_path):
     c.gfpo.checker = "nope"
     with pytest.raises(config_lib.ConfigError, match="gfpo.checker='nope'"):
         gfpo.run(c, tmp_path / "run2", progress=False)
+
+
+def test_replicated_rollout_weights_decode_the_same_tokens_without_fsdp_sharding(ssft_workdir, tmp_path):
+    # On an FSDP mesh (fsdp=4): the decoding copy is split over nothing but 'tensor', and with float32 compute it
+    # samples exactly what the training layout samples.
+    runs = {}
+    for how in ("train", "replicated"):
+        c = _gfpo_config(ssft_workdir, num_steps=2, rollout_weights=how)
+        c.mesh.update(num_devices=4, data=1, fsdp=4, tensor=1)
+        runs[how] = gfpo.run(c, tmp_path / how, progress=False)
+        runs[how]["metrics"] = [r for r in metrics_log.read_metrics(tmp_path / how) if "reward" in r]
+    for a, b in zip(runs["train"]["metrics"], runs["replicated"]["metrics"]):
+        assert a["rollout_tokens"] == b["rollout_tokens"] and a["rollout_tag_counts"] == b["rollout_tag_counts"]
+        assert a["reward"] == b["reward"]
+    params = runs["replicated"]["state"]["params"]
+    assert "fsdp" in str(params["layers"]["q_proj"].sharding.spec)  # the trained weights stay FSDP-sharded
+    copy = gfpo.make_decoding_copy(params, "bfloat16")(params)
+    assert copy["layers"]["q_proj"].dtype == jnp.bfloat16 and copy["layers"]["attn_norm"].dtype == jnp.float32
+    assert "fsdp" not in str(copy["layers"]["q_proj"].sharding.spec)
+    assert len(copy["layers"]["q_proj"].sharding.device_set) == 4

@@ -214,7 +214,9 @@ def test_gfpo_plan_kv_cache_is_the_samplers_cache_and_the_paper_recipe_fits_its_
     big = config_lib.load_config("qwen2p5_32b_gfpo")
     p32 = mp.make_gfpo_plan(big)
     assert p32.num_devices == 32 and p32.sizes == {"data": 1, "fsdp": 16, "tensor": 2}
-    assert p32.cost_pass["total"] > p32.train_pass["total"]  # the rollouts' KV cache is GFPO's peak
+    assert p32.cost_pass["total"] > p32.train_pass["total"]  # the rollouts (KV cache, decoding copy) are the peak
+    bf16_over_tensor = mp.parameter_bytes(p32.cfg.replace(param_dtype="bfloat16"), {"data": 1, "fsdp": 1, "tensor": 2})
+    assert p32.cost_pass["decoding copy of the weights (replicated)"] == bf16_over_tensor["local_bytes"]
     assert p32.total < mp.CHIPS["v5p"] * mp.GiB
     out = subprocess.run([sys.executable, "-m", "ssft_jax.memory_plan", "--config",
                           str(ROOT / "configs" / "qwen2p5_7b_lora.py") + ":chips=4", "--config.stage=gfpo"],
