@@ -55,6 +55,7 @@ from ssft_jax import (
     lora as lora_lib,
     mesh as mesh_lib,
     metrics_log,
+    quant,
     run_common,
     sampling,
     tag_policy,
@@ -540,7 +541,10 @@ class GfpoRun:
 
 def _without_data_axes(sharding: NamedSharding) -> NamedSharding:
     """The sharding with the data-parallel axes ('data', 'fsdp') dropped: replicated over them, split over 'tensor'
-    as before."""
+    as before (a sharding that is not on a mesh stays as it is)."""
+    if not isinstance(sharding, NamedSharding):
+        return sharding
+
     def keep(entry):
         names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
         names = tuple(a for a in names if a not in ("data", "fsdp"))
@@ -560,8 +564,10 @@ def make_decoding_copy(params, dtype: str) -> Callable:
         stacked = any(getattr(k, "key", None) == "layers" for k in path)
         return x.ndim - stacked >= 2 and jnp.issubdtype(x.dtype, jnp.floating)
 
-    def copy(p):
-        return jax.tree_util.tree_map_with_path(lambda path, x: x.astype(target) if matrix(path, x) else x, p)
+    def copy(p):  # a QLoRA base's QArrays (values and scales) move as they are
+        return jax.tree_util.tree_map_with_path(
+            lambda path, x: x.astype(target) if not quant.is_quantized(x) and matrix(path, x) else x, p,
+            is_leaf=quant.is_quantized)
     return jax.jit(copy, out_shardings=shardings)
 
 
