@@ -21,6 +21,10 @@ question order and every rollout's randomness are functions of (seed, step), so 
 uninterrupted one would); SIGTERM saves; metrics go to metrics.jsonl / TensorBoard / wandb; the result is exported
 as an HF folder with the forking tags.
 
+From a LoRA SSFT run the adapters (and special tags' rows) are what RL moves, the base frozen (`make_update`'s
+fourth argument). The questions are the SSFT run's, the config's data section's, or prompt-only RL files
+(`gfpo.data`: {"prompt" | "question" | "messages", "answer"} rows, `Questions`).
+
 Several hosts (a TPU pod slice): every process builds the same questions, tag draws and prompts; the sampler and
 the policy run on the global mesh with the rows split over its data axes (each device decodes its own rows, each
 prompt's KV cache shared by its rows), every process gets the generated tokens back and checks its own share of the

@@ -38,6 +38,7 @@ jax.config.update("jax_enable_x64", False)
 # below is by time measured with `--durations=0` (README, Tests), everything not named follows in file order.
 LONGEST_FIRST = (
     "real_demo", "test_readme_quickstart", "test_bench", "test_cli_and_configs", "test_reliability", "test_demo",
+    "test_qlora",
     "test_run_logging", "test_train", "test_packing", "test_gfpo", "test_multihost", "test_model", "test_accelerator",
     "test_hf_export_serving", "test_gguf_convert", "test_teacher_agreement", "test_launch", "test_lora_train",
     "test_matching", "test_colab_notebook", "test_memory_plan", "test_bench_lora", "test_lora",
