@@ -115,19 +115,19 @@ def quantize_stacked(value: np.ndarray, name: str, mode: str) -> tuple[np.ndarra
     computed on the CPU backend one layer and one output-axis chunk at a time (bounded temporaries)."""
     cpu = jax.devices("cpu")[0]
     n_in = INPUT_DIMS.get(name, 1)
-    q_layers, s_layers = [], []
+    q_out = s_out = None  # written in place: no second stacked copy on the host
     for i in range(value.shape[0]):
-        layer = value[i]
-        qs, ss = [], []
-        for sl in _chunks(layer.shape, n_in):
+        for sl in _chunks(value.shape[1:], n_in):
             index = (slice(None),) * n_in + (sl,)
             with jax.default_device(cpu):
-                qa = _quantize_jit(name, mode)(jnp.asarray(layer[index]))
-            qs.append(np.asarray(qa.qvalue))
-            ss.append(np.asarray(qa.scale))
-        q_layers.append(np.concatenate(qs, axis=n_in))
-        s_layers.append(np.concatenate(ss, axis=n_in))
-    return np.stack(q_layers), np.stack(s_layers)
+                qa = _quantize_jit(name, mode)(jnp.asarray(value[i][index]))
+            q, s = np.asarray(qa.qvalue), np.asarray(qa.scale)
+            if q_out is None:
+                q_out = np.empty(value.shape, q.dtype)
+                s_out = np.empty((value.shape[0], *scale_shape(name, value.shape, mode)[1:]), s.dtype)
+            q_out[i][index] = q
+            s_out[i][index] = s
+    return q_out, s_out
 
 
 _JITS: dict[tuple[str, str], Callable] = {}

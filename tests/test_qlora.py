@@ -151,3 +151,15 @@ def test_the_loader_quantizes_an_hf_folder_on_the_host_as_quantizing_after_a_den
         toks = jnp.asarray(np.random.RandomState(0).randint(0, cfg.vocab_size, (2, 9)))
         deltas[mode] = float(jnp.abs(M.forward(cfg, loaded, toks) - M.forward(cfg, dense, toks)).max())
     assert 0 < deltas["int8"] < deltas["nf4"], deltas  # 8 bits per weight err less than 4 (the quality: the bench)
+
+
+def test_chunked_host_quantization_equals_one_chunk(monkeypatch):
+    w = np.random.default_rng(1).normal(size=(2, 4, 64, 96)).astype(np.float32)  # o_proj: [L, heads, head_dim, D]
+    for mode in ("int8", "nf4"):
+        whole = quant.quantize_stacked(w, "o_proj", mode)
+        monkeypatch.setattr(quant, "CHUNK_ELEMENTS", 4 * 64 * 10)  # 10 output units a chunk: 10 chunks per layer
+        assert len(quant._chunks(w.shape[1:], 2)) == 10
+        chunked = quant.quantize_stacked(w, "o_proj", mode)
+        monkeypatch.undo()
+        for a, b in zip(whole, chunked):
+            np.testing.assert_array_equal(a, b)
