@@ -184,18 +184,28 @@ def test_lora_plan_with_special_tags_counts_the_tag_rows_and_table_copies():
     assert plan.params["lora_count"] == adapters + N * D
 
 
-def test_lora_compile_lowers_the_adapters_step_with_the_frozen_base_as_an_argument():
+def _lora_on_a_small_mesh(base_quant=""):
     c = load("demo", "tiny")
     c.mesh.update(data=2, fsdp=2, tensor=1, num_devices=4)
-    c.lora.update(enabled=True, rank=4, base_dtype="bfloat16")
+    c.lora.update(enabled=True, rank=4, base_dtype="bfloat16", base_quant=base_quant)
+    return c
+
+
+@pytest.mark.parametrize("base_quant", ["", "int8"])  # int8: QLoRA, the projections as quantized arguments
+def test_lora_compile_lowers_the_adapters_step_with_the_frozen_base_as_an_argument(base_quant):
+    c = _lora_on_a_small_mesh(base_quant)
     plan = mp.make_plan(c, num_devices=4)
     compiled, state = plan_check.compile_for_plan(c, plan)
     assert set(state["params"]) == {"lora", "tag_embedding"}
     xla = plan_check.memory_figures(compiled)
-    # The arguments are the adapters' state, the bf16 base and the batch, as planned (to a few bytes of counters
-    # and the small tag table).
+    # The arguments are the adapters' state, the bf16 (or quantized) base and the batch, as planned (to a few bytes
+    # of counters and the small tag table).
     assert 0.8 <= plan.arguments / xla["argument"] <= 1.25, (plan.arguments, xla)
     assert 1 / 3 <= plan.total / xla["peak"] <= 3, (plan.total, xla)
+    if base_quant:
+        rows, dense_rows = ({n: b for n, b, _ in p.rows} for p in (plan, mp.make_plan(_lora_on_a_small_mesh(),
+                                                                                         num_devices=4)))
+        assert rows["parameters"] < dense_rows["parameters"]
 
 
 def test_gfpo_plan_kv_cache_is_the_samplers_cache_and_the_paper_recipe_fits_its_slice():
