@@ -56,6 +56,7 @@ from ssft_jax import (
     config as config_lib,
     datasets,
     gfpo_estimators,
+    gfpo_memory,
     lora as lora_lib,
     mesh as mesh_lib,
     metrics_log,
@@ -346,30 +347,33 @@ class Rollouts:
         self.tokens = tokens
 
 
+def checker_of_each_question(num_questions: int) -> np.ndarray:
+    """[B] the process that decodes and checks each question of the step: contiguous shares, so the host-side work
+    (detokenizing, math checking, a user's reward_fn) is split over the hosts."""
+    return np.repeat(np.arange(jax.process_count()), [len(part) for part in np.array_split(
+        np.arange(num_questions), jax.process_count())])
+
+
 def checked_by_this_process(num_questions: int) -> np.ndarray:
-    """The questions (positions in the step's batch) whose rollouts this process decodes and checks: a contiguous
-    share, so the host-side work (detokenizing, math checking, a user's reward_fn) is split over the hosts."""
-    return np.array_split(np.arange(num_questions), jax.process_count())[jax.process_index()]
+    """The questions (positions in the step's batch) this process checks (`checker_of_each_question`)."""
+    return np.flatnonzero(checker_of_each_question(num_questions) == jax.process_index())
 
 
 def gather_checked(local: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Each process's checked rows ([B, ...] arrays, filled at its own share) -> the whole arrays on every process."""
-    P = jax.process_count()
-    if P == 1:
+    if jax.process_count() == 1:
         return dict(local)
     from jax.experimental import multihost_utils
 
     gathered = multihost_utils.process_allgather({k: np.asarray(v) for k, v in local.items()})  # [P, B, ...]
-    B = len(next(iter(local.values())))
-    owner = np.concatenate([np.full(len(part), p) for p, part in enumerate(np.array_split(np.arange(B), P))])
-    return {k: np.asarray(v)[owner, np.arange(B)] for k, v in gathered.items()}
+    owner = checker_of_each_question(len(next(iter(local.values()))))
+    return {k: np.asarray(v)[owner, np.arange(len(owner))] for k, v in gathered.items()}
 
 
-def rollout_chunk(batch: int, mesh, target: int = 16) -> int:
-    """Questions per sampler call: about `target`, a multiple of the mesh's data-parallel size (the rows split
-    evenly over the devices), at most the step's batch. A function of the mesh, not of the process count."""
-    dp = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
-    return max(dp, min(batch, -(-target // dp) * dp))
+def rollout_chunk(batch: int, mesh) -> int:
+    """Questions per sampler call (`gfpo_memory.rollout_chunk`, which the plan uses too), for the mesh's
+    data-parallel size: a function of the mesh, not of the process count."""
+    return gfpo_memory.rollout_chunk(batch, 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"])
 
 
 def roll_out(cfg, params, tokenizer, choice: tag_policy.TagChoice, questions: Questions, idx: np.ndarray,
@@ -636,7 +640,7 @@ def open_gfpo(config: ml_collections.ConfigDict, workdir: epath.Path, checker) -
             raise config_lib.ConfigError(f"the checkpoint's run had {data_state.get('questions')} GFPO questions, "
                                          f"this config gives {len(questions)}: use the run's data or a new --workdir")
         logging.info("GFPO: resumed from step %d", start)
-    R = gfpo_estimators.get(g.estimator).rollouts(int(g.group_size), int(valid.sum()), int(g.samples_per_tag))
+    R = gfpo_memory.rollout_rows(g, int(valid.sum()))
     example = {"tokens": np.zeros((B, width), np.int32), "lengths": np.ones((B,), np.int32),
                "valid": np.zeros((B, N), bool), "logp_old": np.zeros((B, N), np.float32),
                "logp_ref": np.zeros((B, N), np.float32), "row_tags": np.zeros((B, R), np.int32),

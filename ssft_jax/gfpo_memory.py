@@ -23,7 +23,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ssft_jax import gfpo_estimators
+from ssft_jax import config as config_lib, gfpo_estimators
 
 
 def _split(n: int, parts: int) -> float:
@@ -36,7 +36,8 @@ def rollout_rows(g, num_valid_tags: int) -> int:
 
 
 def rollout_chunk(batch: int, dp: int, target: int = 16) -> int:
-    """Questions per sampler call (`gfpo.rollout_chunk`'s rule, without a mesh)."""
+    """Questions per sampler call, for the run (`gfpo.roll_out`) and the plan: about `target`, a multiple of the
+    data-parallel size `dp` (the rows split evenly over the devices), at most the step's batch."""
     return max(dp, min(batch, -(-target // dp) * dp))
 
 
@@ -58,7 +59,8 @@ class GfpoShape:
 def shape(config, sizes: Mapping[str, int], tag_len: int) -> GfpoShape:
     g, d = config.gfpo, config.data
     N = config.ssft.num_tags
-    valid = N if g.valid_tags in ("all", "used") else len(str(g.valid_tags).split(","))
+    explicit = config_lib.parse_valid_tags(g.valid_tags, N)  # all / used: every tag, as far as a plan can know
+    valid = N if explicit is None else len(explicit)
     dp = sizes["data"] * sizes["fsdp"]
     max_new = int(g.max_new_tokens or d.max_trace_len)
     B = int(g.questions_per_step)

@@ -212,7 +212,7 @@ def parameter_bytes(cfg, sizes: Mapping[str, int], base_quant: str = "") -> dict
     for path, s in flat_s:
         ax = flat_a[path]
         count += math.prod(s.shape)
-        name = jax.tree_util.keystr(path[-1:]).strip("[]'\"")
+        name = getattr(path[-1], "key", None)
         if base_quant and "layers" in jax.tree_util.keystr(path) and name in quant.PROJECTIONS:
             values = local_bytes(s.shape, np.int8, ax, sizes) // (2 if base_quant == "nf4" else 1)
             s_shape = quant.scale_shape(name, s.shape, base_quant)

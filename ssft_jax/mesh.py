@@ -163,19 +163,25 @@ def to_global(batch: Mapping[str, Any], mesh: Mesh) -> dict:
 # Host arrays that every process holds whole (GFPO's prompts, rollouts and rewards) <-> global arrays
 # ---------------------------------------------------------------------------------------------------------------
 
-def rows_on_mesh(x: Any, mesh: Mesh) -> jax.Array:
+def rows_on_mesh(x: Any, mesh: Mesh | None) -> jax.Array:
     """A host array every process holds whole -> a global array, rows split over the data-parallel axes
     (`batch_sharding`; replicated when they do not divide the rows). Each process copies only the slices its own
-    devices hold (`make_array_from_callback`), so this is the same call on one host or many."""
+    devices hold (`make_array_from_callback`), so this is the same call on one host or many. mesh None: an array on
+    the default device (callers without a mesh)."""
     x = np.asarray(x)
+    if mesh is None:
+        return jax.numpy.asarray(x)
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
     sharding = batch_sharding(mesh, x.ndim) if x.ndim and x.shape[0] % dp == 0 else NamedSharding(mesh, P())
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
-def replicated_on_mesh(x: Any, mesh: Mesh) -> jax.Array:
-    """A host array every process holds whole -> a global array replicated on every device of `mesh`."""
+def replicated_on_mesh(x: Any, mesh: Mesh | None) -> jax.Array:
+    """A host array every process holds whole -> a global array replicated on every device of `mesh` (mesh None:
+    an array on the default device)."""
     x = np.asarray(x)
+    if mesh is None:
+        return jax.numpy.asarray(x)
     return jax.make_array_from_callback(x.shape, NamedSharding(mesh, P()), lambda index: x[index])
 
 

@@ -206,16 +206,6 @@ def abstract_quantized(name: str, weight: jax.ShapeDtypeStruct, mode: str):
     return _qwix().QArray(qvalue=q, scale=s, zero_point=None, qtype=_QTYPES[mode])
 
 
-def bytes_per_weight(mode: str, in_block: int | None = None) -> float:
-    """Stored bytes per quantized weight, scales included (nf4: packed two per byte, as on TPU; the CPU backend
-    keeps one byte per uint4 value). in_block: weights per scale (int8: the projection's input size)."""
-    if mode == "int8":
-        return 1.0 + 4.0 / (in_block or 1024)
-    if mode == "nf4":
-        return 0.5 + 4.0 / (in_block or NF4_BLOCK)
-    raise ValueError(f"bytes_per_weight: {mode!r} is not a quantized mode")
-
-
 def layer_weight_bytes(name: str, shape: tuple[int, ...], mode: str) -> int:
     """Exact stored bytes of one stacked quantized weight [L, ...] (values + fp32 scales), nf4 packed."""
     channelwise, tiled = axes_for(name, len(shape) - 1, shape[1:], mode)

@@ -269,10 +269,10 @@ def generate_rows(
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
     B = len(prompts)
-    place = (lambda x: jnp.asarray(x)) if mesh is None else (lambda x: mesh_lib.rows_on_mesh(x, mesh))
-    whole = (lambda x: jnp.asarray(x)) if mesh is None else (lambda x: mesh_lib.replicated_on_mesh(x, mesh))
-    eos = whole(np.asarray(list(eos_token_ids), np.int32))
-    key = whole(np.asarray(jax.random.key_data(jax.random.key(seed))))
+    def place(x):
+        return mesh_lib.rows_on_mesh(x, mesh)
+    eos = mesh_lib.replicated_on_mesh(np.asarray(list(eos_token_ids), np.int32), mesh)
+    key = mesh_lib.replicated_on_mesh(np.asarray(jax.random.key_data(jax.random.key(seed))), mesh)
     kw = dict(max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_k=int(top_k),
               top_p=float(top_p), vocab_limit=vocab_limit, cache_dtype=cache_dtype)
     flat_suffixes = [list(s) for rows in row_suffixes for s in rows]

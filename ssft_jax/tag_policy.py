@@ -202,10 +202,8 @@ def log_probs_on_mesh(cfg: ModelConfig, params: Params, tokens: np.ndarray, leng
     spans several processes (each process passes the same rows; they are split over the data axes)."""
     from ssft_jax import mesh as mesh_lib
 
-    if mesh is None:
-        place = whole = jnp.asarray
-    else:
-        place, whole = (lambda x: mesh_lib.rows_on_mesh(x, mesh)), (lambda x: mesh_lib.replicated_on_mesh(x, mesh))
-    lp = jitted_log_probs(cfg, params, place(np.asarray(tokens, np.int32)), place(np.asarray(lengths, np.int32)),
-                          whole(np.asarray(choice_ids, np.int32)), whole(np.asarray(tag_valid, bool)))
+    lp = jitted_log_probs(cfg, params, mesh_lib.rows_on_mesh(np.asarray(tokens, np.int32), mesh),
+                          mesh_lib.rows_on_mesh(np.asarray(lengths, np.int32), mesh),
+                          mesh_lib.replicated_on_mesh(np.asarray(choice_ids, np.int32), mesh),
+                          mesh_lib.replicated_on_mesh(np.asarray(tag_valid, bool), mesh))
     return mesh_lib.fetch(lp)
