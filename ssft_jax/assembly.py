@@ -60,8 +60,9 @@ def build_tokenizer(config):
     a private folder per process (no race on a shared workdir)."""
     path = config.tokenizer or config.model.hf_dir
     path = path if path == "char" else resolve_hf_dir(path)  # "smollm2" names the shipped model's tokenizer too
-    if path == "char":
-        return tokenization.build_char_tokenizer(tempfile.mkdtemp(prefix="ssft_char_tokenizer_"))
+    if path == "char":  # saved and loaded back (what a run exports); the loaded tokenizer lives in memory
+        with tempfile.TemporaryDirectory(prefix="ssft_char_tokenizer_") as folder:
+            return tokenization.build_char_tokenizer(folder)
     if not path:
         raise config_lib.ConfigError(
             "model.hf_dir is empty and so is tokenizer: point model.hf_dir at a local HF folder (or set tokenizer to a "

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import xla_flags_for_one_device
 
 from ssft_jax import xla_flags
 
@@ -20,7 +21,7 @@ SCRIPT = ROOT / "bench" / "accelerator.py"
 def _run(*args, out):
     # One CPU device (the conftest's 8 fake devices are for the mesh tests); the persistent compile cache the
     # conftest set up is inherited, so a second run of the suite compiles little.
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": xla_flags_for_one_device(), "JAX_PLATFORMS": "cpu"}
     return subprocess.run([sys.executable, str(SCRIPT), "--cpu-smoke", "--out", str(out), *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
 

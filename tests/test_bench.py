@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import xla_flags_for_one_device
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MAIN_BLOCK = re.compile(r"""^if __name__ == ["']__main__["']:""", re.M)
@@ -49,7 +50,8 @@ def test_the_benchmarks_are_found():
 
 
 def _run(script: pathlib.Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": ""}  # one CPU device, as the scripts expect
+    # one CPU device, as the scripts expect (with the suite's compile-time flags)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": xla_flags_for_one_device()}
     return subprocess.run([sys.executable, str(script), "--quick"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
 
