@@ -131,7 +131,8 @@ def processes_table(init_from: pathlib.Path, steps: int, questions: int) -> list
 
     import portpicker
     worker = ROOT / "tests" / "multihost_worker.py"
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_COORDINATOR_ADDRESS")}
+    # XLA_FLAGS are kept (the worker replaces only the device count): under the test suite, its compile-time flags
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COORDINATOR_ADDRESS"}
     env.update(PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
     rows = []
     for processes in (1, 2):

@@ -39,7 +39,9 @@ def test_each_method_runs_compiles_once_and_exports(method, tmp_path):
     logged = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged] == [1, 2, 3, 4]
     if method == "ssft":
-        assert all(r["solver_not_certified"] == 0 and r["second_best_gap"] >= 0 for r in logged)
+        # >= 0 up to float32 rounding: the best and the second-best totals each sum M costs of ~4 nats, and at
+        # initialisation the costs nearly tie (a minimum of -1.9e-6 measured at step 1 under the suite's XLA flags)
+        assert all(r["solver_not_certified"] == 0 and r["second_best_gap_min"] >= -1e-5 for r in logged)
 
 
 def test_overfits_a_few_questions(tmp_path):
