@@ -321,7 +321,7 @@ def _from_json(result: dict) -> dict:
 
 # One XLA thread per worker: these models are too small for XLA's CPU thread pool to keep two cores busy (one run
 # averages ~1 core: 352 s user in 380 s wall), so seeds side by side finish sooner than seeds one after another.
-WORKER_XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+WORKER_XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false"
 
 
 def _run_seeds_in_workers(args, argv: list[str]) -> dict[int, dict]:
