@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+from conftest import xla_flags_for_one_device
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "launch" / "colab_quickstart.ipynb"
@@ -44,8 +45,7 @@ def test_colab_quickstart_runs_on_cpu(tmp_path):
 
     env = dict(os.environ)
     # A plain CPU runtime, as on Colab without an accelerator: no fake host devices (conftest adds 8 for the suite).
-    flags = env.get("XLA_FLAGS", "").split()
-    env["XLA_FLAGS"] = " ".join(f for f in flags if not f.startswith("--xla_force_host_platform_device_count"))
+    env["XLA_FLAGS"] = xla_flags_for_one_device()
     # The repository the way the README tells a Colab user to bring it: `make colab-zip`, uploaded to /content (here
     # a temporary folder), opened from a working directory that is not the repository.
     from launch import colab_zip
